@@ -1,0 +1,3 @@
+from cocomix_cli.app import main
+
+main()

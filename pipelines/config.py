@@ -1,0 +1,302 @@
+"""Typed configuration: one frozen dataclass per `cocomix.toml` section.
+
+Precedence, lowest first: field defaults < the TOML file < `--set section.key=value` < a command's own flags.
+Every field carries a one-line doc (shown by `cocomix config show`) and says whether it changes a stage's
+output; fields that do not (batching, checkpoint cadence) stay out of stage fingerprints, so tuning them
+never invalidates a finished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from pipelines.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "cocomix.toml"
+
+
+def _field(default: Any, doc: str, *, affects_output: bool = True) -> Any:
+    return field(default=default, metadata={"doc": doc, "affects_output": affects_output})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives and what seeds it."""
+
+    dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.")
+    seed: int = _field(0, "Seed for every random choice a stage makes.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus and how `prepare` turns it into token blocks."""
+
+    source: str = _field(
+        "",
+        "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed) or a HuggingFace dataset id "
+        "(`hf:` prefix optional).",
+    )
+    hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
+    split: str = _field("train", "HuggingFace dataset split to read.")
+    text_field: str = _field("text", "Field holding the text in jsonl, json, parquet and hub records.")
+    txt_sample_by: str = _field(
+        "paragraph", "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`."
+    )
+    tokenizer: str = _field(
+        "gpt2", "Tokenizer: a hub id, a local folder, a `tokenizer.json` or a `.gguf` file."
+    )
+    eos_token: str = _field(
+        "", "Token that separates documents; empty means the tokenizer's own EOS (or `<|endoftext|>`)."
+    )
+    block_size: int = _field(1024, "Tokens per block: the context length of every later stage.")
+    val_fraction: float = _field(
+        0.005, "Fraction of documents held out for validation (chosen by a hash of the text)."
+    )
+    max_documents: int = _field(0, "Read at most this many documents; 0 reads them all.")
+    max_tokens: int = _field(0, "Stop after this many tokens (EOS included, train and val); 0 means no cap.")
+    batch_documents: int = _field(
+        1000, "Documents tokenized per batch; memory, not output.", affects_output=False
+    )
+    commit_interval_s: float = _field(
+        10.0, "Seconds between resume points of `prepare`; 0 commits after every batch.", affects_output=False
+    )
+
+
+# The sections below are filled by the issues that build their stages; they exist now so that a
+# `cocomix.toml` written for a later version fails loudly on this one instead of being half-read.
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Pretrained teacher LM whose SAE concepts CoCoMix learns."""
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Sparse autoencoder on the teacher's hook."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`extract-concepts`: concept targets per token."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`pretrain`: the student and its objective."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`eval`: perplexity and benchmarks."""
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """`steer`: reading and amplifying concepts."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve the config: defaults, then the TOML file, then `--set` strings, then typed command flags.
+
+    `path=None` reads `cocomix.toml` from the working directory when it exists and uses defaults otherwise.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    file_label = _read_file(path, values)
+    for item in overrides:
+        key, raw = _split_override(item)
+        section, name, ftype = _lookup(key, where=f"--set {item}")
+        values[section][name] = _check_type(_parse_override(raw, ftype), ftype, f"--set {item}", key)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, name, ftype = _lookup(key, where="command flag")
+        values[section][name] = _check_type(value, ftype, f"flag for {key}", key)
+    cfg = Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    _validate(cfg, file_label)
+    return cfg
+
+
+def fingerprint_fields(section: Any, prefix: str) -> dict[str, Any]:
+    """The fields of one section that determine a stage's output, keyed `prefix.name`."""
+    return {
+        f"{prefix}.{f.name}": getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.metadata.get("affects_output", True)
+    }
+
+
+def to_toml(cfg: Config, with_docs: bool = True) -> str:
+    """The resolved config as TOML that `load_config` reads back to the same `Config`."""
+    lines: list[str] = []
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        if lines:
+            lines.append("")
+        lines.append(f"[{section_name}]")
+        if with_docs and type(section).__doc__:
+            lines.append(f"# {type(section).__doc__.strip()}")
+        for f in dataclasses.fields(section):
+            if with_docs and f.metadata.get("doc"):
+                lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> str:
+    if path is None:
+        if not Path(DEFAULT_CONFIG_FILE).is_file():
+            return "defaults"
+        path = DEFAULT_CONFIG_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file `{path}` not found. Pass `--config PATH` to an existing file.")
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"`{path}` is not valid TOML: {exc}.") from None
+    for section, table in document.items():
+        if section not in SECTIONS:
+            hint = _did_you_mean(section, SECTIONS, "section")
+            raise ConfigError(f"`{path}`: unknown section `[{section}]`{hint}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"`{path}`: `{section}` must be a table `[{section}]`, not a single value.")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            _, _, ftype = _lookup(key, where=f"`{path}`")
+            values[section][name] = _check_type(value, ftype, f"`{path}`", key)
+    return str(path)
+
+
+def _lookup(key: str, where: str) -> tuple[str, str, Any]:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        hint = _did_you_mean(section, SECTIONS, "section")
+        raise ConfigError(f"{where}: unknown section `{section}` in `{key}`{hint}")
+    hints = typing.get_type_hints(SECTIONS[section])
+    if not name or name not in hints:
+        names = [f"{section}.{n}" for n in hints]
+        if not names:
+            raise ConfigError(f"{where}: unknown key `{key}`; section `[{section}]` has no keys yet.")
+        raise ConfigError(f"{where}: unknown key `{key}`{_did_you_mean(key, names, 'key')}")
+    return section, name, hints[name]
+
+
+def _did_you_mean(word: str, choices: Iterable[str], what: str) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return f"; valid {what}s: {', '.join(f'`{c}`' for c in choices)}."
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected `section.key=value`, e.g. `--set data.block_size=256`.")
+    return key.strip(), raw.strip()
+
+
+def _parse_override(raw: str, ftype: Any) -> Any:
+    if ftype is str:
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            return raw[1:-1]
+        return raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typing.get_origin(ftype) is list:
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        return raw  # _check_type reports the mismatch with the field's type
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
+    if typing.get_origin(ftype) is list:
+        (item_type,) = typing.get_args(ftype)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: `{key}` must be a list of {_TYPE_NAMES[item_type][2:]}s, got {value!r}.")
+        return [_check_type(item, item_type, where, key) for item in value]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[ftype]
+    if not ok:
+        raise ConfigError(f"{where}: `{key}` must be {_TYPE_NAMES[ftype]}, got {value!r}.")
+    return float(value) if ftype is float else value
+
+
+def _validate(cfg: Config, where: str) -> None:
+    """Gather every out-of-range value and raise once, so one edit fixes them all."""
+    d = cfg.data
+    problems = []
+    if d.block_size < 2:
+        problems.append(f"`data.block_size` ({d.block_size}) must be at least 2")
+    if not 0.0 <= d.val_fraction < 1.0:
+        problems.append(f"`data.val_fraction` ({d.val_fraction}) must be in [0, 1)")
+    for name in ("max_documents", "max_tokens"):
+        if getattr(d, name) < 0:
+            problems.append(f"`data.{name}` ({getattr(d, name)}) must be >= 0 (0 means no limit)")
+    if d.batch_documents < 1:
+        problems.append(f"`data.batch_documents` ({d.batch_documents}) must be >= 1")
+    if d.commit_interval_s < 0:
+        problems.append(f"`data.commit_interval_s` ({d.commit_interval_s}) must be >= 0")
+    if d.txt_sample_by not in ("line", "paragraph", "document"):
+        problems.append(f"`data.txt_sample_by` ({d.txt_sample_by!r}) must be `line`, `paragraph` or `document`")
+    if not cfg.run.dir:
+        problems.append("`run.dir` must name a folder")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")

@@ -1,0 +1,185 @@
+"""Reading a text corpus as a deterministic stream of documents, from local files or the HuggingFace hub.
+
+Everything goes through `datasets` in streaming mode, so memory stays bounded whatever the corpus size.
+Local sources are resolved to a sorted file list up front, so the document order (and with it every
+token block) depends only on the files, never on the filesystem's listing order.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import DataConfig
+from pipelines.errors import CocomixError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+# File suffix (after any compression suffix) -> `datasets` packaged builder.
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+HUB_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: either local files read by one builder, or a hub dataset id."""
+
+    source: str
+    text_field: str
+    files: tuple[Path, ...] = ()
+    builder: str = ""
+    hub_id: str = ""
+    hub_subset: str = ""
+    hub_split: str = "train"
+    txt_sample_by: str = "paragraph"
+
+    @property
+    def is_local(self) -> bool:
+        return bool(self.files)
+
+    def iter_batches(self, batch_documents: int, skip_documents: int = 0, max_documents: int = 0) -> Iterator[list[Any]]:
+        """Lists of document texts in corpus order, starting after `skip_documents`."""
+        dataset = self._open()
+        limit = max_documents or None
+        seen = 0
+        try:
+            for batch in dataset.iter(batch_size=batch_documents):
+                if self.text_field not in batch:
+                    raise InputError(self._missing_field_message(list(batch)))
+                texts = batch[self.text_field]
+                start, seen = seen, seen + len(texts)
+                if limit is not None and start >= limit:
+                    return
+                texts = texts[max(0, skip_documents - start) : (limit - start) if limit is not None else None]
+                if texts:
+                    yield texts
+        except CocomixError:
+            raise
+        except Exception as exc:
+            raise self._explain_read_error(exc) from None
+
+    def _open(self):
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        if self.is_local:
+            kwargs = {"sample_by": self.txt_sample_by} if self.builder == "text" else {}
+            return datasets.load_dataset(
+                self.builder, data_files=[str(f) for f in self.files], split="train", streaming=True, **kwargs
+            )
+        try:
+            return datasets.load_dataset(
+                self.hub_id, self.hub_subset or None, split=self.hub_split, streaming=True
+            )
+        except Exception as exc:
+            raise InputError(
+                f"Cannot open dataset `{self.hub_id}` from the HuggingFace hub ({_first_line(exc)}). "
+                "Check `data.source` (and `data.hf_subset`, `data.split`), or point it at local files."
+            ) from None
+
+    def _missing_field_message(self, fields: list[str]) -> str:
+        where = self.files[0] if self.is_local else self.hub_id
+        return (
+            f"`data.text_field` {self.text_field!r} is not a field of {where}; fields found: "
+            f"{', '.join(fields)}. Set `data.text_field` to one of them."
+        )
+
+    def _explain_read_error(self, exc: Exception) -> CocomixError:
+        if self.builder == "json":
+            for path in self.files:
+                bad = _first_bad_json_line(path)
+                if bad:
+                    line_no, message = bad
+                    return InputError(f"{path}:{line_no}: not valid JSON ({message}). Fix or remove that line.")
+        where = ", ".join(str(f) for f in self.files[:3]) if self.is_local else self.hub_id
+        return InputError(f"Cannot read corpus {where}: {_first_line(exc)}.")
+
+
+def resolve_corpus(cfg: DataConfig) -> Corpus:
+    """Turn `data.source` into a `Corpus`, with one clear error for each way it can be wrong."""
+    source = cfg.source.strip()
+    if not source:
+        raise ConfigError("`data.source` is not set. Set it in cocomix.toml or pass `--source PATH`.")
+    common = {"source": source, "text_field": cfg.text_field}
+    if source.startswith(HUB_PREFIX) or not _looks_local(source):
+        hub_id = source.removeprefix(HUB_PREFIX)
+        return Corpus(hub_id=hub_id, hub_subset=cfg.hf_subset, hub_split=cfg.split, **common)
+    files = _expand(source)
+    builders = {_builder_for(f) for f in files}
+    if len(builders) > 1:
+        raise InputError(
+            f"`data.source` {source!r} mixes file formats ({', '.join(sorted(builders))}). "
+            "Point it at files of one format."
+        )
+    return Corpus(files=tuple(files), builder=builders.pop(), txt_sample_by=cfg.txt_sample_by, **common)
+
+
+def _looks_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return (
+        path.exists()
+        or glob.has_magic(source)
+        or source.startswith(("/", ".", "~"))
+        or _strip_compression(path).suffix in BUILDERS
+    )
+
+
+def _expand(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"`data.source` glob {source!r} matches no files. Check the pattern.")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _strip_compression(p).suffix in BUILDERS)
+        if not files:
+            raise InputError(f"`data.source` folder {source} holds no {'/'.join(BUILDERS)} files.")
+        return files
+    if not path.is_file():
+        raise InputError(f"`data.source` file {source} does not exist. Check the path.")
+    return [path]
+
+
+def _strip_compression(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix in COMPRESSION_SUFFIXES else path
+
+
+def _builder_for(path: Path) -> str:
+    suffix = _strip_compression(path).suffix
+    if suffix not in BUILDERS:
+        raise InputError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; supported: "
+            f"{', '.join(BUILDERS)} (optionally {', '.join(COMPRESSION_SUFFIXES)})."
+        )
+    return BUILDERS[suffix]
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """Line number and message of the first line of a JSON-lines file that is not JSON."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return line_no, exc.msg
+    except (OSError, UnicodeDecodeError) as exc:
+        return 0, _first_line(exc)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,21 @@
+"""Errors that mean "the user asked for something that cannot be done as asked".
+
+The CLI turns a `CocomixError` into one line on stderr and exit code 2; any other exception is a bug
+and keeps its traceback.
+"""
+
+
+class CocomixError(Exception):
+    """A user mistake or unusable input; the message says what, where, and how to fix it."""
+
+
+class ConfigError(CocomixError):
+    """`cocomix.toml`, a `--set` override or a command flag is invalid."""
+
+
+class InputError(CocomixError):
+    """An input file, corpus, tokenizer or model cannot be used."""
+
+
+class StageError(CocomixError):
+    """A stage cannot start: it is locked, its inputs are missing, or its outputs belong to another run."""

@@ -1,0 +1,81 @@
+"""Loading a fast tokenizer from any of the places users keep one, and naming it exactly.
+
+A tokenizer's identity is its spec plus a hash of its vocabulary; later stages compare that hash to make
+sure a teacher reads the same token ids that `prepare` wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Separators tried, in order, when `data.eos_token` is empty: the document separator that GPT-2 and
+# SmolLM-family models were pretrained with comes before a chat model's end-of-turn EOS.
+DOCUMENT_SEPARATORS = ("<|endoftext|>",)
+
+
+def tokenizer_files(spec: str) -> list[Path]:
+    """The local files that define the tokenizer (their hashes go into the fingerprint); [] for hub ids."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and _is_tokenizer_file(p))
+    return []
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    return path.suffix in (".json", ".txt", ".model", ".bpe", ".gguf") and not path.name.startswith(".")
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """A fast tokenizer from a hub id, a local folder, a `tokenizer.json` file or a `.gguf` file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        elif path.is_file():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "tokenizer.json").exists():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+    except Exception as exc:  # transformers raises many types for "cannot load"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"Cannot load tokenizer `{spec}` ({first_line}). Set `data.tokenizer` to a hub id, a local "
+            "folder, a tokenizer.json or a .gguf file."
+        ) from None
+    if not tokenizer.is_fast:
+        raise InputError(f"Tokenizer `{spec}` has no fast (Rust) implementation; cocomix needs one.")
+    return tokenizer
+
+
+def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the token -> id mapping, added tokens included."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase, eos_token: str, spec: str) -> tuple[str, int]:
+    """The token and id that join documents: `eos_token` if set, else a known separator, else the EOS."""
+    vocab = tokenizer.get_vocab()
+    if eos_token:
+        if eos_token not in vocab:
+            raise InputError(f"`data.eos_token` {eos_token!r} is not in the vocabulary of tokenizer `{spec}`.")
+        return eos_token, vocab[eos_token]
+    for candidate in DOCUMENT_SEPARATORS:
+        if candidate in vocab:
+            return candidate, vocab[candidate]
+    if tokenizer.eos_token and tokenizer.eos_token in vocab:
+        return tokenizer.eos_token, vocab[tokenizer.eos_token]
+    raise InputError(f"Tokenizer `{spec}` has no EOS token. Set `data.eos_token` to the document separator.")
