@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
@@ -24,15 +24,43 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+GLOBAL_OPTIONS_WITH_VALUE = ("--config", "--set")
+GLOBAL_FLAGS = ("--verbose", "--no-progress")
+
+
 class CocomixGroup(TyperGroup):
+    def parse_args(self, ctx, args):
+        """Accept the global options after the command too (`cocomix prepare --set data.x=1`)."""
+        hoisted, rest = [], []
+        position = 0
+        while position < len(args):
+            arg = args[position]
+            if arg == "--":
+                rest += args[position:]
+                break
+            if arg in GLOBAL_OPTIONS_WITH_VALUE:
+                hoisted += args[position : position + 2]
+                position += 2
+                continue
+            if arg in GLOBAL_FLAGS or arg.split("=", 1)[0] in GLOBAL_OPTIONS_WITH_VALUE:
+                hoisted.append(arg)
+            else:
+                rest.append(arg)
+            position += 1
+        return super().parse_args(ctx, hoisted + rest)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CocomixError as exc:
-            err_console.print(f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted: run the same command again to resume.", style="yellow", markup=False)
+            err_console.print(
+                "interrupted: run the same command again to resume.", style="yellow", markup=False
+            )
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
@@ -56,11 +84,11 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--config", "-c", help="Config file (default: ./cocomix.toml when it exists)."),
     ] = None,
     overrides: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override one config value, `section.key=value`; repeatable."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage is doing.")] = False,
@@ -69,8 +97,18 @@ def root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    _configure_logging(verbose)
     ctx.obj = GlobalOptions(config=config, overrides=tuple(overrides or ()), progress=not no_progress)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our own loggers only: libraries keep their own handlers, so nothing is printed twice."""
+    logger = logging.getLogger("pipelines")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 app.command("prepare")(prepare_cmd.prepare)

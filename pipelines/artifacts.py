@@ -198,7 +198,9 @@ class StageSession:
             self.inputs[f"file:{identity['path']}"] = identity["sha256"]
         self.files = files or []
         self.input_artifacts = dict(input_artifacts or {})
-        self.fingerprint = fingerprint({**self.inputs, **{f"artifact:{k}": v for k, v in self.input_artifacts.items()}})
+        self.fingerprint = fingerprint(
+            {**self.inputs, **{f"artifact:{k}": v for k, v in self.input_artifacts.items()}}
+        )
         self.force = force
         self.up_to_date = False
         self.resuming = False
@@ -236,8 +238,9 @@ class StageSession:
                 {f"artifact:{k}": v for k, v in self.input_artifacts.items()},
             )
             what = "a complete" if previous["status"] == "complete" else "an unfinished"
+            differences = "; ".join(changes) or "fingerprint differs"
             raise StageError(
-                f"{self.dir} holds {what} `{self.stage}` of a different run ({'; '.join(changes) or 'version'}). "
+                f"{self.dir} holds {what} `{self.stage}` of a different run ({differences}). "
                 "Pass --force to overwrite it, or set `run.dir` to a new folder."
             )
         self._clear_outputs()
@@ -281,7 +284,11 @@ class StageSession:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc is not None and self._manifest.get("status") == "running" and isinstance(exc, CocomixError):
+            if (
+                exc is not None
+                and self._manifest.get("status") == "running"
+                and isinstance(exc, CocomixError)
+            ):
                 self._manifest.update(status="failed", error=str(exc))
                 self._write()
         finally:

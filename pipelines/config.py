@@ -52,7 +52,8 @@ class DataConfig:
     split: str = _field("train", "HuggingFace dataset split to read.")
     text_field: str = _field("text", "Field holding the text in jsonl, json, parquet and hub records.")
     txt_sample_by: str = _field(
-        "paragraph", "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`."
+        "paragraph",
+        "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`.",
     )
     tokenizer: str = _field(
         "gpt2", "Tokenizer: a hub id, a local folder, a `tokenizer.json` or a `.gguf` file."
@@ -187,17 +188,17 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
         with path.open("rb") as fh:
             document = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"`{path}` is not valid TOML: {exc}.") from None
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
     for section, table in document.items():
         if section not in SECTIONS:
             hint = _did_you_mean(section, SECTIONS, "section")
-            raise ConfigError(f"`{path}`: unknown section `[{section}]`{hint}")
+            raise ConfigError(f"{path}: unknown section `[{section}]`{hint}")
         if not isinstance(table, dict):
-            raise ConfigError(f"`{path}`: `{section}` must be a table `[{section}]`, not a single value.")
+            raise ConfigError(f"{path}: `{section}` must be a table `[{section}]`, not a single value.")
         for name, value in table.items():
             key = f"{section}.{name}"
-            _, _, ftype = _lookup(key, where=f"`{path}`")
-            values[section][name] = _check_type(value, ftype, f"`{path}`", key)
+            _, _, ftype = _lookup(key, where=str(path))
+            values[section][name] = _check_type(value, ftype, str(path), key)
     return str(path)
 
 
@@ -250,7 +251,9 @@ def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
     if typing.get_origin(ftype) is list:
         (item_type,) = typing.get_args(ftype)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: `{key}` must be a list of {_TYPE_NAMES[item_type][2:]}s, got {value!r}.")
+            raise ConfigError(
+                f"{where}: `{key}` must be a list of {_TYPE_NAMES[item_type][2:]}s, got {value!r}."
+            )
         return [_check_type(item, item_type, where, key) for item in value]
     ok = {
         bool: isinstance(value, bool),
@@ -279,7 +282,9 @@ def _validate(cfg: Config, where: str) -> None:
     if d.commit_interval_s < 0:
         problems.append(f"`data.commit_interval_s` ({d.commit_interval_s}) must be >= 0")
     if d.txt_sample_by not in ("line", "paragraph", "document"):
-        problems.append(f"`data.txt_sample_by` ({d.txt_sample_by!r}) must be `line`, `paragraph` or `document`")
+        problems.append(
+            f"`data.txt_sample_by` ({d.txt_sample_by!r}) must be `line`, `paragraph` or `document`"
+        )
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
     if problems:

@@ -22,7 +22,14 @@ from pipelines.errors import CocomixError, ConfigError, InputError
 log = logging.getLogger(__name__)
 
 # File suffix (after any compression suffix) -> `datasets` packaged builder.
-BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet"}
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 HUB_PREFIX = "hf:"
 
@@ -44,12 +51,16 @@ class Corpus:
     def is_local(self) -> bool:
         return bool(self.files)
 
-    def iter_batches(self, batch_documents: int, skip_documents: int = 0, max_documents: int = 0) -> Iterator[list[Any]]:
+    def iter_batches(
+        self, batch_documents: int, skip_documents: int = 0, max_documents: int = 0
+    ) -> Iterator[list[Any]]:
         """Lists of document texts in corpus order, starting after `skip_documents`."""
-        dataset = self._open()
         limit = max_documents or None
         seen = 0
         try:
+            dataset = self._open()
+            if dataset is None:
+                return
             for batch in dataset.iter(batch_size=batch_documents):
                 if self.text_field not in batch:
                     raise InputError(self._missing_field_message(list(batch)))
@@ -68,12 +79,16 @@ class Corpus:
     def _open(self):
         import datasets
 
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors are re-raised, explained
         datasets.disable_progress_bars()
         if self.is_local:
+            # `datasets` cannot open a 0-byte file; such a file holds no documents.
+            files = [str(f) for f in self.files if f.stat().st_size > 0]
+            if not files:
+                return None
             kwargs = {"sample_by": self.txt_sample_by} if self.builder == "text" else {}
             return datasets.load_dataset(
-                self.builder, data_files=[str(f) for f in self.files], split="train", streaming=True, **kwargs
+                self.builder, data_files=files, split="train", streaming=True, **kwargs
             )
         try:
             return datasets.load_dataset(
@@ -98,7 +113,9 @@ class Corpus:
                 bad = _first_bad_json_line(path)
                 if bad:
                     line_no, message = bad
-                    return InputError(f"{path}:{line_no}: not valid JSON ({message}). Fix or remove that line.")
+                    return InputError(
+                        f"{path}:{line_no}: not valid JSON ({message}). Fix or remove that line."
+                    )
         where = ", ".join(str(f) for f in self.files[:3]) if self.is_local else self.hub_id
         return InputError(f"Cannot read corpus {where}: {_first_line(exc)}.")
 
@@ -172,7 +189,7 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
                 if not line.strip():
                     continue
                 try:
-                    json.loads(line)
+                    json.loads(line.strip())
                 except json.JSONDecodeError as exc:
                     return line_no, exc.msg
     except (OSError, UnicodeDecodeError) as exc:

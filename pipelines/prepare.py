@@ -81,7 +81,9 @@ class _Progress:
     commit: int = 0
 
 
-def _tokenize_corpus(cfg: Config, corpus: Corpus, session: artifacts.StageSession, show_progress: bool) -> dict:
+def _tokenize_corpus(
+    cfg: Config, corpus: Corpus, session: artifacts.StageSession, show_progress: bool
+) -> dict:
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer)
     separator, separator_id = document_separator(tokenizer, data.eos_token, data.tokenizer)
@@ -98,8 +100,13 @@ def _tokenize_corpus(cfg: Config, corpus: Corpus, session: artifacts.StageSessio
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=data.max_tokens or None, initial=state.tokens, unit="tok", unit_scale=True,
-        desc="prepare", disable=not show_progress, dynamic_ncols=True,
+        total=data.max_tokens or None,
+        initial=state.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="prepare",
+        disable=not show_progress,
+        dynamic_ncols=True,
     )
     started, tokens_at_start, last_commit = time.monotonic(), state.tokens, time.monotonic()
     exhausted_cap = False
@@ -108,7 +115,7 @@ def _tokenize_corpus(cfg: Config, corpus: Corpus, session: artifacts.StageSessio
         state.empty_documents += len(texts) - len(kept)
         streams: dict[str, list[int]] = {split: [] for split in TOKEN_SPLITS}
         consumed = len(texts) - len(kept)
-        for text, encoding in zip(kept, encode(kept, add_special_tokens=False)):
+        for text, encoding in zip(kept, encode(kept, add_special_tokens=False), strict=True):
             ids = encoding.ids
             ids.append(separator_id)
             if data.max_tokens and state.tokens + len(ids) >= data.max_tokens:
@@ -184,7 +191,9 @@ def _block_counts(writer: _StoreWriter) -> dict[str, int]:
 def _check_sizes(cfg: Config, corpus: Corpus, state: _Progress, writer: _StoreWriter) -> None:
     block_size = cfg.data.block_size
     if state.tokens == 0:
-        raise InputError(f"The corpus {corpus.source} holds no text ({state.documents} documents, all empty).")
+        raise InputError(
+            f"The corpus {corpus.source} holds no text ({state.documents} documents, all empty)."
+        )
     if writer.blocks("train") == 0:
         raise InputError(
             f"`data.block_size` ({block_size}) is larger than the training text of {corpus.source} "
@@ -192,8 +201,8 @@ def _check_sizes(cfg: Config, corpus: Corpus, state: _Progress, writer: _StoreWr
         )
     if cfg.data.val_fraction > 0 and writer.blocks("val") == 0:
         raise InputError(
-            f"No validation block: {writer.tokens_seen['val']} held-out tokens is less than `data.block_size` "
-            f"({block_size}). Raise `data.val_fraction` or add text."
+            f"No validation block: {writer.tokens_seen['val']} held-out tokens is less than "
+            f"`data.block_size` ({block_size}). Raise `data.val_fraction` or add text."
         )
 
 

@@ -40,12 +40,20 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec).expanduser()
+    if not path.exists() and (spec.startswith((".", "/", "~")) or path.suffix in (".json", ".gguf")):
+        raise InputError(
+            f"Tokenizer `{spec}` does not exist. Set `data.tokenizer` to an existing file or folder."
+        )
     try:
         if path.is_file() and path.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         elif path.is_file():
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
-        elif path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "tokenizer.json").exists():
+        elif (
+            path.is_dir()
+            and not (path / "tokenizer_config.json").exists()
+            and (path / "tokenizer.json").exists()
+        ):
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
         else:
             tokenizer = AutoTokenizer.from_pretrained(spec)
@@ -71,7 +79,9 @@ def document_separator(tokenizer: PreTrainedTokenizerBase, eos_token: str, spec:
     vocab = tokenizer.get_vocab()
     if eos_token:
         if eos_token not in vocab:
-            raise InputError(f"`data.eos_token` {eos_token!r} is not in the vocabulary of tokenizer `{spec}`.")
+            raise InputError(
+                f"`data.eos_token` {eos_token!r} is not in the vocabulary of tokenizer `{spec}`."
+            )
         return eos_token, vocab[eos_token]
     for candidate in DOCUMENT_SEPARATORS:
         if candidate in vocab:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,17 +14,21 @@ from cocomix_cli.context import resolve_config
 def prepare(
     ctx: typer.Context,
     source: Annotated[
-        Optional[str], typer.Option(help="Corpus file, glob or HF dataset id (sets `data.source`).")
+        str | None, typer.Option(help="Corpus file, glob or HF dataset id (sets `data.source`).")
     ] = None,
     tokenizer: Annotated[
-        Optional[str], typer.Option(help="Tokenizer hub id, folder, tokenizer.json or .gguf (`data.tokenizer`).")
+        str | None, typer.Option(help="Tokenizer hub id, folder, tokenizer.json or .gguf (`data.tokenizer`).")
     ] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Tokens per block (`data.block_size`).")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block (`data.block_size`).")] = None,
     max_documents: Annotated[
-        Optional[int], typer.Option(help="Read at most this many documents (`data.max_documents`).")
+        int | None, typer.Option(help="Read at most this many documents (`data.max_documents`).")
     ] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens (`data.max_tokens`).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a finished or different run's output.")] = False,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Stop after this many tokens (`data.max_tokens`).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite a finished or different run's output.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stage summary as JSON.")] = False,
 ) -> None:
     """Tokenize the corpus into train/val token blocks (tokens.zarr); resumes if interrupted."""
@@ -44,7 +48,11 @@ def prepare(
     if as_json:
         typer.echo(json.dumps({"stage": result.stage, "up_to_date": result.up_to_date, **result.summary}))
     elif result.up_to_date:
-        console.print(f"prepare: up to date ({result.dir}, fingerprint {result.fingerprint})", highlight=False)
+        console.print(
+            f"prepare: up to date ({result.dir}, fingerprint {result.fingerprint})",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
         s = result.summary
         console.print(
@@ -52,4 +60,5 @@ def prepare(
             f"tokens ({s['dtype']}) from {s['documents']:,} documents -> {s['store']} "
             f"[{s['tokens_per_s'] or 0:,.0f} tok/s]",
             highlight=False,
+            soft_wrap=True,
         )

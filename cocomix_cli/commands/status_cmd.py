@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -17,7 +17,7 @@ STATUS_STYLES = {"complete": "green", "running": "cyan", "interrupted": "yellow"
 
 def status(
     ctx: typer.Context,
-    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="Run folder (sets `run.dir`).")] = None,
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="Run folder (sets `run.dir`).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the states as JSON.")] = False,
 ) -> None:
     """Show each stage of the run: status, progress and fingerprint."""
@@ -27,16 +27,17 @@ def status(
         typer.echo(json.dumps({"run_dir": cfg.run.dir, "stages": states}, indent=2))
         return
     table = Table(title=f"run {cfg.run.dir}", title_justify="left")
-    for column in ("stage", "status", "progress", "fingerprint", "updated"):
-        table.add_column(column)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("fingerprint", no_wrap=True)
+    table.add_column("progress", overflow="fold")
     for state in states:
         status_text = state["status"]
         table.add_row(
             state["stage"],
             f"[{STATUS_STYLES.get(status_text, 'dim')}]{status_text}[/]",
-            _progress_text(state),
             state.get("fingerprint") or "",
-            state.get("updated_at") or "",
+            _progress_text(state),
         )
     console.print(table)
 
@@ -46,4 +47,6 @@ def _progress_text(state: dict) -> str:
         return f"done in {state['elapsed_s']:.1f} s"
     if state["status"] == "failed":
         return (state.get("error") or "")[:60]
-    return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in state.get("progress", {}).items())
+    return ", ".join(
+        f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in state.get("progress", {}).items()
+    )

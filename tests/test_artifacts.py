@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import artifacts
+from pipelines.artifacts import StageSession, file_identity, fingerprint, stage_states
+from pipelines.errors import InputError, StageError
+
+
+def session(tmp_path, inputs, **kwargs):
+    return StageSession(tmp_path / "run", "prepare", inputs, **kwargs)
+
+
+def test_fingerprint_is_order_independent_and_sensitive():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_atomic_write_replaces_without_leftovers(tmp_path):
+    path = tmp_path / "m.json"
+    artifacts.atomic_write_json(path, {"x": 1})
+    artifacts.atomic_write_json(path, {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_file_identity_reuses_the_hash_only_when_size_and_mtime_match(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello")
+    first = file_identity(path)
+    known = {first["path"]: {**first, "sha256": "cached"}}
+    assert file_identity(path, known)["sha256"] == "cached"
+    path.write_text("hello world")
+    assert file_identity(path, known)["sha256"] == file_identity(path)["sha256"] != "cached"
+
+
+def test_stage_lifecycle_up_to_date_refuse_and_force(tmp_path):
+    with session(tmp_path, {"data.block_size": 8}) as s:
+        assert not s.up_to_date and not s.resuming
+        (s.dir / "out.bin").write_bytes(b"x")
+        s.complete({"blocks": 3})
+    with session(tmp_path, {"data.block_size": 8}) as s:
+        assert s.up_to_date and s.summary == {"blocks": 3}
+    with pytest.raises(StageError) as info:
+        with session(tmp_path, {"data.block_size": 16}):
+            pass
+    assert "holds a complete `prepare` of a different run (data.block_size: 8 -> 16)" in str(info.value)
+    assert "--force" in str(info.value)
+    with session(tmp_path, {"data.block_size": 16}, force=True) as s:
+        assert not s.up_to_date
+        assert not (s.dir / "out.bin").exists()  # a forced start clears the old output
+
+
+def test_unfinished_stage_resumes_with_same_fingerprint(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with session(tmp_path, {"k": 1}) as s:
+            raise KeyboardInterrupt
+    assert stage_states(tmp_path / "run")[0]["status"] == "interrupted"
+    with session(tmp_path, {"k": 1}) as s:
+        assert s.resuming
+
+
+def test_user_error_marks_the_stage_failed_and_a_new_config_starts_fresh(tmp_path):
+    with pytest.raises(InputError):
+        with session(tmp_path, {"k": 1}):
+            raise InputError("empty corpus")
+    state = stage_states(tmp_path / "run")[0]
+    assert state["status"] == "failed" and state["error"] == "empty corpus"
+    with session(tmp_path, {"k": 2}) as s:  # no --force needed: nothing of value to protect
+        assert not s.resuming and not s.up_to_date
+
+
+def test_run_dir_holding_other_files_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match=r"holds files that are not a cocomix run \(no run.json\)"):
+        with session(tmp_path, {}):
+            pass
+
+
+def test_lock_names_the_holder(tmp_path):
+    artifacts.ensure_run_dir(tmp_path / "run")
+    stage_dir = tmp_path / "run" / "prepare"
+    stage_dir.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pipelines.artifacts import StageLock; "
+            f"lock = StageLock({str(stage_dir)!r}, 'prepare'); lock.acquire(); "
+            "print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError) as info:
+            with session(tmp_path, {}):
+                pass
+        assert f"Stage `prepare` is being written by pid {holder.pid} on " in str(info.value)
+        assert stage_states(tmp_path / "run")[0]["status"] != "interrupted"
+    finally:
+        holder.kill()
+        holder.wait()
+    with session(tmp_path, {}) as s:  # the kernel released the dead holder's lock
+        assert not s.up_to_date
+
+
+def test_stage_states_lists_every_stage(tmp_path):
+    states = stage_states(tmp_path / "nothing")
+    assert [s["stage"] for s in states] == list(artifacts.STAGES)
+    assert {s["status"] for s in states} == {"not started"}

@@ -1,0 +1,208 @@
+"""`prepare` against real data: exact tokens, idempotence, the validation split, caps, formats, resume."""
+
+import gzip
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipelines.prepare import is_validation_document
+from pipelines.stores import open_token_store
+from tests.conftest import cocomix_subprocess, read_imdb_texts, write_jsonl
+
+
+def write_config(directory: Path, source: Path, tokenizer: Path, **data) -> Path:
+    lines = ["[run]", 'dir = "run"', "[data]", f'source = "{source}"', f'tokenizer = "{tokenizer}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in data.items()]
+    path = directory / "cocomix.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reference_blocks(texts, tokenizer_path, block_size, val_fraction, eos_id=50256):
+    """Tokenize each text on its own with the plain `transformers` call, join with EOS, cut into blocks."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path))
+    streams = {"train": [], "val": []}
+    for text in texts:
+        split = "val" if is_validation_document(text, val_fraction) else "train"
+        streams[split] += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+    return {
+        split: np.array(ids[: len(ids) // block_size * block_size]).reshape(-1, block_size)
+        for split, ids in streams.items()
+    }
+
+
+def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    store = open_token_store(run_dir / "prepare" / "tokens.zarr")
+    return {split: store.split(split)[:] for split in ("train", "val")}
+
+
+def test_imdb_2000_reviews_match_direct_tokenization_and_rerun_is_up_to_date(
+    tmp_path, cocomix, imdb_path, gpt2_tokenizer
+):
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=256, val_fraction=0.01, max_documents=2000)
+    first = cocomix("prepare")
+    assert first.exit_code == 0, first.stderr
+    assert "2,000 documents" in first.stdout
+
+    expected = reference_blocks(read_imdb_texts(2000), gpt2_tokenizer, 256, 0.01)
+    arrays = store_arrays(tmp_path / "run")
+    assert arrays["train"].dtype == np.uint16
+    assert len(expected["val"]) > 0
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(arrays[split], expected[split])
+
+    attrs = open_token_store(tmp_path / "run" / "prepare" / "tokens.zarr").attrs
+    assert attrs["block_size"] == 256
+    assert attrs["tokenizer"]["separator"] == "<|endoftext|>" and attrs["tokenizer"]["separator_id"] == 50256
+    assert attrs["tokenizer"]["vocab_size"] == 50257 and len(attrs["tokenizer"]["vocab_hash"]) == 64
+    assert attrs["counts"]["documents"] == 2000
+    assert attrs["counts"]["train_blocks"] == len(expected["train"])
+
+    manifest_before = (tmp_path / "run" / "prepare" / "manifest.json").read_text()
+    second = cocomix("prepare")
+    assert second.exit_code == 0
+    assert "prepare: up to date" in second.stdout
+    assert (tmp_path / "run" / "prepare" / "manifest.json").read_text() == manifest_before
+
+
+def test_changed_config_is_refused_with_the_keys_then_forced(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=64, max_documents=50, val_fraction=0.0)
+    assert cocomix("prepare").exit_code == 0
+    refused = cocomix("prepare", "--block-size", "32")
+    assert refused.exit_code == 2
+    assert "data.block_size: 64 -> 32" in refused.stderr and "--force" in refused.stderr
+    assert store_arrays(tmp_path / "run")["train"].shape[1] == 64  # nothing was touched
+    forced = cocomix("prepare", "--block-size", "32", "--force")
+    assert forced.exit_code == 0
+    assert store_arrays(tmp_path / "run")["train"].shape[1] == 32
+
+
+def test_settings_that_do_not_change_output_do_not_invalidate(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=64, max_documents=50, val_fraction=0.0)
+    assert cocomix("prepare", "--set", "data.batch_documents=7").exit_code == 0
+    again = cocomix("prepare", "--set", "data.batch_documents=1000", "--set", "data.commit_interval_s=0")
+    assert again.exit_code == 0 and "up to date" in again.stdout
+
+
+def test_batch_size_and_commits_do_not_change_the_tokens(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=32, max_documents=300, val_fraction=0.05)
+    assert cocomix("prepare").exit_code == 0
+    reference = store_arrays(tmp_path / "run")
+    small = cocomix(
+        "--set",
+        "run.dir=other",
+        "--set",
+        "data.batch_documents=7",
+        "--set",
+        "data.commit_interval_s=0",
+        "prepare",
+    )
+    assert small.exit_code == 0
+    for split, array in store_arrays(tmp_path / "other").items():
+        np.testing.assert_array_equal(array, reference[split])
+
+
+def test_validation_split_is_a_stable_fraction_of_documents():
+    texts = [f"document number {i}" for i in range(20000)]
+    held_out = [t for t in texts if is_validation_document(t, 0.1)]
+    assert 0.09 < len(held_out) / len(texts) < 0.11
+    assert held_out == [t for t in texts if is_validation_document(t, 0.1)]
+    assert not any(is_validation_document(t, 0.0) for t in texts)
+
+
+def test_max_tokens_caps_the_stream_exactly(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=100, val_fraction=0.0, max_tokens=10_050)
+    result = cocomix("prepare", "--json")
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert summary["tokens_read"] == 10_050
+    assert summary["train_blocks"] == 100 and summary["dropped_tail_tokens"] == 50
+    expected = reference_blocks(read_imdb_texts(summary["documents"]), gpt2_tokenizer, 100, 0.0)
+    np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"][:100])
+
+
+@pytest.mark.parametrize("fmt", ["txt", "txt.gz", "parquet", "jsonl-glob"])
+def test_local_formats_give_the_same_tokens(tmp_path, cocomix, gpt2_tokenizer, fmt):
+    texts = read_imdb_texts(40)
+    if fmt == "txt":
+        source = tmp_path / "corpus.txt"
+        source.write_text("\n".join(texts) + "\n")
+    elif fmt == "txt.gz":
+        source = tmp_path / "corpus.txt.gz"
+        with gzip.open(source, "wt") as fh:
+            fh.write("\n".join(texts) + "\n")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        source = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"text": texts, "id": list(range(40))}), source)
+    else:
+        write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[20:]])
+        write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]])
+        source = tmp_path / "*.jsonl"  # sorted: a.jsonl first
+    write_config(tmp_path, source, gpt2_tokenizer, block_size=16, val_fraction=0.0, txt_sample_by="line")
+    assert cocomix("prepare").exit_code == 0
+    expected = reference_blocks(texts, gpt2_tokenizer, 16, 0.0)
+    np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, imdb_path, gpt2_tokenizer):
+    settings = dict(
+        block_size=128, val_fraction=0.01, max_documents=12000, batch_documents=200, commit_interval_s=0.0
+    )
+    write_config(tmp_path, imdb_path, gpt2_tokenizer, **settings)
+    stage_dir = tmp_path / "run" / "prepare"
+
+    process = cocomix_subprocess(["prepare"], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _committed_documents(stage_dir) < 3000:
+        assert process.poll() is None, "prepare finished before it could be killed; use more documents"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = _committed_documents(stage_dir)
+    assert 0 < killed_at < settings["max_documents"]
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+
+    resumed = cocomix_subprocess(["--verbose", "prepare"], cwd=tmp_path, stderr=-1, text=True)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f"resuming prepare after {killed_at} documents" in stderr
+
+    (tmp_path / "clean").mkdir()
+    write_config(tmp_path / "clean", imdb_path, gpt2_tokenizer, **settings)
+    clean = cocomix_subprocess(["prepare"], cwd=tmp_path / "clean")
+    assert clean.wait(timeout=300) == 0
+
+    resumed_arrays, clean_arrays = store_arrays(tmp_path / "run"), store_arrays(tmp_path / "clean" / "run")
+    for split in ("train", "val"):
+        assert resumed_arrays[split].tobytes() == clean_arrays[split].tobytes()
+        assert len(resumed_arrays[split]) > 0
+    assert _chunk_files(stage_dir) == _chunk_files(tmp_path / "clean" / "run" / "prepare")
+    resumed_attrs = dict(zarr.open_group(str(stage_dir / "tokens.zarr"), mode="r").attrs)
+    assert (
+        resumed_attrs["counts"]
+        == open_token_store(tmp_path / "clean/run/prepare/tokens.zarr").attrs["counts"]
+    )
+
+
+def _committed_documents(stage_dir: Path) -> int:
+    try:
+        return json.loads((stage_dir / "resume.json").read_text())["documents"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _chunk_files(stage_dir: Path) -> dict[str, bytes]:
+    store = stage_dir / "tokens.zarr"
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("c/*")) if p.is_file()}
