@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import artifacts
-from pipelines.config import Config, fingerprint_fields
+from pipelines.config import Config, DataConfig, fingerprint_fields
 from pipelines.corpus import Corpus, resolve_corpus
 from pipelines.errors import InputError
 from pipelines.stores import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
@@ -86,10 +86,9 @@ def _tokenize_corpus(
 ) -> dict:
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer)
-    separator, separator_id = document_separator(tokenizer, data.eos_token, data.tokenizer)
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    backend = tokenizer.backend_tokenizer
+    separator, separator_id = document_separator(tokenizer, data.eos_token)
+    dtype = token_dtype(tokenizer.vocab_size)
+    backend = tokenizer.backend
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     writer = _StoreWriter(session.dir, data.block_size, dtype)
@@ -109,30 +108,12 @@ def _tokenize_corpus(
         dynamic_ncols=True,
     )
     started, tokens_at_start, last_commit = time.monotonic(), state.tokens, time.monotonic()
-    exhausted_cap = False
     for texts in corpus.iter_batches(data.batch_documents, state.documents, data.max_documents):
-        kept = [t for t in texts if isinstance(t, str) and t]
-        state.empty_documents += len(texts) - len(kept)
-        streams: dict[str, list[int]] = {split: [] for split in TOKEN_SPLITS}
-        consumed = len(texts) - len(kept)
-        for text, encoding in zip(kept, encode(kept, add_special_tokens=False), strict=True):
-            ids = encoding.ids
-            ids.append(separator_id)
-            if data.max_tokens and state.tokens + len(ids) >= data.max_tokens:
-                ids = ids[: data.max_tokens - state.tokens]
-                exhausted_cap = True
-            split = "val" if is_validation_document(text, data.val_fraction) else "train"
-            streams[split].extend(ids)
-            state.split_documents[split] += 1
-            state.tokens += len(ids)
-            consumed += 1
-            if exhausted_cap:
-                break
-        state.documents += consumed
+        streams, cap_reached = _route_batch(texts, encode, separator_id, state, data)
         for split, ids in streams.items():
             writer.add(split, np.asarray(ids, dtype=dtype))
         bar.update(state.tokens - bar.n)
-        if exhausted_cap:
+        if cap_reached:
             break
         if time.monotonic() - last_commit >= data.commit_interval_s:
             writer.commit(state)
@@ -166,7 +147,7 @@ def _tokenize_corpus(
                 "spec": data.tokenizer,
                 "name_or_path": tokenizer.name_or_path,
                 "vocab_hash": vocab_hash(tokenizer),
-                "vocab_size": vocab_size,
+                "vocab_size": tokenizer.vocab_size,
                 "separator": separator,
                 "separator_id": separator_id,
             },
@@ -182,6 +163,30 @@ def _tokenize_corpus(
         }
     )
     return summary
+
+
+def _route_batch(
+    texts: list[Any], encode, separator_id: int, state: _Progress, data: DataConfig
+) -> tuple[dict[str, list[int]], bool]:
+    """Tokenize one batch of documents into per-split token lists; True once `max_tokens` is reached."""
+    kept = [t for t in texts if isinstance(t, str) and t]
+    state.empty_documents += len(texts) - len(kept)
+    state.documents += len(texts) - len(kept)
+    streams: dict[str, list[int]] = {split: [] for split in TOKEN_SPLITS}
+    for text, encoding in zip(kept, encode(kept, add_special_tokens=False), strict=True):
+        ids = encoding.ids
+        ids.append(separator_id)
+        cap_reached = bool(data.max_tokens) and state.tokens + len(ids) >= data.max_tokens
+        if cap_reached:
+            ids = ids[: data.max_tokens - state.tokens]
+        split = "val" if is_validation_document(text, data.val_fraction) else "train"
+        streams[split].extend(ids)
+        state.split_documents[split] += 1
+        state.tokens += len(ids)
+        state.documents += 1
+        if cap_reached:
+            return streams, True
+    return streams, False
 
 
 def _block_counts(writer: _StoreWriter) -> dict[str, int]:
