@@ -86,3 +86,11 @@ def cocomix(tmp_path: Path) -> Cocomix:
 def cocomix_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     """`cocomix` as a separate process (for kills and locks that need a real second process)."""
     return subprocess.Popen([sys.executable, "-m", "cocomix_cli", "--no-progress", *args], cwd=cwd, **kwargs)
+
+
+SMOLLM2_GGUF = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def smollm2_gguf() -> Path:
+    return _require(SMOLLM2_GGUF)

@@ -1,0 +1,25 @@
+"""The README's two commands are the ones CI runs, so the README cannot drift from what is tested."""
+
+import re
+
+from tests.conftest import REPO
+
+
+def readme_commands() -> list[str]:
+    first_block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return first_block.group(1).strip().splitlines()
+
+
+def test_readme_opens_with_install_and_test_commands():
+    install, test = readme_commands()
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in install and install.endswith("cocomix prepare")
+    assert test == "python -m pytest -q"
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    ci = (REPO / ".ci" / "run").read_text()
+    install, test = readme_commands()
+    assert 'pip install -q torch==2.13.0 -e ".[dev]"' in ci
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in install
+    assert ci.rstrip().endswith(test)
+    assert "set -euo pipefail" in ci
