@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pipelines import prepare
-from pipelines.config import load_config
+from pipelines.config import DataConfig, load_config
 from pipelines.tokenizer import load_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,7 +38,7 @@ def main() -> None:
 
     texts = read_texts(args.corpus, args.documents)
     backend = load_tokenizer(str(args.tokenizer)).backend
-    batch = load_config(None).data.batch_documents
+    batch = DataConfig().batch_documents
     rows = [
         ("bare, one call", *best_of(args.repeats, lambda: bare(backend, texts, len(texts)))),
         (f"bare, batches of {batch}", *best_of(args.repeats, lambda: bare(backend, texts, batch))),
@@ -76,11 +76,13 @@ def bare(backend, texts: list[str], batch: int) -> int:
 
 
 def whole_stage(args) -> int:
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as work:
+        empty_config = Path(work) / "empty.toml"  # defaults, not the project's cocomix.toml
+        empty_config.write_text("")
         cfg = load_config(
-            None,
+            empty_config,
             [
-                f"run.dir={run_dir}",
+                f"run.dir={work}/run",
                 f"data.source={args.corpus}",
                 f"data.tokenizer={args.tokenizer}",
                 f"data.block_size={args.block_size}",

@@ -85,11 +85,17 @@ def root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Config file (default: ./cocomix.toml when it exists)."),
+        typer.Option(
+            "--config", "-c", metavar="PATH", help="Config file (default: ./cocomix.toml when it exists)."
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override one config value, `section.key=value`; repeatable."),
+        typer.Option(
+            "--set",
+            metavar="SECTION.KEY=VALUE",
+            help="Override one config value, `section.key=value`; repeatable.",
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage is doing.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,

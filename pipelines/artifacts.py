@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,17 @@ def ensure_run_dir(root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"tool": "cocomix", "created_at": now_iso(), "version": __version__})
     return root
+
+
+@dataclass
+class StageResult:
+    """What a stage's `run` returns: where it wrote, whether it had anything to do, and its summary."""
+
+    stage: str
+    dir: Path
+    up_to_date: bool
+    summary: dict[str, Any]
+    fingerprint: str
 
 
 class StageLock:

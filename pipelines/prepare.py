@@ -34,18 +34,7 @@ STAGE = "prepare"
 RESUME_FILE = "resume.json"
 
 
-@dataclass
-class StageResult:
-    """What a stage's `run` returns: where it wrote, whether it had anything to do, and its summary."""
-
-    stage: str
-    dir: Path
-    up_to_date: bool
-    summary: dict[str, Any]
-    fingerprint: str
-
-
-def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResult:
+def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
     corpus = resolve_corpus(cfg.data)
     known = artifacts.known_files(run_dir, STAGE)
@@ -55,7 +44,9 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResu
         if not session.up_to_date:
             summary = _tokenize_corpus(cfg, corpus, session, progress)
             session.complete(summary)
-        return StageResult(STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint)
+        return artifacts.StageResult(
+            STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint
+        )
 
 
 def is_validation_document(text: str, val_fraction: float) -> bool:

@@ -206,3 +206,15 @@ def _committed_documents(stage_dir: Path) -> int:
 def _chunk_files(stage_dir: Path) -> dict[str, bytes]:
     store = stage_dir / "tokens.zarr"
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("c/*")) if p.is_file()}
+
+
+def test_hf_prefix_streams_through_the_datasets_repository_loader(tmp_path, cocomix, gpt2_tokenizer):
+    # A local dataset folder goes through the same `load_dataset(id, subset, split=...)` call as a hub id.
+    texts = read_imdb_texts(30)
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "repo" / "data" / "train-00000.jsonl", [{"text": t} for t in texts])
+    write_config(tmp_path, f"hf:{tmp_path / 'repo'}", gpt2_tokenizer, block_size=16, val_fraction=0.0)
+    result = cocomix("prepare")
+    assert result.exit_code == 0, result.stderr
+    expected = reference_blocks(texts, gpt2_tokenizer, 16, 0.0)
+    np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
