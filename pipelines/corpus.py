@@ -188,6 +188,8 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
+                if line_no == 1 and line.lstrip().startswith("["):
+                    return None  # one JSON document, not JSON lines: no line to point at
                 try:
                     json.loads(line.strip())
                 except json.JSONDecodeError as exc:
