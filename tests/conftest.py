@@ -94,3 +94,21 @@ SMOLLM2_GGUF = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "Sm
 @pytest.fixture
 def smollm2_gguf() -> Path:
     return _require(SMOLLM2_GGUF)
+
+
+def tiny_model_config(**overrides):
+    """A model small enough for exhaustive CPU tests; every variant-specific field is set."""
+    from pipelines.model import ModelConfig
+
+    values = dict(
+        vocab_size=97,
+        context_length=64,
+        n_layer=4,
+        n_head=2,
+        n_embd=32,
+        insert_layer=2,
+        n_concepts=64,
+        concept_k=8,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
