@@ -244,11 +244,10 @@ class ConceptBranch(nn.Module):
     def compress_sparse(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_j values_j * W[ids_j] + b: reads k rows of W per token, never the dense (C x D) product."""
         B, T, k = ids.shape
+        # Under autocast the logits are bf16 while the table stays fp32; embedding_bag needs one dtype.
+        weights = values.reshape(B * T, k).to(self.compress_weight.dtype)
         bag = F.embedding_bag(
-            ids.reshape(B * T, k),
-            self.compress_weight,
-            per_sample_weights=values.reshape(B * T, k),
-            mode="sum",
+            ids.reshape(B * T, k), self.compress_weight, per_sample_weights=weights, mode="sum"
         )
         return bag.view(B, T, -1) + self.compress_bias
 

@@ -208,3 +208,22 @@ def test_context_length_is_enforced():
     model = build(variant="cocomix")
     with pytest.raises(ValueError, match="exceeds the context length 64"):
         generate(model, tokens(batch=1, length=60), 10)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=IDS)
+def test_bf16_autocast_forward_and_backward(overrides):
+    model = build(dtype=torch.float32, **overrides).train()
+    idx = tokens()
+    reference = model(idx).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx)
+        loss = out.logits.float().logsumexp(-1).mean()
+        if out.concept_logits is not None:
+            loss = loss + concept_loss(
+                out.concept_logits,
+                torch.zeros(2, 20, 4, dtype=torch.long),
+                torch.ones(2, 20, dtype=torch.bool),
+            )
+    loss.backward()
+    assert (out.logits.float() - reference).abs().max() < 0.05
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
