@@ -8,6 +8,7 @@ whether the stage is up to date, resumes, starts fresh, or must refuse, and it h
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ RUN_MARKER = "run.json"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 TOKENS_STORE = "tokens.zarr"
+CHUNKS_DIR = "chunks"
 
 # Stages in pipeline order; `cocomix status` lists them all, started or not.
 STAGES = ("prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer")
@@ -143,15 +145,15 @@ class StageResult:
 class StageLock:
     """An exclusive `flock` on the stage folder; the kernel drops it if the holder dies, even by SIGKILL."""
 
-    def __init__(self, stage_dir: Path, stage: str):
-        self.path = Path(stage_dir) / LOCK_FILE
+    def __init__(self, stage_dir: Path, stage: str, name: str = LOCK_FILE):
+        self.path = Path(stage_dir) / name
         self.stage = stage
         self._fh = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: bool = False) -> None:
         fh = open(self.path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
@@ -201,6 +203,7 @@ class StageSession:
         files: list[dict[str, Any]] | None = None,
         input_artifacts: Mapping[str, str] | None = None,
         force: bool = False,
+        worker: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.stage = stage
@@ -217,7 +220,10 @@ class StageSession:
         self.up_to_date = False
         self.resuming = False
         self.summary: dict[str, Any] = {}
-        self._lock = StageLock(self.dir, stage)
+        # Workers (shards, ranks) of one stage run side by side: each holds its own lock, and the manifest
+        # is read and written under a short shared `.lock-manifest`.
+        self.worker = worker
+        self._lock = StageLock(self.dir, stage, f"{LOCK_FILE}-{worker}" if worker else LOCK_FILE)
         self._manifest: dict[str, Any] = {}
         self._started = time.monotonic()
 
@@ -226,11 +232,30 @@ class StageSession:
         self.dir.mkdir(exist_ok=True)
         self._lock.acquire()
         try:
-            self._decide(read_json(self.dir / MANIFEST))
+            with self.manifest_lock():
+                self._decide(read_json(self.dir / MANIFEST))
         except BaseException:
             self._lock.release()
             raise
         return self
+
+    @contextlib.contextmanager
+    def manifest_lock(self):
+        """Serialise manifest decisions between the workers of a stage (a no-op for a single writer)."""
+        if self.worker is None:
+            yield
+            return
+        lock = StageLock(self.dir, self.stage, f"{LOCK_FILE}-manifest")
+        lock.acquire(wait=True)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def reload(self) -> dict[str, Any]:
+        """The manifest as on disk now (other workers may have written it)."""
+        self._manifest = read_json(self.dir / MANIFEST) or self._manifest
+        return self._manifest
 
     def _decide(self, previous: dict[str, Any] | None) -> None:
         if previous and previous.get("fingerprint") == self.fingerprint and not self.force:
@@ -272,7 +297,7 @@ class StageSession:
 
     def _clear_outputs(self) -> None:
         for child in self.dir.iterdir():
-            if child.name == LOCK_FILE:
+            if child.name.startswith(LOCK_FILE):
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
@@ -311,6 +336,12 @@ class StageSession:
         return self._manifest
 
 
+def _any_lock_held(stage_dir: Path, stage: str) -> bool:
+    """A stage is being written while any of its writers (one, or one per shard or rank) holds its lock."""
+    names = [p.name for p in stage_dir.glob(f"{LOCK_FILE}*") if p.name != f"{LOCK_FILE}-manifest"]
+    return any(StageLock(stage_dir, stage, name).is_held_elsewhere() for name in names)
+
+
 def known_files(run_dir: Path, stage: str) -> dict[str, dict[str, Any]]:
     """File identities recorded by the last attempt at `stage`, keyed by path, for `file_identity`."""
     manifest = read_json(Path(run_dir) / stage / MANIFEST) or {}
@@ -331,14 +362,17 @@ def stage_states(run_dir: Path) -> list[dict[str, Any]]:
             states.append({"stage": name, "status": "not started"})
             continue
         status = manifest.get("status", "running")
-        if status == "running" and not StageLock(stage_dir, name).is_held_elsewhere():
+        if status == "running" and not _any_lock_held(stage_dir, name):
             status = "interrupted"
+        progress = dict(manifest.get("progress", {}))
+        if (stage_dir / CHUNKS_DIR).is_dir():  # chunked stages: their markers are the progress
+            progress["chunks_done"] = sum(1 for _ in (stage_dir / CHUNKS_DIR).glob("*.json"))
         states.append(
             {
                 "stage": name,
                 "status": status,
                 "fingerprint": manifest.get("fingerprint"),
-                "progress": manifest.get("progress", {}),
+                "progress": progress,
                 "updated_at": manifest.get("updated_at"),
                 "elapsed_s": manifest.get("elapsed_s"),
                 "summary": manifest.get("summary", {}),

@@ -81,15 +81,42 @@ class DataConfig:
 class TeacherConfig:
     """Pretrained teacher LM whose SAE concepts CoCoMix learns."""
 
+    model: str = _field("", "Teacher causal LM: a hub id, a local folder or a `.gguf` file.")
+    tokenizer: str = _field("", "Teacher tokenizer, when it is not stored with `teacher.model`.")
+    layer: int = _field(5, "Block whose residual stream the SAE reads (0-based).")
+    hook: str = _field("resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`.")
+    dtype: str = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
+
 
 @dataclass(frozen=True)
 class SaeConfig:
     """Sparse autoencoder on the teacher's hook."""
 
+    path: str = _field(
+        "", "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub."
+    )
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """`extract-concepts`: concept targets per token."""
+
+    concepts_per_token: int = _field(4, "K: target concepts kept per token (the paper's top-K = 4).")
+    attribution: str = _field(
+        "official", "`official` (activation x gradient over the k active latents) or `paper` (Eq. 1, dense)."
+    )
+    blocks_per_chunk: int = _field(64, "Token blocks per chunk: the unit of storage, resume and sharding.")
+    tokens_per_batch: int = _field(
+        8192, "Tokens per teacher forward+backward (memory; rounding-level effects)."
+    )
+    store_hidden: bool = _field(False, "Also store the teacher's hidden state and its gradient (float16).")
+    store_sae_topk: bool = _field(
+        False, "Also store the SAE's top-k ids and activations (concept dictionary)."
+    )
+    store_teacher_topk: int = _field(0, "Also store the teacher's top-N next-token log-probs (KD); 0 = off.")
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -287,8 +314,26 @@ def _validate(cfg: Config, where: str) -> None:
         )
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
+    problems += _validate_extract(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def _validate_extract(cfg: Config) -> list[str]:
+    t, e = cfg.teacher, cfg.extract
+    problems = []
+    if t.hook not in ("resid_post", "resid_pre"):
+        problems.append(f"`teacher.hook` ({t.hook!r}) must be `resid_post` or `resid_pre`")
+    if t.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"`teacher.dtype` ({t.dtype!r}) must be `float32`, `bfloat16` or `float16`")
+    if e.attribution not in ("official", "paper"):
+        problems.append(f"`extract.attribution` ({e.attribution!r}) must be `official` or `paper`")
+    for name in ("concepts_per_token", "blocks_per_chunk", "tokens_per_batch"):
+        if getattr(e, name) < 1:
+            problems.append(f"`extract.{name}` ({getattr(e, name)}) must be >= 1")
+    if e.store_teacher_topk < 0:
+        problems.append(f"`extract.store_teacher_topk` ({e.store_teacher_topk}) must be >= 0")
+    return problems
 
 
 # --- writing ---------------------------------------------------------------------------------------------

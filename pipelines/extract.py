@@ -1,0 +1,410 @@
+"""`extract-concepts`: concept targets for every token of `tokens.zarr`, once, into `concepts.zarr`.
+
+For each block the teacher gives the hidden state at the hook and the gradient of the next-token loss with
+respect to it; the SAE and the chosen attribution turn them into the top-K concept ids and scores per token.
+Work is cut into chunks of `extract.blocks_per_chunk` blocks. A chunk is done once all its arrays are written
+and its marker (with a digest of what was written) is in `chunks/`; a resumed run verifies the markers,
+recomputes what is missing or corrupt, and so ends byte-identical to an uninterrupted run. Workers take
+disjoint chunks (`--shard i/n` jobs and torchrun ranks alike); whoever finishes last marks the store complete.
+
+Run it with `cocomix extract-concepts` (see its `--help`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import artifacts
+from pipelines.config import Config, fingerprint_fields
+from pipelines.errors import ConfigError, InputError, StageError
+from pipelines.stores import TOKEN_SPLITS, TokenStore, open_token_store
+from pipelines.tokenizer import tokenizer_files, vocab_hash
+
+log = logging.getLogger(__name__)
+
+STAGE = "extract-concepts"
+CONCEPTS_STORE = "concepts.zarr"
+CONCEPT_STORE_FORMAT = "cocomix-concepts/1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"`--shard {text}`: expected I/N, e.g. `--shard 0/4`.") from None
+        if not 0 <= index < count:
+            raise ConfigError(f"`--shard {text}`: I must be in [0, N) (shards are numbered from 0).")
+        return cls(index, count)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+
+def run(
+    cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()
+) -> artifacts.StageResult:
+    run_dir = Path(cfg.run.dir)
+    token_store, prepare_fingerprint = _token_store(run_dir)
+    if not cfg.teacher.model:
+        raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
+    if not cfg.sae.path:
+        raise ConfigError("`sae.path` is not set. Point it at an SAE (OpenAI .pt or SAELens folder).")
+    device = _device(cfg.extract.device)
+    workers = _Workers.start(shard, device)
+    if force and shard.count > 1:
+        raise ConfigError(
+            "`--force` cannot be combined with `--shard`: clear the stage with one unsharded run."
+        )
+    known = artifacts.known_files(run_dir, STAGE)
+    files = [
+        artifacts.file_identity(p, known)
+        for p in _local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
+    ]
+    inputs = {
+        **fingerprint_fields(cfg.teacher, "teacher"),
+        **fingerprint_fields(cfg.sae, "sae"),
+        **fingerprint_fields(cfg.extract, "extract"),
+    }
+    if workers.rank != 0:
+        workers.barrier()  # rank 0 decides (and clears, with --force) first
+    session = artifacts.StageSession(
+        run_dir,
+        STAGE,
+        inputs,
+        files=files,
+        input_artifacts={"prepare": prepare_fingerprint},
+        force=force and workers.rank == 0,
+        worker=workers.name,
+    )
+    with session:
+        if workers.rank == 0:
+            workers.barrier()
+        if session.up_to_date:
+            return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
+        teacher, sae = _load_models(cfg, token_store, device)
+        writer = _ConceptWriter(session, token_store, cfg, sae, teacher)
+        mine = workers.mine(writer.plan)
+        todo = [chunk for chunk in mine if not writer.verified_done(chunk)]
+        started = time.monotonic()
+        _extract_chunks(writer, teacher, sae, todo, cfg, device, progress)
+        elapsed = time.monotonic() - started
+        workers.barrier()
+        summary = writer.summary(todo, elapsed)
+        if workers.rank == 0:
+            with session.manifest_lock():
+                if writer.all_done() and session.reload().get("status") != "complete":
+                    writer.finalize(teacher, sae, prepare_fingerprint)
+                    session.complete(summary)
+        return artifacts.StageResult(STAGE, session.dir, False, summary, session.fingerprint)
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+def _token_store(run_dir: Path) -> tuple[TokenStore, str]:
+    manifest = artifacts.read_json(run_dir / "prepare" / artifacts.MANIFEST) or {}
+    if manifest.get("status") != "complete":
+        raise StageError(f"No finished token store in {run_dir / 'prepare'}. Run `cocomix prepare` first.")
+    return open_token_store(run_dir / "prepare" / artifacts.TOKENS_STORE), manifest["fingerprint"]
+
+
+def _local_files(*specs: str) -> list[Path]:
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser() if spec else None
+        if path is None or not path.exists():
+            continue
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.suffix == ".gguf" or path.suffix in (".pt", ".pth", ".bin"):
+            files.append(path)
+        else:
+            files += tokenizer_files(spec)
+    return sorted(set(files))
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _load_models(cfg: Config, token_store: TokenStore, device):
+    from pipelines.sae import load_sae
+    from pipelines.teacher import load_teacher
+
+    sae = load_sae(cfg.sae.path).sae.to(device).eval().requires_grad_(False)
+    teacher = load_teacher(
+        cfg.teacher.model,
+        cfg.teacher.layer,
+        cfg.teacher.hook,
+        str(device),
+        cfg.teacher.dtype,
+        cfg.teacher.tokenizer,
+    )
+    store_tokenizer = token_store.attrs["tokenizer"]
+    if vocab_hash(teacher.tokenizer) != store_tokenizer["vocab_hash"]:
+        raise InputError(
+            f"Teacher `{cfg.teacher.model}` uses a different tokenizer than the token store "
+            f"(`{store_tokenizer['spec']}`; vocabulary hashes differ). Prepare the corpus with the teacher's "
+            "tokenizer: set `data.tokenizer` to it and run `cocomix prepare --force`."
+        )
+    if sae.d_in != teacher.d_model:
+        raise InputError(
+            f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{cfg.teacher.model}` has "
+            f"hidden size {teacher.d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
+        )
+    if cfg.extract.concepts_per_token > sae.k:
+        raise InputError(
+            f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({sae.k})."
+        )
+    return teacher, sae
+
+
+# --- the work ---------------------------------------------------------------------------------------------
+
+
+def _extract_chunks(
+    writer, teacher, sae, todo: list[Chunk], cfg: Config, device, show_progress: bool
+) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipelines.attribution import concept_targets
+
+    block_size = writer.block_size
+    blocks_per_batch = max(1, cfg.extract.tokens_per_batch // block_size)
+    bar = tqdm(
+        total=sum(c.stop - c.start for c in todo) * block_size,
+        unit="tok",
+        unit_scale=True,
+        desc="extract-concepts",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    for chunk in todo:
+        blocks = torch.from_numpy(writer.tokens(chunk).astype(np.int64))
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(blocks), blocks_per_batch):
+            ids = blocks[start : start + blocks_per_batch].to(device)
+            out = teacher.hidden_and_grad(ids, with_log_probs=cfg.extract.store_teacher_topk > 0)
+            B, T, D = out.hidden.shape
+            hidden, grad = out.hidden.float().reshape(B * T, D), out.grad.float().reshape(B * T, D)
+            with torch.no_grad():
+                targets = concept_targets(
+                    sae, hidden, grad, cfg.extract.concepts_per_token, cfg.extract.attribution
+                )
+            valid = torch.ones(B, T, dtype=torch.bool)
+            valid[:, -1] = False  # the last position has no next token
+            batch = {
+                "concept_ids": targets.ids.reshape(B, T, -1),
+                "concept_scores": targets.scores.reshape(B, T, -1),
+                "valid": valid,
+            }
+            if cfg.extract.store_hidden:
+                batch["hidden"], batch["grad"] = out.hidden, out.grad
+            if cfg.extract.store_sae_topk:
+                batch["sae_ids"] = targets.sae_ids.reshape(B, T, -1)
+                batch["sae_acts"] = targets.sae_values.reshape(B, T, -1)
+            if cfg.extract.store_teacher_topk:
+                top = out.log_probs.topk(cfg.extract.store_teacher_topk, dim=-1)
+                batch["teacher_ids"], batch["teacher_logprobs"] = top.indices, top.values
+            for name, tensor in batch.items():
+                parts.setdefault(name, []).append(tensor.detach().cpu().numpy())
+            bar.update(B * T)
+        writer.write_chunk(chunk, {name: np.concatenate(arrays) for name, arrays in parts.items()})
+    bar.close()
+
+
+class _ConceptWriter:
+    """The concept store of one stage folder: its layout, chunk plan, writes, markers and completion."""
+
+    def __init__(self, session: artifacts.StageSession, token_store: TokenStore, cfg: Config, sae, teacher):
+        self.session = session
+        self.token_store = token_store
+        self.path = session.dir / CONCEPTS_STORE
+        self.chunks_dir = session.dir / artifacts.CHUNKS_DIR
+        self.block_size = token_store.block_size
+        self.blocks_per_chunk = cfg.extract.blocks_per_chunk
+        e = cfg.extract
+        id_dtype = np.uint16 if sae.d_sae <= 1 << 16 else np.uint32
+        vocab = token_store.attrs["tokenizer"]["vocab_size"]
+        self.layout: dict[str, tuple[tuple[int, ...], Any]] = {
+            "concept_ids": ((e.concepts_per_token,), id_dtype),
+            "concept_scores": ((e.concepts_per_token,), np.float16),
+            "valid": ((), np.bool_),
+        }
+        if e.store_hidden:
+            self.layout["hidden"] = ((teacher.d_model,), np.float16)
+            self.layout["grad"] = ((teacher.d_model,), np.float16)
+        if e.store_sae_topk:
+            self.layout["sae_ids"] = ((sae.k,), id_dtype)
+            self.layout["sae_acts"] = ((sae.k,), np.float16)
+        if e.store_teacher_topk:
+            self.layout["teacher_ids"] = (
+                (e.store_teacher_topk,),
+                np.uint16 if vocab <= 1 << 16 else np.uint32,
+            )
+            self.layout["teacher_logprobs"] = ((e.store_teacher_topk,), np.float16)
+        self.plan = [
+            Chunk(split, i, start, min(start + self.blocks_per_chunk, self._rows(split)))
+            for split in TOKEN_SPLITS
+            for i, start in enumerate(range(0, self._rows(split), self.blocks_per_chunk))
+        ]
+        with session.manifest_lock():
+            self.group = self._open_or_create()
+            session.reload().setdefault("progress", {})["chunks_total"] = len(self.plan)
+            session.update_progress(**session.manifest["progress"])
+
+    def _rows(self, split: str) -> int:
+        return self.token_store.split(split).shape[0]
+
+    def _open_or_create(self):
+        import zarr
+
+        self.chunks_dir.mkdir(exist_ok=True)
+        if (self.path / "zarr.json").exists():
+            return zarr.open_group(str(self.path), mode="r+")
+        group = zarr.open_group(str(self.path), mode="w")
+        for split in TOKEN_SPLITS:
+            sub = group.create_group(split)
+            for name, (tail, dtype) in self.layout.items():
+                shape = (self._rows(split), self.block_size, *tail)
+                sub.create_array(
+                    name, shape=shape, chunks=(self.blocks_per_chunk, *shape[1:]), dtype=dtype, fill_value=0
+                )
+        group.attrs.update({"format": CONCEPT_STORE_FORMAT, "complete": False})
+        return group
+
+    def tokens(self, chunk: Chunk) -> np.ndarray:
+        return self.token_store.split(chunk.split)[chunk.start : chunk.stop]
+
+    def write_chunk(self, chunk: Chunk, arrays: dict[str, np.ndarray]) -> None:
+        stored = {}
+        for name, (_, dtype) in self.layout.items():
+            stored[name] = arrays[name].astype(dtype)
+            self.group[chunk.split][name][chunk.start : chunk.stop] = stored[name]
+        # The marker goes last: a chunk without one is redone, whatever of it reached the disk.
+        artifacts.atomic_write_json(self.chunks_dir / f"{chunk.name}.json", {"digest": _digest(stored)})
+
+    def verified_done(self, chunk: Chunk) -> bool:
+        marker = artifacts.read_json(self.chunks_dir / f"{chunk.name}.json")
+        if marker is None:
+            return False
+        try:
+            stored = {name: self.group[chunk.split][name][chunk.start : chunk.stop] for name in self.layout}
+            intact = _digest(stored) == marker["digest"]
+        except Exception as exc:  # a torn or corrupt Zarr chunk fails to decode
+            log.warning("chunk %s of %s cannot be read (%s)", chunk.name, self.path, exc)
+            intact = False
+        if not intact:
+            log.warning("chunk %s of %s is corrupted; recomputing it", chunk.name, self.path)
+            (self.chunks_dir / f"{chunk.name}.json").unlink()
+        return intact
+
+    def all_done(self) -> bool:
+        return all((self.chunks_dir / f"{chunk.name}.json").exists() for chunk in self.plan)
+
+    def finalize(self, teacher, sae, prepare_fingerprint: str) -> None:
+        cfg = self.session.inputs
+        self.group.attrs.update(
+            {
+                "complete": True,
+                "block_size": self.block_size,
+                "teacher": {"spec": teacher.spec, "layer": teacher.layer, "hook": teacher.hook},
+                "sae": {"spec": cfg["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
+                "files": {f["path"]: f["sha256"] for f in self.session.files},
+                "concepts_per_token": cfg["extract.concepts_per_token"],
+                "attribution": cfg["extract.attribution"],
+                "token_store_fingerprint": prepare_fingerprint,
+                "arrays": sorted(self.layout),
+            }
+        )
+
+    def summary(self, computed: list[Chunk], elapsed: float) -> dict[str, Any]:
+        done = sum((self.chunks_dir / f"{chunk.name}.json").exists() for chunk in self.plan)
+        tokens = sum(self._rows(split) for split in TOKEN_SPLITS) * self.block_size
+        computed_tokens = sum(chunk.stop - chunk.start for chunk in computed) * self.block_size
+        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return {
+            "store": str(self.path),
+            "chunks_total": len(self.plan),
+            "chunks_done": done,
+            "chunks_computed_here": len(computed),
+            "tokens": tokens,
+            "bytes": size,
+            "bytes_per_token": round(size / tokens, 3) if tokens else None,
+            "tokens_per_s": round(computed_tokens / elapsed, 1) if elapsed > 0 and computed else None,
+        }
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+# --- workers ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Workers:
+    """This process's place among `--shard` jobs and torchrun ranks; chunks are dealt round-robin."""
+
+    shard: Shard
+    rank: int
+    world: int
+
+    @classmethod
+    def start(cls, shard: Shard, device) -> _Workers:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            return cls(shard, dist.get_rank(), world)
+        return cls(shard, 0, 1)
+
+    @property
+    def name(self) -> str | None:
+        if self.shard.count == 1 and self.world == 1:
+            return None
+        return f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}of{self.world}"
+
+    def mine(self, plan: list[Chunk]) -> list[Chunk]:
+        worker, workers = self.shard.index * self.world + self.rank, self.shard.count * self.world
+        return [chunk for i, chunk in enumerate(plan) if i % workers == worker]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -1,0 +1,148 @@
+"""A frozen `transformers` causal LM, hooked at one layer's residual stream.
+
+`hidden_and_grad` returns, for every token, the hidden state h at the hook and the gradient g of the
+next-token loss (summed over positions) with respect to h. The weights never require grad, the blocks below
+the hook build no graph (nothing there requires grad), and the hook turns h into the only leaf that does, so
+the backward stops there and computes no weight gradient. `hidden_states` stops the forward at the hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.errors import InputError
+from pipelines.tokenizer import Tokenizer, load_tokenizer
+
+HOOKS = ("resid_post", "resid_pre")
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end a forward once the hooked layer has run."""
+
+
+@dataclass
+class TeacherOutput:
+    hidden: torch.Tensor
+    """(B, T, D) residual stream at the hook."""
+    grad: torch.Tensor | None
+    """(B, T, D) d(sum of next-token losses)/d(hidden); zero at the last position."""
+    log_probs: torch.Tensor | None
+    """(B, T, V) next-token log-probabilities, when asked for."""
+
+
+class Teacher:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, spec: str, layer: int, hook: str):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.n_layers = model.config.num_hidden_layers
+        self.d_model = model.config.hidden_size
+        if hook not in HOOKS:
+            raise InputError(f"`teacher.hook` {hook!r} is not one of {', '.join(HOOKS)}.")
+        if not 0 <= layer < self.n_layers:
+            raise InputError(
+                f"`teacher.layer` ({layer}) is out of range: teacher `{spec}` has {self.n_layers} layers "
+                f"(0-{self.n_layers - 1})."
+            )
+        self.layer, self.hook = layer, hook
+        self.block = _decoder_layers(model)[layer]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def hidden_and_grad(self, ids: torch.Tensor, with_log_probs: bool = False) -> TeacherOutput:
+        captured: dict[str, torch.Tensor] = {}
+        with self._hooked(captured, stop=False), torch.enable_grad():
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            )
+            (grad,) = torch.autograd.grad(loss, captured["hidden"])
+        log_probs = logits.detach().float().log_softmax(-1) if with_log_probs else None
+        return TeacherOutput(hidden=captured["hidden"].detach(), grad=grad, log_probs=log_probs)
+
+    @torch.no_grad()
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) at the hook, without running the layers above it."""
+        captured: dict[str, torch.Tensor] = {}
+        with self._hooked(captured, stop=True):
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+        return captured["hidden"]
+
+    def _hooked(self, captured: dict, stop: bool):
+        def swap(hidden: torch.Tensor) -> torch.Tensor:
+            leaf = hidden.detach().requires_grad_(not stop)
+            captured["hidden"] = leaf
+            if stop:
+                raise _StopForward
+            return leaf
+
+        def after_block(module, args, output):
+            if isinstance(output, tuple):
+                return (swap(output[0]), *output[1:])
+            return swap(output)
+
+        def before_block(module, args, kwargs):
+            if args:
+                return (swap(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
+
+        if self.hook == "resid_post":
+            return _Handle(self.block.register_forward_hook(after_block))
+        return _Handle(self.block.register_forward_pre_hook(before_block, with_kwargs=True))
+
+
+class _Handle:
+    """A hook registration used as a context manager, removed on exit whatever happened."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.remove()
+
+
+def load_teacher(
+    spec: str, layer: int, hook: str, device: str = "cpu", dtype: str = "float32", tokenizer_spec: str = ""
+) -> Teacher:
+    """A teacher from a hub id, a local folder, or a `.gguf` file (dequantised by transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(spec).expanduser()
+    if not path.exists() and spec.startswith((".", "/", "~")):
+        raise InputError(
+            f"Teacher `{spec}` does not exist. Set `teacher.model` to a hub id, a folder or a .gguf file."
+        )
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"Cannot load teacher `{spec}` ({first}).") from None
+    return Teacher(model.to(device), load_tokenizer(tokenizer_spec or spec), spec, layer, hook)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks: the ModuleList as long as its number of hidden layers."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise InputError(f"Cannot find the {n} decoder layers of {type(model).__name__}.")
