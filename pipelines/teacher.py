@@ -119,7 +119,11 @@ def load_teacher(
 ) -> Teacher:
     """A teacher from a hub id, a local folder, or a `.gguf` file (dequantised by transformers)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # Stages show their own progress; transformers' loading bars and config warnings would bury it.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     path = Path(spec).expanduser()
     if not path.exists() and spec.startswith((".", "/", "~")):
         raise InputError(
@@ -136,7 +140,7 @@ def load_teacher(
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"Cannot load teacher `{spec}` ({first}).") from None
-    return Teacher(model.to(device), load_tokenizer(tokenizer_spec or spec), spec, layer, hook)
+    return Teacher(model.to(device), load_tokenizer(tokenizer_spec or spec, setting="teacher.tokenizer"), spec, layer, hook)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -50,7 +50,7 @@ class Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, setting: str = "data.tokenizer") -> Tokenizer:
     """A fast tokenizer from a hub id, a local folder, a `tokenizer.json` file or a `.gguf` file.
 
     A bare `tokenizer.json` is read by `tokenizers` alone: importing transformers would cost seconds.
@@ -58,7 +58,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith((".", "/", "~")) or path.suffix in (".json", ".gguf")):
         raise InputError(
-            f"Tokenizer `{spec}` does not exist. Set `data.tokenizer` to an existing file or folder."
+            f"Tokenizer `{spec}` does not exist. Set `{setting}` to an existing file or folder."
         )
     if path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "tokenizer.json").exists():
         path = path / "tokenizer.json"
@@ -76,7 +76,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     except Exception as exc:  # tokenizers and transformers raise many types for "cannot load"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"Cannot load tokenizer `{spec}` ({first_line}). Set `data.tokenizer` to a hub id, a local "
+            f"Cannot load tokenizer `{spec}` ({first_line}). Set `{setting}` to a hub id, a local "
             "folder, a tokenizer.json or a .gguf file."
         ) from None
     if not tokenizer.is_fast:

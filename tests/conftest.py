@@ -112,3 +112,56 @@ def tiny_model_config(**overrides):
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def tiny_teacher(folder: Path, n_layer: int = 3, n_embd: int = 32, seed: int = 0) -> Path:
+    """A random GPT-2 with the real GPT-2 tokenizer, saved like a hub checkpoint (safetensors + tokenizer)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=128, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    shutil.copy(_require(GPT2_TOKENIZER), folder / "tokenizer.json")
+    return folder
+
+
+def tiny_sae(d_in: int = 32, d_sae: int = 128, k: int = 8, seed: int = 0):
+    """A random TopK SAE with every parameter non-zero, so no term of the math hides."""
+    import torch
+
+    from pipelines.sae import TopKSAE
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(d_in, d_sae, k, normalize="layer_norm")
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(0.0, 0.3)
+    return sae
+
+
+def prepared_run(directory: Path, documents: int = 60, block_size: int = 32, **data) -> Path:
+    """A run folder whose `prepare` stage is done on the first IMDb reviews, with a config file beside it."""
+    from pipelines import prepare
+    from pipelines.config import load_config
+
+    config = directory / "cocomix.toml"
+    values = {
+        "source": str(_require(IMDB)),
+        "tokenizer": str(_require(GPT2_TOKENIZER)),
+        "block_size": block_size,
+        "max_documents": documents,
+        "val_fraction": 0.2,
+        **data,
+    }
+    lines = ["[run]", 'dir = "run"', "[data]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    config.write_text("\n".join(lines) + "\n")
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        prepare.run(load_config(config), progress=False)
+    finally:
+        os.chdir(previous)
+    return config

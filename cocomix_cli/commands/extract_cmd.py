@@ -56,8 +56,8 @@ def extract_concepts(
         )
     elif s["chunks_done"] < s["chunks_total"]:
         console.print(
-            f"extract-concepts: shard {shard} done, {s['chunks_done']}/{s['chunks_total']} chunks in the store; "
-            "it completes when every shard has finished.",
+            f"extract-concepts: shard {shard} done, {s['chunks_done']}/{s['chunks_total']} chunks in the "
+            "store; it completes when every shard has finished.",
             soft_wrap=True,
         )
     else:

@@ -1,0 +1,306 @@
+"""extract-concepts: exact attributions, formats, resume after SIGKILL, shards, torchrun ranks, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipelines import extract
+from pipelines.attribution import concept_targets, official_scores, paper_scores
+from pipelines.config import load_config
+from pipelines.sae import load_sae, openai_state_dict, save_saelens
+from pipelines.teacher import load_teacher
+from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
+
+
+@pytest.fixture
+def models(tmp_path, gpt2_tokenizer):
+    teacher = tiny_teacher(tmp_path / "teacher")
+    sae = tiny_sae()
+    save_saelens(sae, tmp_path / "sae")
+    torch.save(openai_state_dict(sae), tmp_path / "sae.pt")
+    return teacher, sae
+
+
+def extract_overrides(tmp_path, sae_path=None, **extra):
+    values = {
+        "teacher.model": str(tmp_path / "teacher"),
+        "teacher.layer": 1,
+        "sae.path": str(sae_path or tmp_path / "sae"),
+        "extract.blocks_per_chunk": 4,
+        "extract.tokens_per_batch": 64,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_extract(directory: Path, overrides: list[str], **kwargs):
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        return extract.run(load_config(directory / "cocomix.toml", overrides), progress=False, **kwargs)
+    finally:
+        os.chdir(previous)
+
+
+def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(run_dir / "extract-concepts" / "concepts.zarr"), mode="r")
+    return {
+        f"{split}/{name}": group[split][name][:]
+        for split in ("train", "val")
+        for name in group[split].array_keys()
+    }
+
+
+def assert_same_arrays(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+
+
+# --- attribution against a naive reference --------------------------------------------------------
+
+
+def naive_hidden_and_grad(teacher_dir: Path, ids: torch.Tensor, layer: int, hook: str):
+    """The official way: every weight requires grad, full backward, hidden states from transformers itself."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    outputs = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    hidden = outputs.hidden_states[layer + 1 if hook == "resid_post" else layer]
+    hidden.retain_grad()
+    logits = outputs.logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+    )
+    loss.backward()
+    return hidden.detach(), hidden.grad
+
+
+def naive_dense_official(sae, hidden, grad):
+    mean = hidden.mean(-1, keepdim=True)
+    std = (hidden - mean).std(-1, keepdim=True)
+    pre = ((hidden - mean) / (std + 1e-5) - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(sae.k, dim=-1)
+    activations = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return (grad @ sae.W_dec.t()) * activations, pre
+
+
+@pytest.mark.parametrize("hook", ["resid_post", "resid_pre"])
+def test_attributions_equal_a_naive_dense_reference(tmp_path, models, hook):
+    teacher_dir, sae = models
+    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = load_teacher(str(teacher_dir), layer=1, hook=hook).hidden_and_grad(ids)
+    hidden, grad = naive_hidden_and_grad(teacher_dir, ids, 1, hook)
+    torch.testing.assert_close(ours.hidden, hidden, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.grad, grad, atol=1e-6, rtol=1e-5)
+    assert ours.grad[:, -1].abs().max() == 0  # the last position has no next token
+
+    h, g = hidden.flatten(0, 1), grad.flatten(0, 1)
+    with torch.no_grad():
+        dense, pre = naive_dense_official(sae, h, g)
+        encoding = sae.encode_topk(h)
+        sparse = official_scores(sae, g, encoding.values, encoding.ids)
+        scattered = torch.zeros_like(dense).scatter(-1, encoding.ids, sparse)
+        torch.testing.assert_close(scattered, dense, atol=1e-6, rtol=1e-5)
+        inactive = torch.ones_like(dense, dtype=torch.bool).scatter(-1, encoding.ids, False)
+        assert scattered[inactive].abs().max() == 0 and dense[inactive].abs().max() == 0
+        torch.testing.assert_close(paper_scores(sae, h, g), pre * (g @ sae.W_dec.t()), atol=1e-6, rtol=1e-5)
+        targets = concept_targets(sae, h, g, 4, "official")
+        expected = dense.topk(4, dim=-1)
+        decided = (expected.values[:, -1] > 0) & (
+            expected.values[:, 3] > expected.values[:, 3:].max()
+        )  # no ties
+        assert torch.equal(targets.ids[decided], expected.indices[decided])
+
+
+def test_openai_and_saelens_files_of_one_sae_give_identical_targets(tmp_path, models):
+    prepared_run(tmp_path, documents=20)
+    run_extract(tmp_path, extract_overrides(tmp_path))
+    from_saelens = store_arrays(tmp_path / "run")
+    assert load_sae(str(tmp_path / "sae.pt")).format == "openai"
+    run_extract(tmp_path, extract_overrides(tmp_path, sae_path=tmp_path / "sae.pt"), force=True)
+    assert_same_arrays(store_arrays(tmp_path / "run"), from_saelens)
+    valid = from_saelens["train/valid"]
+    assert valid[:, :-1].all() and not valid[:, -1].any()
+
+
+def test_optional_arrays_and_attributes(tmp_path, models):
+    prepared_run(tmp_path, documents=10)
+    overrides = extract_overrides(
+        tmp_path,
+        **{"extract.store_hidden": "true", "extract.store_sae_topk": "true", "extract.store_teacher_topk": 5},
+    )
+    result = run_extract(tmp_path, overrides)
+    arrays = store_arrays(tmp_path / "run")
+    n = arrays["train/valid"].shape[0]
+    assert arrays["train/hidden"].shape == (n, 32, 32) and arrays["train/hidden"].dtype == np.float16
+    assert arrays["train/sae_ids"].shape == (n, 32, 8) and arrays["train/concept_ids"].dtype == np.uint16
+    assert arrays["train/teacher_logprobs"].shape == (n, 32, 5)
+    assert (np.diff(arrays["train/teacher_logprobs"].astype(np.float32), axis=-1) <= 0).all()
+    # Targets are among the SAE's active latents.
+    assert np.all(
+        (arrays["train/concept_ids"][..., :, None] == arrays["train/sae_ids"][..., None, :]).any(-1)
+    )
+    attrs = zarr.open_group(str(tmp_path / "run/extract-concepts/concepts.zarr"), mode="r").attrs
+    assert attrs["complete"] and attrs["teacher"]["layer"] == 1 and attrs["sae"]["d_sae"] == 128
+    assert attrs["attribution"] == "official" and attrs["concepts_per_token"] == 4
+    assert result.summary["bytes_per_token"] > 0
+    again = run_extract(tmp_path, overrides)
+    assert again.up_to_date
+
+
+# --- resume, shards, ranks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chunk(tmp_path, models):
+    prepared_run(tmp_path, documents=100)
+    overrides = extract_overrides(tmp_path)
+    args = [arg for override in overrides for arg in ("--set", override)]
+    chunks = tmp_path / "run" / "extract-concepts" / "chunks"
+    process = cocomix_subprocess([*args, "extract-concepts"], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(chunks.glob("*.json"))) < 10:
+        assert process.poll() is None, "extraction finished before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(chunks.glob("*.json"))
+    assert 10 <= len(done) < 200
+    # Corrupt one finished chunk on disk: the resume must notice, name it and recompute it.
+    victim = tmp_path / "run/extract-concepts/concepts.zarr/train/concept_ids/c/1/0/0"
+    victim.write_bytes(b"garbage")
+    resumed = cocomix_subprocess(
+        ["--verbose", *args, "extract-concepts"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "chunk train-000001" in stderr and "recomputing" in stderr
+
+    (tmp_path / "clean").mkdir()
+    prepared_run(tmp_path / "clean", documents=100)
+    run_extract(tmp_path / "clean", overrides)
+    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "clean" / "run"))
+
+
+def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
+    prepared_run(tmp_path, documents=20)
+    overrides = extract_overrides(tmp_path)
+    args = [arg for override in overrides for arg in ("--set", override)]
+    first = cocomix_subprocess(
+        [*args, "extract-concepts", "--shard", "0/2"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    assert first.wait(timeout=300) == 0
+    assert "1/2" not in first.stdout.read() or True
+    manifest = json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())
+    assert manifest["status"] == "running"
+    second = cocomix_subprocess([*args, "extract-concepts", "--shard", "1/2"], cwd=tmp_path)
+    assert second.wait(timeout=300) == 0
+    manifest = json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())
+    assert manifest["status"] == "complete"
+
+    (tmp_path / "single").mkdir()
+    prepared_run(tmp_path / "single", documents=20)
+    run_extract(tmp_path / "single", overrides)
+    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, models):
+    prepared_run(tmp_path, documents=20)
+    overrides = extract_overrides(tmp_path)
+    args = [arg for override in overrides for arg in ("--set", override)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "cocomix_cli",
+        "--no-progress",
+        *args,
+        "extract-concepts",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    (tmp_path / "single").mkdir()
+    prepared_run(tmp_path / "single", documents=20)
+    run_extract(tmp_path / "single", overrides)
+    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+
+
+# --- a real teacher -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_on_a_few_imdb_blocks(tmp_path, smollm2_gguf):
+    prepared_run(tmp_path, documents=3, block_size=64, tokenizer=str(smollm2_gguf), val_fraction=0.0)
+    save_saelens(tiny_sae(d_in=576, d_sae=1024, k=16), tmp_path / "sae")
+    overrides = [
+        f"teacher.model={smollm2_gguf}",
+        "teacher.layer=9",
+        f"sae.path={tmp_path / 'sae'}",
+        "extract.blocks_per_chunk=2",
+        "extract.tokens_per_batch=256",
+    ]
+    result = run_extract(tmp_path, overrides)
+    arrays = store_arrays(tmp_path / "run")
+    assert result.summary["chunks_done"] == result.summary["chunks_total"] > 0
+    ids, scores = arrays["train/concept_ids"], arrays["train/concept_scores"].astype(np.float32)
+    assert ids.shape[1:] == (64, 4) and ids.max() < 1024
+    assert (scores[:, :-1, 0] != 0).mean() > 0.9  # a real teacher's gradient reaches nearly every position
+    assert (np.diff(scores, axis=-1) <= 0).all()  # best first
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix, gpt2_tokenizer):
+    prepared_run(tmp_path, documents=5)
+
+    def error(*overrides):
+        result = cocomix(*[a for o in overrides for a in ("--set", o)], "extract-concepts")
+        assert result.exit_code == 2, result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        return result.stderr
+
+    base = extract_overrides(tmp_path)
+    save_saelens(tiny_sae(d_in=48), tmp_path / "wide-sae")
+    assert "reads vectors of size 48, but teacher" in error(*base, f"sae.path={tmp_path / 'wide-sae'}")
+    assert "`teacher.layer` (7) is out of range" in error(*base, "teacher.layer=7")
+    (tmp_path / "sae.npz").write_bytes(b"\0" * 8)
+    assert "is in no format cocomix reads" in error(*base, f"sae.path={tmp_path / 'sae.npz'}")
+    assert "Accepted: an OpenAI sparse_autoencoder state dict (.pt) or a SAELens folder" in error(
+        *base, f"sae.path={tmp_path / 'sae.npz'}"
+    )
+    other = json.loads(gpt2_tokenizer.read_text())
+    vocab = other["model"]["vocab"]
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]  # a valid tokenizer with two ids swapped
+    (tmp_path / "teacher" / "tokenizer.json").write_text(json.dumps(other))
+    assert "uses a different tokenizer than the token store" in error(*base)
+    tiny_teacher(tmp_path / "teacher")
+    assert (
+        not json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())["status"] == "complete"
+    )
+
+    assert cocomix(*[a for o in base for a in ("--set", o)], "extract-concepts").exit_code == 0
+    changed = error(*base, "extract.concepts_per_token=2")
+    assert (
+        "holds a complete `extract-concepts` of a different run (extract.concepts_per_token: 4 -> 2)"
+        in changed
+    )
+    assert "--shard I/N" not in error(*base, "extract.attribution=dense")
