@@ -109,10 +109,13 @@ def run(
         mine = workers.mine(writer.plan)
         todo = [chunk for chunk in mine if not writer.verified_done(chunk)]
         started = time.monotonic()
-        _extract_chunks(writer, teacher, sae, todo, cfg, device, progress)
+        phase_seconds = _extract_chunks(writer, teacher, sae, todo, cfg, device, progress)
         elapsed = time.monotonic() - started
         workers.barrier()
-        summary = writer.summary(todo, elapsed)
+        summary = {
+            **writer.summary(todo, elapsed),
+            "seconds": {k: round(v, 3) for k, v in phase_seconds.items()},
+        }
         if workers.rank == 0:
             with session.manifest_lock():
                 if writer.all_done() and session.reload().get("status") != "complete":
@@ -191,16 +194,18 @@ def _load_models(cfg: Config, token_store: TokenStore, device):
 
 def _extract_chunks(
     writer, teacher, sae, todo: list[Chunk], cfg: Config, device, show_progress: bool
-) -> None:
+) -> dict[str, float]:
+    """Compute and write `todo`; returns seconds spent in the teacher, the SAE + attribution, and storage."""
     import torch
     from tqdm.auto import tqdm
 
     from pipelines.attribution import concept_targets
 
-    block_size = writer.block_size
-    blocks_per_batch = max(1, cfg.extract.tokens_per_batch // block_size)
+    seconds = dict.fromkeys(("teacher", "sae_and_attribution", "storage"), 0.0)
+    clock = _Clock(device)
+    blocks_per_batch = max(1, cfg.extract.tokens_per_batch // writer.block_size)
     bar = tqdm(
-        total=sum(c.stop - c.start for c in todo) * block_size,
+        total=sum(c.stop - c.start for c in todo) * writer.block_size,
         unit="tok",
         unit_scale=True,
         desc="extract-concepts",
@@ -212,33 +217,69 @@ def _extract_chunks(
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(blocks), blocks_per_batch):
             ids = blocks[start : start + blocks_per_batch].to(device)
+            clock.start()
             out = teacher.hidden_and_grad(ids, with_log_probs=cfg.extract.store_teacher_topk > 0)
+            seconds["teacher"] += clock.stop()
             B, T, D = out.hidden.shape
-            hidden, grad = out.hidden.float().reshape(B * T, D), out.grad.float().reshape(B * T, D)
             with torch.no_grad():
                 targets = concept_targets(
-                    sae, hidden, grad, cfg.extract.concepts_per_token, cfg.extract.attribution
+                    sae,
+                    out.hidden.float().reshape(B * T, D),
+                    out.grad.float().reshape(B * T, D),
+                    cfg.extract.concepts_per_token,
+                    cfg.extract.attribution,
                 )
-            valid = torch.ones(B, T, dtype=torch.bool)
-            valid[:, -1] = False  # the last position has no next token
-            batch = {
-                "concept_ids": targets.ids.reshape(B, T, -1),
-                "concept_scores": targets.scores.reshape(B, T, -1),
-                "valid": valid,
-            }
-            if cfg.extract.store_hidden:
-                batch["hidden"], batch["grad"] = out.hidden, out.grad
-            if cfg.extract.store_sae_topk:
-                batch["sae_ids"] = targets.sae_ids.reshape(B, T, -1)
-                batch["sae_acts"] = targets.sae_values.reshape(B, T, -1)
-            if cfg.extract.store_teacher_topk:
-                top = out.log_probs.topk(cfg.extract.store_teacher_topk, dim=-1)
-                batch["teacher_ids"], batch["teacher_logprobs"] = top.indices, top.values
-            for name, tensor in batch.items():
+            seconds["sae_and_attribution"] += clock.stop()
+            for name, tensor in _batch_arrays(out, targets, cfg, B, T).items():
                 parts.setdefault(name, []).append(tensor.detach().cpu().numpy())
+            seconds["storage"] += clock.stop()
             bar.update(B * T)
         writer.write_chunk(chunk, {name: np.concatenate(arrays) for name, arrays in parts.items()})
+        seconds["storage"] += clock.stop()
     bar.close()
+    return seconds
+
+
+def _batch_arrays(out, targets, cfg: Config, B: int, T: int) -> dict:
+    """The arrays stored for one batch of B blocks of T tokens, by store array name."""
+    import torch
+
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[:, -1] = False  # the last position has no next token
+    arrays = {
+        "concept_ids": targets.ids.reshape(B, T, -1),
+        "concept_scores": targets.scores.reshape(B, T, -1),
+        "valid": valid,
+    }
+    if cfg.extract.store_hidden:
+        arrays["hidden"], arrays["grad"] = out.hidden, out.grad
+    if cfg.extract.store_sae_topk:
+        arrays["sae_ids"] = targets.sae_ids.reshape(B, T, -1)
+        arrays["sae_acts"] = targets.sae_values.reshape(B, T, -1)
+    if cfg.extract.store_teacher_topk:
+        top = out.log_probs.topk(cfg.extract.store_teacher_topk, dim=-1)
+        arrays["teacher_ids"], arrays["teacher_logprobs"] = top.indices, top.values
+    return arrays
+
+
+class _Clock:
+    """Wall time between calls, synchronising CUDA so that time lands on the phase that spent it."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        self.sync()
+        self.last = time.perf_counter()
+
+    def stop(self) -> float:
+        self.sync()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 class _ConceptWriter:

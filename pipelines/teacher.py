@@ -60,9 +60,9 @@ class Teacher:
         captured: dict[str, torch.Tensor] = {}
         with self._hooked(captured, stop=False), torch.enable_grad():
             logits = self.model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-            )
+            # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, and back again.
+            labels = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="sum", ignore_index=-100)
             (grad,) = torch.autograd.grad(loss, captured["hidden"])
         log_probs = logits.detach().float().log_softmax(-1) if with_log_probs else None
         return TeacherOutput(hidden=captured["hidden"].detach(), grad=grad, log_probs=log_probs)
@@ -140,7 +140,13 @@ def load_teacher(
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"Cannot load teacher `{spec}` ({first}).") from None
-    return Teacher(model.to(device), load_tokenizer(tokenizer_spec or spec, setting="teacher.tokenizer"), spec, layer, hook)
+    return Teacher(
+        model.to(device),
+        load_tokenizer(tokenizer_spec or spec, setting="teacher.tokenizer"),
+        spec,
+        layer,
+        hook,
+    )
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

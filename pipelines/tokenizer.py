@@ -57,9 +57,7 @@ def load_tokenizer(spec: str, setting: str = "data.tokenizer") -> Tokenizer:
     """
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith((".", "/", "~")) or path.suffix in (".json", ".gguf")):
-        raise InputError(
-            f"Tokenizer `{spec}` does not exist. Set `{setting}` to an existing file or folder."
-        )
+        raise InputError(f"Tokenizer `{spec}` does not exist. Set `{setting}` to an existing file or folder.")
     if path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "tokenizer.json").exists():
         path = path / "tokenizer.json"
     try:
