@@ -117,6 +117,11 @@ class ExtractConfig:
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
+    hidden_from: str = _field(
+        "",
+        "A concepts.zarr stored with `store_hidden`: recompute targets from its h and gradient (for another "
+        "SAE, K or attribution) without running the teacher.",
+    )
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,13 @@ def run(
 ) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = _token_store(run_dir)
-    if not cfg.teacher.model:
+    if not cfg.teacher.model and not cfg.extract.hidden_from:
         raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
+    if cfg.extract.hidden_from and cfg.extract.store_teacher_topk:
+        raise ConfigError(
+            "`extract.store_teacher_topk` needs the teacher's logits; it cannot be combined with "
+            "`extract.hidden_from`."
+        )
     if not cfg.sae.path:
         raise ConfigError("`sae.path` is not set. Point it at an SAE (OpenAI .pt or SAELens folder).")
     device = _device(cfg.extract.device)
@@ -83,6 +88,9 @@ def run(
         artifacts.file_identity(p, known)
         for p in _local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
     ]
+    source_artifacts = {"prepare": prepare_fingerprint}
+    if cfg.extract.hidden_from:
+        source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
     inputs = {
         **fingerprint_fields(cfg.teacher, "teacher"),
         **fingerprint_fields(cfg.sae, "sae"),
@@ -95,7 +103,7 @@ def run(
         STAGE,
         inputs,
         files=files,
-        input_artifacts={"prepare": prepare_fingerprint},
+        input_artifacts=source_artifacts,
         force=force and workers.rank == 0,
         worker=workers.name,
     )
@@ -104,7 +112,7 @@ def run(
             workers.barrier()
         if session.up_to_date:
             return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
-        teacher, sae = _load_models(cfg, token_store, device)
+        teacher, sae = _load_models(cfg, token_store, prepare_fingerprint, device)
         writer = _ConceptWriter(session, token_store, cfg, sae, teacher)
         mine = workers.mine(writer.plan)
         todo = [chunk for chunk in mine if not writer.verified_done(chunk)]
@@ -157,11 +165,16 @@ def _device(spec: str):
     return torch.device(spec)
 
 
-def _load_models(cfg: Config, token_store: TokenStore, device):
+def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
+    """The SAE and the source of hidden states and gradients: the teacher, or a store of them."""
     from pipelines.sae import load_sae
     from pipelines.teacher import load_teacher
 
     sae = load_sae(cfg.sae.path).sae.to(device).eval().requires_grad_(False)
+    if cfg.extract.hidden_from:
+        stored = _StoredHidden(Path(cfg.extract.hidden_from), token_store, prepare_fingerprint)
+        _check_sae(cfg, sae, stored.d_model, stored.spec)
+        return stored, sae
     teacher = load_teacher(
         cfg.teacher.model,
         cfg.teacher.layer,
@@ -177,16 +190,80 @@ def _load_models(cfg: Config, token_store: TokenStore, device):
             f"(`{store_tokenizer['spec']}`; vocabulary hashes differ). Prepare the corpus with the teacher's "
             "tokenizer: set `data.tokenizer` to it and run `cocomix prepare --force`."
         )
-    if sae.d_in != teacher.d_model:
+    _check_sae(cfg, sae, teacher.d_model, cfg.teacher.model)
+    return teacher, sae
+
+
+def _check_sae(cfg: Config, sae, d_model: int, teacher_spec: str) -> None:
+    if sae.d_in != d_model:
         raise InputError(
-            f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{cfg.teacher.model}` has "
-            f"hidden size {teacher.d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
+            f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{teacher_spec}` has "
+            f"hidden size {d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
         )
     if cfg.extract.concepts_per_token > sae.k:
         raise InputError(
             f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({sae.k})."
         )
-    return teacher, sae
+
+
+class _StoredHidden:
+    """Hidden states and gradients read back from a concept store written with `store_hidden`.
+
+    It stands in for the teacher: the same `hidden_and_grad` answer for the same blocks, from float16 copies.
+    """
+
+    def __init__(self, path: Path, token_store: TokenStore, prepare_fingerprint: str):
+        import zarr
+
+        if not (path / "zarr.json").exists():
+            raise InputError(f"`extract.hidden_from` {path} is not a concept store (no zarr.json).")
+        self.group = zarr.open_group(str(path), mode="r")
+        attrs = dict(self.group.attrs)
+        if not attrs.get("complete") or "hidden" not in attrs.get("arrays", []):
+            raise InputError(
+                f"`extract.hidden_from` {path} holds no complete hidden states; write one with "
+                "`cocomix extract-concepts --store-hidden`."
+            )
+        if attrs["token_store_fingerprint"] != prepare_fingerprint:
+            raise InputError(
+                f"`extract.hidden_from` {path} was computed on another token store "
+                f"({attrs['token_store_fingerprint']}; this run's is {prepare_fingerprint})."
+            )
+        for split in TOKEN_SPLITS:
+            if self.group[split]["hidden"].shape[:2] != token_store.split(split).shape:
+                raise InputError(
+                    f"`extract.hidden_from` {path}: its `{split}` blocks differ from the token store's."
+                )
+        self.path = path
+        teacher = attrs["teacher"]
+        self.spec, self.layer, self.hook = teacher["spec"], teacher["layer"], teacher["hook"]
+        self.d_model = self.group["train"]["hidden"].shape[-1]
+        self._rows: tuple[str, int] = ("train", 0)
+
+    @staticmethod
+    def fingerprint(path: Path) -> str:
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        except Exception:
+            raise InputError(f"`extract.hidden_from` {path} cannot be opened as a concept store.") from None
+        return artifacts.fingerprint(attrs)
+
+    def at(self, split: str, first_row: int) -> None:
+        """Point at the rows that the next `hidden_and_grad` call reads."""
+        self._rows = (split, first_row)
+
+    def hidden_and_grad(self, ids, with_log_probs: bool = False):
+        import torch
+
+        from pipelines.teacher import TeacherOutput
+
+        split, first = self._rows
+        rows = slice(first, first + ids.shape[0])
+        hidden = torch.from_numpy(self.group[split]["hidden"][rows].astype(np.float32)).to(ids.device)
+        grad = torch.from_numpy(self.group[split]["grad"][rows].astype(np.float32)).to(ids.device)
+        return TeacherOutput(hidden=hidden, grad=grad, log_probs=None)
 
 
 # --- the work ---------------------------------------------------------------------------------------------
@@ -218,6 +295,8 @@ def _extract_chunks(
         for start in range(0, len(blocks), blocks_per_batch):
             ids = blocks[start : start + blocks_per_batch].to(device)
             clock.start()
+            if isinstance(teacher, _StoredHidden):
+                teacher.at(chunk.split, chunk.start + start)
             out = teacher.hidden_and_grad(ids, with_log_probs=cfg.extract.store_teacher_topk > 0)
             seconds["teacher"] += clock.stop()
             B, T, D = out.hidden.shape
@@ -378,6 +457,7 @@ class _ConceptWriter:
                 "complete": True,
                 "block_size": self.block_size,
                 "teacher": {"spec": teacher.spec, "layer": teacher.layer, "hook": teacher.hook},
+                "hidden_from": str(getattr(teacher, "path", "")),
                 "sae": {"spec": cfg["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
                 "files": {f["path"]: f["sha256"] for f in self.session.files},
                 "concepts_per_token": cfg["extract.concepts_per_token"],

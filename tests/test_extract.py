@@ -304,3 +304,35 @@ def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix, gpt2_tokenize
         in changed
     )
     assert "--shard I/N" not in error(*base, "extract.attribution=dense")
+
+
+def test_targets_recomputed_from_stored_hidden_states_without_the_teacher(tmp_path, models):
+    import shutil
+
+    _, sae = models
+    prepared_run(tmp_path, documents=10)
+    run_extract(tmp_path, extract_overrides(tmp_path, **{"extract.store_hidden": "true"}))
+    cache = tmp_path / "hidden.zarr"
+    shutil.move(tmp_path / "run/extract-concepts/concepts.zarr", cache)
+    overrides = extract_overrides(
+        tmp_path,
+        **{
+            "extract.hidden_from": cache,
+            "extract.attribution": "paper",
+            "extract.concepts_per_token": 2,
+            "teacher.model": tmp_path / "no-such-teacher",  # proves the teacher is never loaded
+        },
+    )
+    run_extract(tmp_path, overrides, force=True)
+    arrays = store_arrays(tmp_path / "run")
+    stored = zarr.open_group(str(cache), mode="r")
+    for split in ("train", "val"):
+        hidden = torch.from_numpy(stored[split]["hidden"][:].astype(np.float32))
+        grad = torch.from_numpy(stored[split]["grad"][:].astype(np.float32))
+        expected = []
+        for first in range(0, len(hidden), 2):  # the stage's batches: 64 tokens = 2 blocks
+            h, g = hidden[first : first + 2].flatten(0, 1), grad[first : first + 2].flatten(0, 1)
+            expected.append(concept_targets(sae, h, g, 2, "paper").ids.reshape(-1, 32, 2))
+        assert np.array_equal(arrays[f"{split}/concept_ids"], torch.cat(expected).numpy().astype(np.uint16))
+    attrs = zarr.open_group(str(tmp_path / "run/extract-concepts/concepts.zarr"), mode="r").attrs
+    assert attrs["hidden_from"] == str(cache) and attrs["attribution"] == "paper"

@@ -23,6 +23,14 @@ def extract_concepts(
         int | None,
         typer.Option("--store-teacher-topk", metavar="N", help="Also store the teacher's top-N log-probs."),
     ] = None,
+    from_hidden: Annotated[
+        str | None,
+        typer.Option(
+            "--from-hidden",
+            metavar="STORE",
+            help="Recompute targets from a concepts.zarr written with --store-hidden, without the teacher.",
+        ),
+    ] = None,
     shard: Annotated[
         str, typer.Option(metavar="I/N", help="Fill only chunk I of every N (for array jobs); default 0/1.")
     ] = "0/1",
@@ -42,6 +50,7 @@ def extract_concepts(
             "extract.store_sae_topk": store_sae_topk,
             "extract.store_teacher_topk": store_teacher_topk,
             "extract.device": device,
+            "extract.hidden_from": from_hidden,
         },
     )
     from pipelines import extract as stage
