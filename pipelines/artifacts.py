@@ -262,10 +262,13 @@ class StageSession:
             if previous.get("status") == "complete":
                 self.up_to_date, self.summary, self._manifest = True, previous.get("summary", {}), previous
                 return
-            if previous.get("status") == "running":
+            # A failed attempt resumes too: what it finished is still valid (and, for a stage shared by
+            # shards, belongs to the other shards as well).
+            if previous.get("status") in ("running", "failed"):
                 self.resuming = True
                 self._manifest = previous
-                self._manifest["resumed_at"] = now_iso()
+                self._manifest.pop("error", None)
+                self._manifest.update(status="running", resumed_at=now_iso())
                 self._write()
                 return
         if previous and previous.get("status") in ("complete", "running") and not self.force:

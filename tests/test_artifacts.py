@@ -113,3 +113,13 @@ def test_stage_states_lists_every_stage(tmp_path):
     states = stage_states(tmp_path / "nothing")
     assert [s["stage"] for s in states] == list(artifacts.STAGES)
     assert {s["status"] for s in states} == {"not started"}
+
+
+def test_a_failed_attempt_with_the_same_fingerprint_resumes(tmp_path):
+    with pytest.raises(InputError):
+        with session(tmp_path, {"k": 1}) as s:
+            (s.dir / "partial.bin").write_bytes(b"kept")
+            raise InputError("transient")
+    with session(tmp_path, {"k": 1}) as s:
+        assert s.resuming and (s.dir / "partial.bin").exists()
+        assert s.manifest["status"] == "running" and "error" not in s.manifest
