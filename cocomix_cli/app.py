@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from cocomix_cli.commands import config_cmd, extract_cmd, prepare_cmd, status_cmd
+from cocomix_cli.commands import config_cmd, extract_cmd, prepare_cmd, status_cmd, train_sae_cmd
 from cocomix_cli.console import err_console
 from cocomix_cli.context import GlobalOptions
 from pipelines import __version__
@@ -118,6 +118,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 app.command("prepare")(prepare_cmd.prepare)
+app.command("train-sae")(train_sae_cmd.train_sae)
 app.command("extract-concepts")(extract_cmd.extract_concepts)
 app.command("status")(status_cmd.status)
 app.add_typer(config_cmd.app, name="config")

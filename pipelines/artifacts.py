@@ -33,6 +33,7 @@ RUN_MARKER = "run.json"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 TOKENS_STORE = "tokens.zarr"
+TRAINED_SAE = "sae"  # the SAELens folder inside the train-sae stage
 CHUNKS_DIR = "chunks"
 
 # Stages in pipeline order; `cocomix status` lists them all, started or not.
@@ -343,6 +344,14 @@ def _any_lock_held(stage_dir: Path, stage: str) -> bool:
     """A stage is being written while any of its writers (one, or one per shard or rank) holds its lock."""
     names = [p.name for p in stage_dir.glob(f"{LOCK_FILE}*") if p.name != f"{LOCK_FILE}-manifest"]
     return any(StageLock(stage_dir, stage, name).is_held_elsewhere() for name in names)
+
+
+def finished_output(run_dir: Path, stage: str, name: str) -> tuple[Path, str] | None:
+    """`run_dir/stage/name` and the stage's fingerprint when the stage is complete, else None."""
+    manifest = read_json(Path(run_dir) / stage / MANIFEST) or {}
+    if manifest.get("status") != "complete":
+        return None
+    return Path(run_dir) / stage / name, manifest["fingerprint"]
 
 
 def known_files(run_dir: Path, stage: str) -> dict[str, dict[str, Any]]:

@@ -93,8 +93,31 @@ class SaeConfig:
     """Sparse autoencoder on the teacher's hook."""
 
     path: str = _field(
-        "", "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub."
+        "",
+        "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub; "
+        "empty uses the one `train-sae` trained in this run.",
     )
+    latents: int = _field(4096, "`train-sae`: SAE width (number of latents).")
+    k: int = _field(32, "`train-sae`: active latents per token (TopK).")
+    train_tokens: int = _field(2_000_000, "`train-sae`: activations (tokens) to train on.")
+    batch_tokens: int = _field(4096, "`train-sae`: activations per optimiser step.")
+    buffer_tokens: int = _field(
+        131_072, "`train-sae`: shuffling buffer; activations are drawn from it in random order."
+    )
+    lr: float = _field(
+        0.0, "`train-sae`: Adam learning rate; 0 scales 2e-4 by 1/sqrt(latents / 2^14) (Gao et al.)."
+    )
+    aux_k: int = _field(0, "`train-sae`: dead latents used by the AuxK loss; 0 means d_in / 2.")
+    aux_coef: float = _field(1 / 32, "`train-sae`: weight of the AuxK loss; 0 turns it off.")
+    dead_after_tokens: int = _field(
+        1_000_000, "`train-sae`: a latent silent this many tokens counts as dead."
+    )
+    eval_every_tokens: int = _field(500_000, "`train-sae`: evaluate on held-out activations this often.")
+    eval_tokens: int = _field(16_384, "`train-sae`: held-out (val) tokens per evaluation.")
+    checkpoint_every_tokens: int = _field(
+        250_000, "`train-sae`: save a resume checkpoint this often.", affects_output=False
+    )
+    device: str = _field("auto", "`train-sae`: `auto`, `cpu`, `cuda` or `cuda:N`.", affects_output=False)
 
 
 @dataclass(frozen=True)
@@ -320,8 +343,34 @@ def _validate(cfg: Config, where: str) -> None:
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
     problems += _validate_extract(cfg)
+    problems += _validate_sae(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def _validate_sae(cfg: Config) -> list[str]:
+    s = cfg.sae
+    problems = []
+    if s.k > s.latents:
+        problems.append(f"`sae.k` ({s.k}) must not exceed `sae.latents` ({s.latents})")
+    for name in (
+        "latents",
+        "k",
+        "train_tokens",
+        "batch_tokens",
+        "buffer_tokens",
+        "eval_every_tokens",
+        "eval_tokens",
+    ):
+        if getattr(s, name) < 1:
+            problems.append(f"`sae.{name}` ({getattr(s, name)}) must be >= 1")
+    if s.buffer_tokens < s.batch_tokens:
+        problems.append(
+            f"`sae.buffer_tokens` ({s.buffer_tokens}) must be >= `sae.batch_tokens` ({s.batch_tokens})"
+        )
+    if s.lr < 0 or s.aux_coef < 0 or s.aux_k < 0:
+        problems.append("`sae.lr`, `sae.aux_coef` and `sae.aux_k` must be >= 0")
+    return problems
 
 
 def _validate_extract(cfg: Config) -> list[str]:

@@ -12,6 +12,7 @@ Run it with `cocomix extract-concepts` (see its `--help`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,9 +25,10 @@ import numpy as np
 
 from pipelines import artifacts
 from pipelines.config import Config, fingerprint_fields
-from pipelines.errors import ConfigError, InputError, StageError
-from pipelines.stores import TOKEN_SPLITS, TokenStore, open_token_store
-from pipelines.tokenizer import tokenizer_files, vocab_hash
+from pipelines.devices import resolve_device
+from pipelines.errors import ConfigError, InputError
+from pipelines.stores import TOKEN_SPLITS, TokenStore, open_prepared_tokens
+from pipelines.tokenizer import tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def run(
     cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()
 ) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
-    token_store, prepare_fingerprint = _token_store(run_dir)
+    token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
     if not cfg.teacher.model and not cfg.extract.hidden_from:
         raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
     if cfg.extract.hidden_from and cfg.extract.store_teacher_topk:
@@ -75,25 +77,32 @@ def run(
             "`extract.store_teacher_topk` needs the teacher's logits; it cannot be combined with "
             "`extract.hidden_from`."
         )
-    if not cfg.sae.path:
-        raise ConfigError("`sae.path` is not set. Point it at an SAE (OpenAI .pt or SAELens folder).")
-    device = _device(cfg.extract.device)
+    device = resolve_device(cfg.extract.device)
     workers = _Workers.start(shard, device)
     if force and shard.count > 1:
         raise ConfigError(
             "`--force` cannot be combined with `--shard`: clear the stage with one unsharded run."
         )
+    source_artifacts = {"prepare": prepare_fingerprint}
+    if not cfg.sae.path:
+        trained = artifacts.finished_output(run_dir, "train-sae", artifacts.TRAINED_SAE)
+        if trained is None:
+            raise ConfigError(
+                "`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
+                "`sae.path` to an SAE (OpenAI .pt or SAELens folder)."
+            )
+        cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained[0])))
+        source_artifacts["train-sae"] = trained[1]
     known = artifacts.known_files(run_dir, STAGE)
     files = [
         artifacts.file_identity(p, known)
         for p in _local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
     ]
-    source_artifacts = {"prepare": prepare_fingerprint}
     if cfg.extract.hidden_from:
         source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
     inputs = {
         **fingerprint_fields(cfg.teacher, "teacher"),
-        **fingerprint_fields(cfg.sae, "sae"),
+        "sae.path": cfg.sae.path,  # a trained SAE enters through its stage's fingerprint and file hashes
         **fingerprint_fields(cfg.extract, "extract"),
     }
     if workers.rank != 0:
@@ -135,13 +144,6 @@ def run(
 # --- inputs -----------------------------------------------------------------------------------------------
 
 
-def _token_store(run_dir: Path) -> tuple[TokenStore, str]:
-    manifest = artifacts.read_json(run_dir / "prepare" / artifacts.MANIFEST) or {}
-    if manifest.get("status") != "complete":
-        raise StageError(f"No finished token store in {run_dir / 'prepare'}. Run `cocomix prepare` first.")
-    return open_token_store(run_dir / "prepare" / artifacts.TOKENS_STORE), manifest["fingerprint"]
-
-
 def _local_files(*specs: str) -> list[Path]:
     files: list[Path] = []
     for spec in specs:
@@ -155,14 +157,6 @@ def _local_files(*specs: str) -> list[Path]:
         else:
             files += tokenizer_files(spec)
     return sorted(set(files))
-
-
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
@@ -183,13 +177,7 @@ def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str,
         cfg.teacher.dtype,
         cfg.teacher.tokenizer,
     )
-    store_tokenizer = token_store.attrs["tokenizer"]
-    if vocab_hash(teacher.tokenizer) != store_tokenizer["vocab_hash"]:
-        raise InputError(
-            f"Teacher `{cfg.teacher.model}` uses a different tokenizer than the token store "
-            f"(`{store_tokenizer['spec']}`; vocabulary hashes differ). Prepare the corpus with the teacher's "
-            "tokenizer: set `data.tokenizer` to it and run `cocomix prepare --force`."
-        )
+    teacher.check_tokenizer(token_store.attrs)
     _check_sae(cfg, sae, teacher.d_model, cfg.teacher.model)
     return teacher, sae
 

@@ -68,6 +68,17 @@ class TokenStore:
         return self.group[name]
 
 
+def open_prepared_tokens(run_dir: Path) -> tuple[TokenStore, str]:
+    """The finished token store of a run and the `prepare` fingerprint that later stages depend on."""
+    from pipelines import artifacts
+
+    stage_dir = Path(run_dir) / "prepare"
+    manifest = artifacts.read_json(stage_dir / artifacts.MANIFEST) or {}
+    if manifest.get("status") != "complete":
+        raise StageError(f"No finished token store in {stage_dir}. Run `cocomix prepare` first.")
+    return open_token_store(stage_dir / artifacts.TOKENS_STORE), manifest["fingerprint"]
+
+
 def open_token_store(path: Path) -> TokenStore:
     """Open a complete store, or say which command makes one."""
     import zarr

@@ -52,6 +52,18 @@ class Teacher:
         self.layer, self.hook = layer, hook
         self.block = _decoder_layers(model)[layer]
 
+    def check_tokenizer(self, token_store_attrs: dict) -> None:
+        """The teacher must read the same token ids that `prepare` wrote."""
+        from pipelines.tokenizer import vocab_hash
+
+        store_tokenizer = token_store_attrs["tokenizer"]
+        if vocab_hash(self.tokenizer) != store_tokenizer["vocab_hash"]:
+            raise InputError(
+                f"Teacher `{self.spec}` uses a different tokenizer than the token store "
+                f"(`{store_tokenizer['spec']}`; vocabulary hashes differ). Prepare the corpus with the "
+                "teacher's tokenizer: set `data.tokenizer` to it and run `cocomix prepare --force`."
+            )
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -68,6 +80,14 @@ class Teacher:
         return TeacherOutput(hidden=captured["hidden"].detach(), grad=grad, log_probs=log_probs)
 
     @torch.no_grad()
+    def next_token_loss(self, ids: torch.Tensor, replace=None) -> float:
+        """Mean next-token loss, with the hidden state at the hook swapped for `replace(hidden)` if given."""
+        captured: dict[str, torch.Tensor] = {}
+        with self._hooked(captured, stop=False, replace=replace):
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
+
+    @torch.no_grad()
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T, D) at the hook, without running the layers above it."""
         captured: dict[str, torch.Tensor] = {}
@@ -78,9 +98,11 @@ class Teacher:
                 pass
         return captured["hidden"]
 
-    def _hooked(self, captured: dict, stop: bool):
+    def _hooked(self, captured: dict, stop: bool, replace=None):
         def swap(hidden: torch.Tensor) -> torch.Tensor:
-            leaf = hidden.detach().requires_grad_(not stop)
+            if replace is not None:
+                return replace(hidden).to(hidden.dtype)
+            leaf = hidden.detach().requires_grad_(not stop and torch.is_grad_enabled())
             captured["hidden"] = leaf
             if stop:
                 raise _StopForward

@@ -1,0 +1,359 @@
+"""`train-sae`: a TopK sparse autoencoder on the teacher's hook, trained as in Gao et al. (2024).
+
+The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, TopK activation, decoder rows kept at unit
+norm (their gradient's radial part removed before each step), encoder initialised as the decoder's
+transpose, pre-bias initialised to the mean of the first buffer, Adam with the learning rate scaled by
+1/sqrt(width / 2^14), gradient clipping at 1, and the AuxK loss that reconstructs the residual from the
+top `aux_k` dead latents. Activations stream from the teacher (its forward stops after the hooked block)
+over the train blocks through a shuffling buffer. Buffer r is a pure function of (seed, r), so a checkpoint
+needs only the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted
+one (on CPU).
+
+Run it with `cocomix train-sae` (see its `--help`). Output: `train-sae/sae/`, a SAELens folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import artifacts
+from pipelines.config import Config, fingerprint_fields
+from pipelines.devices import resolve_device
+from pipelines.errors import ConfigError, InputError
+from pipelines.stores import TokenStore, open_prepared_tokens
+
+log = logging.getLogger(__name__)
+
+STAGE = "train-sae"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts.StageResult:
+    run_dir = Path(cfg.run.dir)
+    token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
+    if not cfg.teacher.model:
+        raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
+    _check_token_budget(cfg, token_store)
+    known = artifacts.known_files(run_dir, STAGE)
+    files = [artifacts.file_identity(p, known) for p in _teacher_files(cfg)]
+    inputs = {
+        **fingerprint_fields(cfg.teacher, "teacher"),
+        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
+        "run.seed": cfg.run.seed,
+    }
+    with artifacts.StageSession(
+        run_dir, STAGE, inputs, files=files, input_artifacts={"prepare": prepare_fingerprint}, force=force
+    ) as session:
+        if session.up_to_date:
+            return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
+        device = resolve_device(cfg.sae.device)
+        teacher = _load_teacher(cfg, token_store, device)
+        trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device)
+        trainer.restore(resume=session.resuming)
+        trainer.train(show_progress=progress)
+        summary = trainer.finish()
+        session.complete(summary)
+        return artifacts.StageResult(STAGE, session.dir, False, summary, session.fingerprint)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def _check_token_budget(cfg: Config, token_store: TokenStore) -> None:
+    s = cfg.sae
+    train_tokens = token_store.split("train").shape[0] * token_store.block_size
+    val_tokens = token_store.split("val").shape[0] * token_store.block_size
+    problems = []
+    if s.buffer_tokens > train_tokens:
+        problems.append(f"`sae.buffer_tokens` ({s.buffer_tokens:,}) exceeds them")
+    if s.train_tokens > train_tokens:
+        problems.append(f"`sae.train_tokens` ({s.train_tokens:,}) exceeds them")
+    if problems:
+        raise InputError(
+            f"The token store has {train_tokens:,} training tokens: {' and '.join(problems)}. "
+            "Lower the setting or prepare more text (`data.max_documents`, `data.max_tokens`)."
+        )
+    if val_tokens < token_store.block_size:
+        raise InputError(
+            "The token store has no validation block to evaluate the SAE on; raise `data.val_fraction`."
+        )
+
+
+def _teacher_files(cfg: Config) -> list[Path]:
+    path = Path(cfg.teacher.model).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return []
+
+
+def _load_teacher(cfg: Config, token_store: TokenStore, device):
+    from pipelines.teacher import load_teacher
+
+    teacher = load_teacher(
+        cfg.teacher.model,
+        cfg.teacher.layer,
+        cfg.teacher.hook,
+        str(device),
+        cfg.teacher.dtype,
+        cfg.teacher.tokenizer,
+    )
+    teacher.check_tokenizer(token_store.attrs)
+    return teacher
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+class SaeTrainer:
+    """Gao et al.'s TopK SAE training loop over a deterministic, resumable stream of teacher activations."""
+
+    def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device):
+        import torch
+
+        from pipelines.sae import TopKSAE
+
+        self.cfg, self.s = cfg, cfg.sae
+        self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
+        self.block_size = token_store.block_size
+        self.blocks_per_buffer = max(1, self.s.buffer_tokens // self.block_size)
+        self.steps_per_buffer = self.blocks_per_buffer * self.block_size // self.s.batch_tokens
+        self.total_steps = self.s.train_tokens // self.s.batch_tokens
+        self.aux_k = self.s.aux_k or max(1, teacher.d_model // 2)
+        self.lr = self.s.lr or 2e-4 / math.sqrt(self.s.latents / 2**14)
+        torch.manual_seed(cfg.run.seed)
+        self.sae = TopKSAE(teacher.d_model, self.s.latents, self.s.k, normalize="layer_norm").to(device)
+        with torch.no_grad():
+            self.sae.W_dec.normal_()
+            self.sae.W_dec.div_(self.sae.W_dec.norm(dim=-1, keepdim=True))
+            self.sae.W_enc.copy_(self.sae.W_dec.t())
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.tokens_since_fired = torch.zeros(self.s.latents, dtype=torch.long, device=device)
+        self.step = 0
+        self._buffer: tuple[int, Any] | None = None
+
+    # -- data --
+
+    def _block_order(self, position: int) -> int:
+        """Train block index at `position` of the endless stream: one seeded permutation per epoch."""
+        n = self.token_store.split("train").shape[0]
+        epoch, offset = divmod(position, n)
+        rng = np.random.default_rng([self.cfg.run.seed, epoch])
+        return int(rng.permutation(n)[offset])
+
+    def _buffer_activations(self, index: int):
+        """Buffer `index`: normalised activations of its blocks, shuffled by a generator seeded by index."""
+        import torch
+
+        if self._buffer is not None and self._buffer[0] == index:
+            return self._buffer[1]
+        positions = range(index * self.blocks_per_buffer, (index + 1) * self.blocks_per_buffer)
+        rows = [self._block_order(p) for p in positions]
+        blocks = self.token_store.split("train")
+        acts = []
+        batch_blocks = max(1, 8192 // self.block_size)
+        for start in range(0, len(rows), batch_blocks):
+            ids = torch.from_numpy(
+                np.stack([blocks[r] for r in rows[start : start + batch_blocks]]).astype(np.int64)
+            )
+            acts.append(self.teacher.hidden_states(ids.to(self.device)).float().flatten(0, 1))
+        acts = self.sae.prepare_input(torch.cat(acts))[0]
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + index)
+        acts = acts[torch.randperm(len(acts), generator=generator).to(acts.device)]
+        self._buffer = (index, acts)
+        return acts
+
+    def _batch(self, step: int):
+        index, within = divmod(step, self.steps_per_buffer)
+        acts = self._buffer_activations(index)
+        return acts[within * self.s.batch_tokens : (within + 1) * self.s.batch_tokens]
+
+    # -- steps --
+
+    def restore(self, resume: bool) -> None:
+        import torch
+
+        path = self.dir / CHECKPOINT
+        if resume and path.exists():
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.sae.load_state_dict(state["sae"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.tokens_since_fired = state["tokens_since_fired"]
+            self.step = int(state["step"])
+            _truncate_metrics(self.dir / METRICS, self.step)
+            log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
+            return
+        (self.dir / METRICS).unlink(missing_ok=True)
+        with torch.no_grad():  # Gao et al.: the pre-bias starts at the data's centre
+            self.sae.b_dec.copy_(self._batch(0).mean(0))
+        self._log({"step": 0, "loss": None, "aux_loss": None, **self.evaluate(), "tokens_per_s": None})
+
+    def train(self, show_progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        eval_every = max(1, self.s.eval_every_tokens // self.s.batch_tokens)
+        checkpoint_every = max(1, self.s.checkpoint_every_tokens // self.s.batch_tokens)
+        bar = tqdm(
+            total=self.total_steps * self.s.batch_tokens,
+            initial=self.step * self.s.batch_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc="train-sae",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        started = time.monotonic()
+        while self.step < self.total_steps:
+            losses = self._train_step(self._batch(self.step))
+            self.step += 1
+            bar.update(self.s.batch_tokens)
+            if self.step % eval_every == 0 or self.step == self.total_steps:
+                self._log(
+                    {
+                        "step": self.step,
+                        **losses,
+                        **self.evaluate(),
+                        "tokens_per_s": round(
+                            self.s.batch_tokens * eval_every / (time.monotonic() - started), 1
+                        ),
+                    }
+                )
+                started = time.monotonic()
+            if self.step % checkpoint_every == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+        bar.close()
+
+    def _train_step(self, x) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        sae = self.sae
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        values, ids = pre.topk(sae.k, dim=-1)
+        values = values.relu()
+        recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+        variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+        residual = x - recon
+        mse = residual.pow(2).sum(-1).mean() / variance
+        loss, aux = mse, torch.zeros((), device=x.device)
+        dead = self.tokens_since_fired >= self.s.dead_after_tokens
+        if self.s.aux_coef > 0 and bool(dead.any()):
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_values, aux_ids = dead_pre.topk(min(self.aux_k, int(dead.sum())), dim=-1)
+            aux_recon = F.embedding_bag(aux_ids, sae.W_dec, per_sample_weights=aux_values.relu(), mode="sum")
+            target = residual.detach()
+            aux = (target - aux_recon).pow(2).sum(-1).mean() / (target - target.mean(0)).pow(2).sum(-1).mean()
+            loss = loss + self.s.aux_coef * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            # Unit-norm decoder rows: drop the gradient's radial part, step, then renormalise.
+            grad = sae.W_dec.grad
+            grad -= (grad * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            self.optimizer.step()
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+            fired = torch.zeros_like(dead)
+            fired[ids[values > 0]] = True
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+        return {"loss": round(mse.item(), 6), "aux_loss": round(aux.item(), 6)}
+
+    # -- evaluation --
+
+    def evaluate(self) -> dict[str, float]:
+        """FVU and L0 on held-out activations, dead fraction, teacher loss with the SAE spliced in."""
+        import torch
+
+        val = self.token_store.split("val")
+        blocks = max(1, min(val.shape[0], self.s.eval_tokens // self.block_size))
+        ids = torch.from_numpy(val[:blocks].astype(np.int64)).to(self.device)
+        with torch.no_grad():
+            hidden = self.teacher.hidden_states(ids).float()
+            flat = hidden.flatten(0, 1)
+            recon = self.sae(flat)
+            fvu = (flat - recon).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
+            l0 = (self.sae.encode_topk(flat).values > 0).sum(-1).float().mean()
+            clean = self.teacher.next_token_loss(ids)
+            spliced = self.teacher.next_token_loss(ids, replace=lambda h: self.sae(h.float()))
+            zero = self.teacher.next_token_loss(ids, replace=torch.zeros_like)
+        dead = (self.tokens_since_fired >= self.s.dead_after_tokens).float().mean()
+        return {
+            "fvu": round(fvu.item(), 6),
+            "l0": round(l0.item(), 3),
+            "dead_fraction": round(dead.item(), 6),
+            "loss_clean": round(clean, 6),
+            "loss_spliced": round(spliced, 6),
+            "loss_zero_ablation": round(zero, 6),
+            "loss_increase": round(spliced - clean, 6),
+        }
+
+    # -- files --
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.dir / METRICS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.info(
+            "train-sae step %d: fvu %.4f, dead %.3f, loss +%.4f",
+            row["step"],
+            row["fvu"],
+            row["dead_fraction"],
+            row["loss_increase"],
+        )
+
+    def _save_checkpoint(self) -> None:
+        import torch
+
+        state = {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "step": self.step,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        artifacts.atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
+
+    def finish(self) -> dict[str, Any]:
+        from pipelines.sae import save_saelens
+
+        rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        final = rows[-1]
+        save_saelens(
+            self.sae,
+            self.dir / artifacts.TRAINED_SAE,
+            {
+                "model_name": self.teacher.spec,
+                "hook_name": f"layer{self.teacher.layer}.{self.teacher.hook}",
+                "hook_layer": self.teacher.layer,
+                "trained_tokens": self.step * self.s.batch_tokens,
+                "metrics": {k: v for k, v in final.items() if k != "step"},
+            },
+        )
+        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        return {
+            "sae": str(self.dir / artifacts.TRAINED_SAE),
+            "steps": self.step,
+            "tokens": self.step * self.s.batch_tokens,
+            "latents": self.s.latents,
+            "k": self.s.k,
+            "lr": self.lr,
+            **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss")},
+        }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint; the resumed run logs them again."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        artifacts.atomic_write_bytes(path, "".join(row + "\n" for row in rows).encode())

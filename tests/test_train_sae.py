@@ -1,0 +1,130 @@
+"""train-sae on a tiny random teacher: it learns, resumes exactly, and rejects bad settings clearly."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import train_sae
+from pipelines.config import load_config
+from pipelines.errors import ConfigError
+from pipelines.sae import load_sae
+from tests.conftest import cocomix_subprocess, prepared_run, tiny_teacher
+
+SETTINGS = {
+    "teacher.layer": 1,
+    "sae.latents": 256,
+    "sae.k": 4,
+    "sae.train_tokens": 40960,
+    "sae.batch_tokens": 512,
+    "sae.buffer_tokens": 8192,
+    "sae.dead_after_tokens": 8192,
+    "sae.eval_every_tokens": 10240,
+    "sae.eval_tokens": 2048,
+    "sae.checkpoint_every_tokens": 4096,
+}
+
+
+def overrides(tmp_path, **extra):
+    values = {"teacher.model": str(tmp_path / "teacher"), **SETTINGS, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_stage(directory: Path, args: list[str], **kwargs):
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        return train_sae.run(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture
+def setup(tmp_path, gpt2_tokenizer):
+    tiny_teacher(tmp_path / "teacher")
+    prepared_run(tmp_path, documents=300, block_size=64)
+    return tmp_path
+
+
+def test_training_lowers_fvu_and_writes_a_saelens_folder_that_extract_loads(setup):
+    result = run_stage(setup, overrides(setup))
+    rows = [json.loads(line) for line in (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 80
+    assert rows[-1]["fvu"] < 0.5 and rows[-1]["fvu"] < rows[0]["fvu"] - 0.15  # training, not the tied init
+    assert [r["fvu"] for r in rows] == sorted((r["fvu"] for r in rows), reverse=True)
+    assert rows[-1]["l0"] == 4.0
+    for key in ("loss_clean", "loss_spliced", "loss_zero_ablation", "loss_increase", "dead_fraction"):
+        assert isinstance(rows[-1][key], float)
+    assert rows[-1]["loss_increase"] == pytest.approx(
+        rows[-1]["loss_spliced"] - rows[-1]["loss_clean"], abs=1e-5
+    )
+    assert result.summary["fvu"] == rows[-1]["fvu"] and result.summary["tokens"] == 40960
+    loaded = load_sae(str(setup / "run/train-sae/sae"))
+    assert loaded.format == "saelens" and (loaded.sae.d_in, loaded.sae.d_sae, loaded.sae.k) == (32, 256, 4)
+    norms = loaded.sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+    assert run_stage(setup, overrides(setup)).up_to_date
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_final_weights(setup):
+    args = [a for o in overrides(setup) for a in ("--set", o)]
+    checkpoint = setup / "run/train-sae/checkpoint.pt"
+    process = cocomix_subprocess([*args, "train-sae"], cwd=setup)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not checkpoint.exists():
+        assert process.poll() is None, "training finished before it could be killed"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = cocomix_subprocess(["--verbose", *args, "train-sae"], cwd=setup, stderr=-1, text=True)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resuming train-sae at step" in stderr
+
+    (setup / "clean").mkdir()
+    tiny_teacher(setup / "clean" / "teacher")
+    prepared_run(setup / "clean", documents=300, block_size=64)
+    run_stage(setup / "clean", overrides(setup))
+    a, b = (
+        load_sae(str(setup / "run/train-sae/sae")).sae,
+        load_sae(str(setup / "clean/run/train-sae/sae")).sae,
+    )
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    rows = (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 20, 40, 60, 80]
+
+
+def test_bad_settings_are_clear_errors(setup, cocomix):
+    def error(*extra):
+        result = cocomix(*[a for o in overrides(setup, **dict(extra)) for a in ("--set", o)], "train-sae")
+        assert result.exit_code == 2, result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        return result.stderr
+
+    assert "`sae.k` (512) must not exceed `sae.latents` (256)" in error(("sae.k", 512))
+    assert "`teacher.layer` (9) is out of range" in error(("teacher.layer", 9))
+    message = error(("sae.train_tokens", 10_000_000))
+    assert (
+        "The token store has" in message
+        and "training tokens: `sae.train_tokens` (10,000,000) exceeds them" in message
+    )
+    assert "`sae.buffer_tokens` (9,999,872) exceeds them" in error(("sae.buffer_tokens", 9_999_872))
+
+    assert run_stage(setup, overrides(setup)).summary["latents"] == 256
+    tiny_teacher(setup / "teacher", n_embd=48)  # the teacher changed since the run started
+    changed = error()
+    assert (
+        "holds a complete `train-sae` of a different run (file:" in changed and "model.safetensors" in changed
+    )
+
+
+def test_k_larger_than_width_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"`sae.k` \(64\) must not exceed `sae.latents` \(32\)"):
+        load_config(None, ["sae.latents=32", "sae.k=64"])
