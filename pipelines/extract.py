@@ -162,22 +162,14 @@ def _local_files(*specs: str) -> list[Path]:
 def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
     """The SAE and the source of hidden states and gradients: the teacher, or a store of them."""
     from pipelines.sae import load_sae
-    from pipelines.teacher import load_teacher
+    from pipelines.teacher import load_teacher_for
 
     sae = load_sae(cfg.sae.path).sae.to(device).eval().requires_grad_(False)
     if cfg.extract.hidden_from:
         stored = _StoredHidden(Path(cfg.extract.hidden_from), token_store, prepare_fingerprint)
         _check_sae(cfg, sae, stored.d_model, stored.spec)
         return stored, sae
-    teacher = load_teacher(
-        cfg.teacher.model,
-        cfg.teacher.layer,
-        cfg.teacher.hook,
-        str(device),
-        cfg.teacher.dtype,
-        cfg.teacher.tokenizer,
-    )
-    teacher.check_tokenizer(token_store.attrs)
+    teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
     _check_sae(cfg, sae, teacher.d_model, cfg.teacher.model)
     return teacher, sae
 

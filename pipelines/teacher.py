@@ -171,6 +171,15 @@ def load_teacher(
     )
 
 
+def load_teacher_for(config, device, token_store_attrs: dict) -> Teacher:
+    """The `[teacher]` of a config, checked against the token store's tokenizer."""
+    teacher = load_teacher(
+        config.model, config.layer, config.hook, str(device), config.dtype, config.tokenizer
+    )
+    teacher.check_tokenizer(token_store_attrs)
+    return teacher
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks: the ModuleList as long as its number of hidden layers."""
     n = model.config.num_hidden_layers

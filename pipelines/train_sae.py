@@ -56,7 +56,9 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
         if session.up_to_date:
             return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
         device = resolve_device(cfg.sae.device)
-        teacher = _load_teacher(cfg, token_store, device)
+        from pipelines.teacher import load_teacher_for
+
+        teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
         trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device)
         trainer.restore(resume=session.resuming)
         trainer.train(show_progress=progress)
@@ -95,21 +97,6 @@ def _teacher_files(cfg: Config) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return []
-
-
-def _load_teacher(cfg: Config, token_store: TokenStore, device):
-    from pipelines.teacher import load_teacher
-
-    teacher = load_teacher(
-        cfg.teacher.model,
-        cfg.teacher.layer,
-        cfg.teacher.hook,
-        str(device),
-        cfg.teacher.dtype,
-        cfg.teacher.tokenizer,
-    )
-    teacher.check_tokenizer(token_store.attrs)
-    return teacher
 
 
 # --- training -------------------------------------------------------------------------------------

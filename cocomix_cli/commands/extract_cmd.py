@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
+from cocomix_cli.options import AsJson, Force, report
 
 
 def extract_concepts(
@@ -37,10 +36,8 @@ def extract_concepts(
     device: Annotated[
         str | None, typer.Option(help="`auto`, `cpu`, `cuda` or `cuda:N` (`extract.device`).")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite a finished or different run's output.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the stage summary as JSON.")] = False,
+    force: Force = False,
+    as_json: AsJson = False,
 ) -> None:
     """Compute the teacher's top-K SAE concepts per token (concepts.zarr); resumable and shardable."""
     cfg = resolve_config(
@@ -56,24 +53,14 @@ def extract_concepts(
     from pipelines import extract as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress, shard=stage.Shard.parse(shard))
-    s = result.summary
-    if as_json:
-        typer.echo(json.dumps({"stage": result.stage, "up_to_date": result.up_to_date, **s}))
-    elif result.up_to_date:
-        console.print(
-            f"extract-concepts: up to date ({result.dir}, fingerprint {result.fingerprint})", soft_wrap=True
+    report(result, as_json, lambda s: _describe(s, shard))
+
+
+def _describe(s: dict, shard: str) -> str:
+    if s["chunks_done"] < s["chunks_total"]:
+        return (
+            f"shard {shard} done, {s['chunks_done']}/{s['chunks_total']} chunks in the store; "
+            "it completes when every shard has finished."
         )
-    elif s["chunks_done"] < s["chunks_total"]:
-        console.print(
-            f"extract-concepts: shard {shard} done, {s['chunks_done']}/{s['chunks_total']} chunks in the "
-            "store; it completes when every shard has finished.",
-            soft_wrap=True,
-        )
-    else:
-        rate = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "no chunk computed here"
-        console.print(
-            f"extract-concepts: {s['tokens']:,} tokens, {s['bytes_per_token']} bytes/token -> "
-            f"{s['store']} [{rate}]",
-            highlight=False,
-            soft_wrap=True,
-        )
+    rate = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "no chunk computed here"
+    return f"{s['tokens']:,} tokens, {s['bytes_per_token']} bytes/token -> {s['store']} [{rate}]"

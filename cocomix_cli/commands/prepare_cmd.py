@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
+from cocomix_cli.options import AsJson, Force, report
 
 
 def prepare(
@@ -26,10 +25,8 @@ def prepare(
     max_tokens: Annotated[
         int | None, typer.Option(help="Stop after this many tokens (`data.max_tokens`).")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite a finished or different run's output.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the stage summary as JSON.")] = False,
+    force: Force = False,
+    as_json: AsJson = False,
 ) -> None:
     """Tokenize the corpus into train/val token blocks (tokens.zarr); resumes if interrupted."""
     cfg = resolve_config(
@@ -45,20 +42,12 @@ def prepare(
     from pipelines import prepare as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress)
-    if as_json:
-        typer.echo(json.dumps({"stage": result.stage, "up_to_date": result.up_to_date, **result.summary}))
-    elif result.up_to_date:
-        console.print(
-            f"prepare: up to date ({result.dir}, fingerprint {result.fingerprint})",
-            highlight=False,
-            soft_wrap=True,
-        )
-    else:
-        s = result.summary
-        console.print(
-            f"prepare: {s['train_blocks']:,} train + {s['val_blocks']:,} val blocks of {cfg.data.block_size} "
-            f"tokens ({s['dtype']}) from {s['documents']:,} documents -> {s['store']} "
-            f"[{s['tokens_per_s'] or 0:,.0f} tok/s]",
-            highlight=False,
-            soft_wrap=True,
-        )
+    report(
+        result,
+        as_json,
+        lambda s: (
+            f"{s['train_blocks']:,} train + {s['val_blocks']:,} val blocks of {cfg.data.block_size} tokens "
+            f"({s['dtype']}) from {s['documents']:,} documents -> {s['store']} "
+            f"[{s['tokens_per_s'] or 0:,.0f} tok/s]"
+        ),
+    )
