@@ -128,6 +128,7 @@ class SaeTrainer:
         self.tokens_since_fired = torch.zeros(self.s.latents, dtype=torch.long, device=device)
         self.step = 0
         self._buffer: tuple[int, Any] | None = None
+        self._epoch_order: tuple[int, Any] = (-1, None)
 
     # -- data --
 
@@ -135,8 +136,9 @@ class SaeTrainer:
         """Train block index at `position` of the endless stream: one seeded permutation per epoch."""
         n = self.token_store.split("train").shape[0]
         epoch, offset = divmod(position, n)
-        rng = np.random.default_rng([self.cfg.run.seed, epoch])
-        return int(rng.permutation(n)[offset])
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n))
+        return int(self._epoch_order[1][offset])
 
     def _buffer_activations(self, index: int):
         """Buffer `index`: normalised activations of its blocks, shuffled by a generator seeded by index."""
