@@ -59,7 +59,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
         from pipelines.teacher import load_teacher_for
 
         teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
-        trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device)
+        trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device, on_eval=session.update_progress)
         trainer.restore(resume=session.resuming)
         trainer.train(show_progress=progress)
         summary = trainer.finish()
@@ -105,7 +105,7 @@ def _teacher_files(cfg: Config) -> list[Path]:
 class SaeTrainer:
     """Gao et al.'s TopK SAE training loop over a deterministic, resumable stream of teacher activations."""
 
-    def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device):
+    def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device, on_eval=None):
         import torch
 
         from pipelines.sae import TopKSAE
@@ -129,6 +129,9 @@ class SaeTrainer:
         self.step = 0
         self._buffer: tuple[int, Any] | None = None
         self._epoch_order: tuple[int, Any] = (-1, None)
+        self.on_eval = on_eval or (
+            lambda **progress: None
+        )  # e.g. the manifest's progress for `cocomix status`
 
     # -- data --
 
@@ -292,6 +295,9 @@ class SaeTrainer:
     def _log(self, row: dict[str, Any]) -> None:
         with open(self.dir / METRICS, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.on_eval(
+            step=row["step"], steps=self.total_steps, fvu=row["fvu"], dead_fraction=row["dead_fraction"]
+        )
         log.info(
             "train-sae step %d: fvu %.4f, dead %.3f, loss +%.4f",
             row["step"],
