@@ -77,8 +77,8 @@ def _check_token_budget(cfg: Config, token_store: TokenStore) -> None:
     problems = []
     if s.buffer_tokens > train_tokens:
         problems.append(f"`sae.buffer_tokens` ({s.buffer_tokens:,}) exceeds them")
-    if s.train_tokens > train_tokens:
-        problems.append(f"`sae.train_tokens` ({s.train_tokens:,}) exceeds them")
+    if -(-s.train_tokens // s.batch_tokens) * s.batch_tokens > train_tokens:
+        problems.append(f"`sae.train_tokens` ({s.train_tokens:,}, in whole batches) exceeds them")
     if problems:
         raise InputError(
             f"The token store has {train_tokens:,} training tokens: {' and '.join(problems)}. "
@@ -115,7 +115,7 @@ class SaeTrainer:
         self.block_size = token_store.block_size
         self.blocks_per_buffer = max(1, self.s.buffer_tokens // self.block_size)
         self.steps_per_buffer = self.blocks_per_buffer * self.block_size // self.s.batch_tokens
-        self.total_steps = self.s.train_tokens // self.s.batch_tokens
+        self.total_steps = -(-self.s.train_tokens // self.s.batch_tokens)  # at least train_tokens
         self.aux_k = self.s.aux_k or max(1, teacher.d_model // 2)
         self.lr = self.s.lr or 2e-4 / math.sqrt(self.s.latents / 2**14)
         torch.manual_seed(cfg.run.seed)

@@ -113,7 +113,7 @@ def test_bad_settings_are_clear_errors(setup, cocomix):
     message = error(("sae.train_tokens", 10_000_000))
     assert (
         "The token store has" in message
-        and "training tokens: `sae.train_tokens` (10,000,000) exceeds them" in message
+        and "training tokens: `sae.train_tokens` (10,000,000, in whole batches) exceeds them" in message
     )
     assert "`sae.buffer_tokens` (9,999,872) exceeds them" in error(("sae.buffer_tokens", 9_999_872))
 
