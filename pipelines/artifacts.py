@@ -98,6 +98,20 @@ def file_identity(path: Path, known: Mapping[str, Mapping[str, Any]] | None = No
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
 
 
+def local_files(*specs: str) -> list[Path]:
+    """The files behind local specs (a file, or every visible file under a folder); hub ids have none."""
+    files: set[Path] = set()
+    for spec in specs:
+        path = Path(spec).expanduser() if spec else None
+        if path is None or not path.exists():
+            continue
+        if path.is_dir():
+            files.update(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            files.add(path)
+    return sorted(files)
+
+
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human lines `key: old -> new` for every key whose value differs."""
     lines = []

@@ -28,7 +28,6 @@ from pipelines.config import Config, fingerprint_fields
 from pipelines.devices import resolve_device
 from pipelines.errors import ConfigError, InputError
 from pipelines.stores import TOKEN_SPLITS, TokenStore, open_prepared_tokens
-from pipelines.tokenizer import tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def run(
     known = artifacts.known_files(run_dir, STAGE)
     files = [
         artifacts.file_identity(p, known)
-        for p in _local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
+        for p in artifacts.local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
     ]
     if cfg.extract.hidden_from:
         source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
@@ -142,21 +141,6 @@ def run(
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-
-def _local_files(*specs: str) -> list[Path]:
-    files: list[Path] = []
-    for spec in specs:
-        path = Path(spec).expanduser() if spec else None
-        if path is None or not path.exists():
-            continue
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.suffix == ".gguf" or path.suffix in (".pt", ".pth", ".bin"):
-            files.append(path)
-        else:
-            files += tokenizer_files(spec)
-    return sorted(set(files))
 
 
 def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):

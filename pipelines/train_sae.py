@@ -44,7 +44,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
         raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
     _check_token_budget(cfg, token_store)
     known = artifacts.known_files(run_dir, STAGE)
-    files = [artifacts.file_identity(p, known) for p in _teacher_files(cfg)]
+    files = [artifacts.file_identity(p, known) for p in artifacts.local_files(cfg.teacher.model)]
     inputs = {
         **fingerprint_fields(cfg.teacher, "teacher"),
         **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
@@ -88,15 +88,6 @@ def _check_token_budget(cfg: Config, token_store: TokenStore) -> None:
         raise InputError(
             "The token store has no validation block to evaluate the SAE on; raise `data.val_fraction`."
         )
-
-
-def _teacher_files(cfg: Config) -> list[Path]:
-    path = Path(cfg.teacher.model).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return []
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     }
 
 
+def assert_equal_to_one_process(tmp_path: Path, overrides: list[str], documents: int):
+    """The store in tmp_path/run equals one made by a single in-process run on the same documents."""
+    (tmp_path / "single").mkdir()
+    prepared_run(tmp_path / "single", documents=documents)
+    run_extract(tmp_path / "single", overrides)
+    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+
+
 def assert_same_arrays(a: dict, b: dict):
     assert sorted(a) == sorted(b)
     for name in a:
@@ -208,10 +216,7 @@ def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
     manifest = json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())
     assert manifest["status"] == "complete"
 
-    (tmp_path / "single").mkdir()
-    prepared_run(tmp_path / "single", documents=20)
-    run_extract(tmp_path / "single", overrides)
-    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+    assert_equal_to_one_process(tmp_path, overrides, documents=20)
 
 
 @pytest.mark.slow
@@ -237,10 +242,7 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, models):
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())
     assert manifest["status"] == "complete"
-    (tmp_path / "single").mkdir()
-    prepared_run(tmp_path / "single", documents=20)
-    run_extract(tmp_path / "single", overrides)
-    assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+    assert_equal_to_one_process(tmp_path, overrides, documents=20)
 
 
 # --- a real teacher -------------------------------------------------------------------------------
