@@ -8,13 +8,22 @@ Commands import torch, transformers and zarr only when they run, so `cocomix --h
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
-from cocomix_cli.commands import config_cmd, extract_cmd, prepare_cmd, status_cmd, train_sae_cmd
+from cocomix_cli.commands import (
+    config_cmd,
+    eval_cmd,
+    extract_cmd,
+    prepare_cmd,
+    pretrain_cmd,
+    status_cmd,
+    train_sae_cmd,
+)
 from cocomix_cli.console import err_console
 from cocomix_cli.context import GlobalOptions
 from pipelines import __version__
@@ -112,14 +121,28 @@ def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("pipelines")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now, not the stream it was at the first command of the process."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 app.command("prepare")(prepare_cmd.prepare)
 app.command("train-sae")(train_sae_cmd.train_sae)
 app.command("extract-concepts")(extract_cmd.extract_concepts)
+app.command("pretrain")(pretrain_cmd.pretrain)
+app.command("eval")(eval_cmd.evaluate)
 app.command("status")(status_cmd.status)
 app.add_typer(config_cmd.app, name="config")
 

@@ -36,8 +36,9 @@ TOKENS_STORE = "tokens.zarr"
 TRAINED_SAE = "sae"  # the SAELens folder inside the train-sae stage
 CHUNKS_DIR = "chunks"
 
-# Stages in pipeline order; `cocomix status` lists them all, started or not.
-STAGES = ("prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer")
+# Stages in pipeline order, always listed by `cocomix status`; per-objective stages (`pretrain-ntp`,
+# ...) are listed once they exist.
+STAGES = ("prepare", "train-sae", "extract-concepts")
 
 
 # --- small files -----------------------------------------------------------------------------------------
@@ -406,3 +407,10 @@ def stage_states(run_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return states
+
+
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Drop rows of a metrics file logged after `step` (a resumed run logs them again)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_bytes(path, "".join(row + "\n" for row in rows).encode())

@@ -22,7 +22,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_model(model: GPT, folder: Path) -> Path:
+def save_model(model: GPT, folder: Path, extra: dict | None = None) -> Path:
+    """Weights + config; `extra` (e.g. the tokenizer's document separator) is stored in config.json too."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -30,7 +31,8 @@ def save_model(model: GPT, folder: Path) -> Path:
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
     atomic_write_json(
-        folder / CONFIG_FILE, {"format": MODEL_FORMAT, "model": dataclasses.asdict(model.config)}
+        folder / CONFIG_FILE,
+        {"format": MODEL_FORMAT, "model": dataclasses.asdict(model.config), **(extra or {})},
     )
     return folder
 

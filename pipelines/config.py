@@ -28,7 +28,10 @@ DEFAULT_CONFIG_FILE = "cocomix.toml"
 
 
 def _field(default: Any, doc: str, *, affects_output: bool = True) -> Any:
-    return field(default=default, metadata={"doc": doc, "affects_output": affects_output})
+    metadata = {"doc": doc, "affects_output": affects_output}
+    if isinstance(default, list):  # a fresh list per instance; configs never mutate them
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,109 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """`pretrain`: the student and its objective."""
+    """`pretrain`: the student, its objective and the optimiser (defaults: the paper's official settings)."""
+
+    objective: str = _field(
+        "cocomix",
+        "`ntp`, `cocomix` (NTP + lam_concept x concept loss), `kd` (NTP + kd_coef x KL to the cached "
+        "teacher top-N) or `pause` (NTP with pause slots). Each objective trains in `pretrain-<objective>/`.",
+    )
+    preset: str = _field("69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant).")
+    n_layer: int = _field(0, "Blocks; 0 keeps the preset's.")
+    n_head: int = _field(0, "Attention heads; 0 keeps the preset's.")
+    n_embd: int = _field(0, "Model width; 0 keeps the preset's (which differs between NTP and CoCoMix).")
+    insert_layer: int = _field(0, "Block before which concepts or pauses are mixed in; 0 keeps the preset's.")
+    n_concepts: int = _field(
+        0, "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets."
+    )
+    concept_k: int = _field(32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.")
+    mixing: str = _field("interleave", "CoCoMix: `interleave` (the paper) or `add` (ablation).")
+    lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.")
+    kd_coef: float = _field(0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.")
+    batch_blocks: int = _field(8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.")
+    global_batch_blocks: int = _field(
+        0,
+        "If set, the global batch in blocks, whatever the number of ranks: `batch_blocks` becomes "
+        "this / (ranks x grad_accum), which must divide evenly.",
+    )
+    grad_accum: int = _field(1, "Micro-steps accumulated per optimiser step.")
+    max_steps: int = _field(1000, "Optimiser steps to train.")
+    lr: float = _field(6e-4, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr x this (the paper: 10% of peak).")
+    warmup_steps: int = _field(100, "Linear warmup steps before the cosine decay.")
+    weight_decay: float = _field(0.1, "AdamW weight decay.")
+    decay_norms_and_embeddings: bool = _field(
+        True, "Apply weight decay to LayerNorms, biases and embeddings too (the official code does)."
+    )
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    dtype: str = _field("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    compile: bool = _field(False, "Compile the model with torch.compile.", affects_output=False)
+    fsdp: bool = _field(False, "Shard parameters with FSDP under torchrun instead of DDP.")
+    eval_every: int = _field(
+        200, "Validation loss every this many steps (and at the end).", affects_output=False
+    )
+    eval_blocks: int = _field(0, "Validation blocks per evaluation; 0 uses all.", affects_output=False)
+    log_every: int = _field(10, "Write a metrics row every this many steps.", affects_output=False)
+    save_every: int = _field(
+        200, "Checkpoint every this many steps (and on SIGTERM/SIGINT).", affects_output=False
+    )
+    keep_last: int = _field(2, "Checkpoints kept; older ones are deleted.", affects_output=False)
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
+    tensorboard: bool = _field(False, "Also log to TensorBoard (needs `tensorboard`).", affects_output=False)
+    wandb_project: str = _field(
+        "", "Also log to this Weights & Biases project (needs `wandb`).", affects_output=False
+    )
+
+
+@dataclass(frozen=True)
+class CustomTaskConfig:
+    """A multiple-choice task declared in `[eval.task.NAME]`, scored like lm-eval's multiple_choice tasks."""
+
+    data: str = _field("", "jsonl/json file of the examples (one object per line).")
+    prompt: str = _field(
+        "", "Context template with `{field}` placeholders, e.g. `Question: {question}\\nAnswer:`."
+    )
+    choices: str = _field("", "Field holding the list of choices, or several fields separated by commas.")
+    gold: str = _field("", "Field holding the answer: its index, or the text of the right choice.")
+    gold_base: int = _field(0, "1 when the gold index counts from 1.")
+    delimiter: str = _field(" ", "Text between the context and each choice.")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """`eval`: perplexity and benchmarks."""
+    """`eval`: perplexity and benchmarks with lm-evaluation-harness semantics."""
+
+    tasks: list[str] = _field(
+        ["ppl"],
+        "Tasks: `ppl` (val blocks), `wikitext`, `lambada_openai`, `hellaswag`, `piqa`, `social_iqa`, "
+        "`arc_easy`, `winogrande`.",
+    )
+    models: list[str] = _field(
+        [], "Models: folders, or `hf:PATH_OR_ID` for transformers LMs; empty: this run's pretrained students."
+    )
+    data_dir: str = _field(
+        "", "Folder with the tasks' local files in the ../shared/data/eval layout; empty: the hub (datasets)."
+    )
+    data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).")
+    limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
+    backend: str = _field(
+        "cocomix",
+        "`cocomix` (built-in tasks, cached) or `lm-eval` (any lm-eval task through its LM interface; needs "
+        "the `lmeval` extra).",
+    )
+    task: dict[str, CustomTaskConfig] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "Custom multiple-choice tasks, one `[eval.task.NAME]` table each.",
+            "affects_output": True,
+        },
+    )
+    batch_size: int = _field(16, "Sequences per forward pass.", affects_output=False)
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -221,10 +321,18 @@ def to_toml(cfg: Config, with_docs: bool = True) -> str:
         lines.append(f"[{section_name}]")
         if with_docs and type(section).__doc__:
             lines.append(f"# {type(section).__doc__.strip()}")
+        tables = []
         for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, dict):  # sub-tables (custom eval tasks) go after the plain keys
+                tables += [(f"{section_name}.{f.name}.{name}", sub) for name, sub in value.items()]
+                continue
             if with_docs and f.metadata.get("doc"):
                 lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        for name, sub in tables:
+            lines += ["", f"[{name}]"]
+            lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
     return "\n".join(lines) + "\n"
 
 
@@ -252,9 +360,33 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
             raise ConfigError(f"{path}: `{section}` must be a table `[{section}]`, not a single value.")
         for name, value in table.items():
             key = f"{section}.{name}"
+            if key == "eval.task":
+                values[section][name] = _custom_tasks(value, str(path))
+                continue
             _, _, ftype = _lookup(key, where=str(path))
             values[section][name] = _check_type(value, ftype, str(path), key)
     return str(path)
+
+
+def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(
+            f"{where}: custom tasks are tables `[eval.task.NAME]` with data, prompt, choices, gold."
+        )
+    tasks = {}
+    names = [f.name for f in dataclasses.fields(CustomTaskConfig)]
+    hints = typing.get_type_hints(CustomTaskConfig)
+    for task, table in tables.items():
+        for key, value in table.items():
+            if key not in names:
+                hint = _did_you_mean(key, names, "key")
+                raise ConfigError(f"{where}: unknown key `{key}` in `[eval.task.{task}]`{hint}")
+            _check_type(value, hints[key], where, f"eval.task.{task}.{key}")
+        missing = [k for k in ("data", "prompt", "choices", "gold") if not table.get(k)]
+        if missing:
+            raise ConfigError(f"{where}: `[eval.task.{task}]` needs {', '.join(missing)}.")
+        tasks[task] = CustomTaskConfig(**table)
+    return tasks
 
 
 def _lookup(key: str, where: str) -> tuple[str, str, Any]:
@@ -303,6 +435,8 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
+    if typing.get_origin(ftype) is dict:
+        raise ConfigError(f"{where}: `{key}` is a table; declare it in the config file (`[{key}.NAME]`).")
     if typing.get_origin(ftype) is list:
         (item_type,) = typing.get_args(ftype)
         if not isinstance(value, list):
@@ -344,6 +478,7 @@ def _validate(cfg: Config, where: str) -> None:
         problems.append("`run.dir` must name a folder")
     problems += _validate_extract(cfg)
     problems += _validate_sae(cfg)
+    problems += _validate_pretrain(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
 
@@ -370,6 +505,60 @@ def _validate_sae(cfg: Config) -> list[str]:
         )
     if s.lr < 0 or s.aux_coef < 0 or s.aux_k < 0:
         problems.append("`sae.lr`, `sae.aux_coef` and `sae.aux_k` must be >= 0")
+    return problems
+
+
+OBJECTIVES = ("ntp", "cocomix", "kd", "pause")
+# The names of `pipelines.model.PRESETS` (a test keeps them equal): reading a config needs no torch.
+MODEL_PRESETS = ("tiny", "69m", "386m", "1.38b")
+
+
+def _validate_pretrain(cfg: Config) -> list[str]:
+    p = cfg.pretrain
+    problems = []
+    if p.objective not in OBJECTIVES:
+        problems.append(f"`pretrain.objective` ({p.objective!r}) must be one of {', '.join(OBJECTIVES)}")
+    if p.preset not in MODEL_PRESETS:
+        problems.append(
+            f"`pretrain.preset` ({p.preset!r}) is not a preset; choose from {', '.join(MODEL_PRESETS)}"
+        )
+    for name in (
+        "batch_blocks",
+        "grad_accum",
+        "max_steps",
+        "concept_k",
+        "save_every",
+        "eval_every",
+        "log_every",
+    ):
+        if getattr(p, name) < 1:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 1")
+    non_negative = (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "insert_layer",
+        "n_concepts",
+        "warmup_steps",
+        "eval_blocks",
+    )
+    for name in (*non_negative, "global_batch_blocks"):
+        if getattr(p, name) < 0:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
+    if p.keep_last < 1:
+        problems.append(f"`pretrain.keep_last` ({p.keep_last}) must be >= 1")
+    if p.lr <= 0 or not 0 <= p.min_lr_ratio <= 1:
+        problems.append("`pretrain.lr` must be > 0 and `pretrain.min_lr_ratio` in [0, 1]")
+    if p.weight_decay < 0 or p.grad_clip < 0 or p.lam_concept < 0 or p.kd_coef < 0:
+        problems.append("`pretrain.weight_decay`, `grad_clip`, `lam_concept` and `kd_coef` must be >= 0")
+    if p.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
+    if cfg.eval.backend not in ("cocomix", "lm-eval"):
+        problems.append(f"`eval.backend` ({cfg.eval.backend!r}) must be `cocomix` or `lm-eval`")
+    if cfg.eval.limit < 0:
+        problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
+    if p.mixing not in ("interleave", "add"):
+        problems.append(f"`pretrain.mixing` ({p.mixing!r}) must be `interleave` or `add`")
     return problems
 
 

@@ -79,6 +79,8 @@ class Corpus:
     def _open(self):
         import datasets
 
+        from pipelines.hub import quiet_hub
+
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors are re-raised, explained
         datasets.disable_progress_bars()
         if self.is_local:
@@ -91,9 +93,10 @@ class Corpus:
                 self.builder, data_files=files, split="train", streaming=True, **kwargs
             )
         try:
-            return datasets.load_dataset(
-                self.hub_id, self.hub_subset or None, split=self.hub_split, streaming=True
-            )
+            with quiet_hub():
+                return datasets.load_dataset(
+                    self.hub_id, self.hub_subset or None, split=self.hub_split, streaming=True
+                )
         except Exception as exc:
             raise InputError(
                 f"Cannot open dataset `{self.hub_id}` from the HuggingFace hub ({_first_line(exc)}). "

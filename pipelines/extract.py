@@ -82,16 +82,8 @@ def run(
         raise ConfigError(
             "`--force` cannot be combined with `--shard`: clear the stage with one unsharded run."
         )
-    source_artifacts = {"prepare": prepare_fingerprint}
-    if not cfg.sae.path:
-        trained = artifacts.finished_output(run_dir, "train-sae", artifacts.TRAINED_SAE)
-        if trained is None:
-            raise ConfigError(
-                "`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
-                "`sae.path` to an SAE (OpenAI .pt or SAELens folder)."
-            )
-        cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained[0])))
-        source_artifacts["train-sae"] = trained[1]
+    cfg, trained_sae = resolve_sae_path(cfg)
+    source_artifacts = {"prepare": prepare_fingerprint, **trained_sae}
     known = artifacts.known_files(run_dir, STAGE)
     files = [
         artifacts.file_identity(p, known)
@@ -120,7 +112,7 @@ def run(
             workers.barrier()
         if session.up_to_date:
             return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
-        teacher, sae = _load_models(cfg, token_store, prepare_fingerprint, device)
+        teacher, sae = load_teacher_and_sae(cfg, token_store, prepare_fingerprint, device)
         writer = _ConceptWriter(session, token_store, cfg, sae, teacher)
         mine = workers.mine(writer.plan)
         todo = [chunk for chunk in mine if not writer.verified_done(chunk)]
@@ -143,7 +135,21 @@ def run(
 # --- inputs -----------------------------------------------------------------------------------------------
 
 
-def _load_models(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
+def resolve_sae_path(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """`cfg` with `sae.path` pointing at the SAE to use, and the `train-sae` fingerprint when it is ours."""
+    if cfg.sae.path:
+        return cfg, {}
+    trained = artifacts.finished_output(Path(cfg.run.dir), "train-sae", artifacts.TRAINED_SAE)
+    if trained is None:
+        raise ConfigError(
+            "`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
+            "`sae.path` to an SAE (OpenAI .pt or SAELens folder)."
+        )
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained[0])))
+    return cfg, {"train-sae": trained[1]}
+
+
+def load_teacher_and_sae(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
     """The SAE and the source of hidden states and gradients: the teacher, or a store of them."""
     from pipelines.sae import load_sae
     from pipelines.teacher import load_teacher_for
@@ -420,7 +426,12 @@ class _ConceptWriter:
             {
                 "complete": True,
                 "block_size": self.block_size,
-                "teacher": {"spec": teacher.spec, "layer": teacher.layer, "hook": teacher.hook},
+                "teacher": {
+                    "spec": teacher.spec,
+                    "layer": teacher.layer,
+                    "hook": teacher.hook,
+                    "vocab_size": getattr(teacher, "vocab_size", None),  # None for stored hidden states
+                },
                 "hidden_from": str(getattr(teacher, "path", "")),
                 "sae": {"spec": cfg["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
                 "files": {f["path"]: f["sha256"] for f in self.session.files},

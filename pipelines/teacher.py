@@ -42,6 +42,7 @@ class Teacher:
         self.spec = spec
         self.n_layers = model.config.num_hidden_layers
         self.d_model = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
         if hook not in HOOKS:
             raise InputError(f"`teacher.hook` {hook!r} is not one of {', '.join(HOOKS)}.")
         if not 0 <= layer < self.n_layers:

@@ -173,7 +173,7 @@ class SaeTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.tokens_since_fired = state["tokens_since_fired"]
             self.step = int(state["step"])
-            _truncate_metrics(self.dir / METRICS, self.step)
+            artifacts.truncate_jsonl_after(self.dir / METRICS, self.step)
             log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
             return
         (self.dir / METRICS).unlink(missing_ok=True)
@@ -231,11 +231,7 @@ class SaeTrainer:
         loss, aux = mse, torch.zeros((), device=x.device)
         dead = self.tokens_since_fired >= self.s.dead_after_tokens
         if self.s.aux_coef > 0 and bool(dead.any()):
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            aux_values, aux_ids = dead_pre.topk(min(self.aux_k, int(dead.sum())), dim=-1)
-            aux_recon = F.embedding_bag(aux_ids, sae.W_dec, per_sample_weights=aux_values.relu(), mode="sum")
-            target = residual.detach()
-            aux = (target - aux_recon).pow(2).sum(-1).mean() / (target - target.mean(0)).pow(2).sum(-1).mean()
+            aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
             loss = loss + self.s.aux_coef * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -338,8 +334,16 @@ class SaeTrainer:
         }
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint; the resumed run logs them again."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        artifacts.atomic_write_bytes(path, "".join(row + "\n" for row in rows).encode())
+def auxk_loss(pre, residual, dead, aux_k: int, W_dec):
+    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents.
+
+    pre (N, C) pre-activations, residual (N, d) = x - reconstruction, dead (C,) bool, W_dec (C, d). The
+    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`.
+    """
+    import torch.nn.functional as F
+
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    values, ids = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+    recon = F.embedding_bag(ids, W_dec, per_sample_weights=values.relu(), mode="sum")
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    return (residual - recon).pow(2).sum(-1).mean() / variance

@@ -66,8 +66,8 @@ def test_set_errors_name_the_override():
         load_config(None, ["data.block_size=big"])
     with pytest.raises(ConfigError, match="expected `section.key=value`"):
         load_config(None, ["data.block_size"])
-    with pytest.raises(ConfigError, match="section `\\[pretrain\\]` has no keys yet"):
-        load_config(None, ["pretrain.objective=ntp"])
+    with pytest.raises(ConfigError, match="section `\\[steer\\]` has no keys yet"):
+        load_config(None, ["steer.scale=2"])
 
 
 def test_missing_config_file_is_an_error(tmp_path):

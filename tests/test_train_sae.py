@@ -128,3 +128,29 @@ def test_bad_settings_are_clear_errors(setup, cocomix):
 def test_k_larger_than_width_is_a_config_error():
     with pytest.raises(ConfigError, match=r"`sae.k` \(64\) must not exceed `sae.latents` \(32\)"):
         load_config(None, ["sae.latents=32", "sae.k=64"])
+
+
+def test_auxk_loss_equals_openais_formula_and_only_trains_dead_latents():
+    """Parity with openai/sparse_autoencoder: masked pre-activations, top aux_k, ReLU, normalized MSE."""
+    torch.manual_seed(0)
+    n, c, d, aux_k = 16, 24, 8, 5
+    pre = torch.randn(n, c, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.nn.functional.normalize(torch.randn(c, d, dtype=torch.float64), dim=-1).requires_grad_(True)
+    b_dec = torch.randn(d, dtype=torch.float64)
+    residual = torch.randn(n, d, dtype=torch.float64)
+    dead = torch.zeros(c, dtype=torch.bool)
+    dead[[1, 4, 5, 9, 13, 17, 20, 23]] = True
+
+    ours = train_sae.auxk_loss(pre, residual, dead, aux_k, W_dec)
+    (grad_pre, grad_dec) = torch.autograd.grad(ours, (pre, W_dec))
+
+    values, ids = (pre * dead).topk(aux_k, dim=-1)  # OpenAI's auxk_mask_fn, then topk
+    recon = torch.einsum("nk,nkd->nd", values.relu(), W_dec[ids]) + b_dec
+    target = residual + b_dec
+    reference = (recon - target).pow(2).mean() / (target.mean(0) - target).pow(2).mean()
+    (ref_pre, ref_dec) = torch.autograd.grad(reference, (pre, W_dec))
+
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(grad_pre, ref_pre, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_dec, ref_dec, rtol=1e-10, atol=1e-12)
+    assert grad_pre[:, ~dead].abs().max() == 0 and grad_dec[~dead].abs().max() == 0

@@ -1,0 +1,81 @@
+"""`cocomix pretrain`: train the student into `<run.dir>/pretrain-<objective>[-online]/`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cocomix_cli.console import console
+from cocomix_cli.context import resolve_config
+from cocomix_cli.options import AsJson, Force, report
+
+
+def pretrain(
+    ctx: typer.Context,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="`ntp`, `cocomix`, `kd` or `pause` (`pretrain.objective`)."),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Model size: `tiny`, `69m`, `386m` or `1.38b` (`pretrain.preset`).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (`pretrain.max_steps`).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the stage's latest checkpoint.")
+    ] = False,
+    online_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--online-teacher",
+            help="CoCoMix: compute concept targets with the teacher and SAE every step (the official code's "
+            "way) instead of reading concepts.zarr; writes pretrain-cocomix-online/.",
+        ),
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="`auto`, `cpu`, `cuda` or `cuda:N` (`pretrain.device`).")
+    ] = None,
+    force: Force = False,
+    as_json: AsJson = False,
+) -> None:
+    """Pretrain the student (NTP, CoCoMix, KD or pause) from the cached stores; exactly resumable.
+
+    SIGTERM or Ctrl-C finish the current step, save a checkpoint and exit 0; `--resume` continues from it.
+    Under `torchrun --nproc_per_node N` it trains data-parallel: the global batch is
+    batch_blocks x N x grad_accum.
+    """
+    cfg = resolve_config(
+        ctx,
+        {
+            "pretrain.objective": objective,
+            "pretrain.preset": preset,
+            "pretrain.max_steps": max_steps,
+            "pretrain.device": device,
+        },
+    )
+    from pipelines import pretrain as stage
+
+    result = stage.run(
+        cfg, online_teacher=online_teacher, resume=resume, force=force, progress=ctx.obj.progress
+    )
+    if "stopped_at_step" in result.summary:
+        if as_json:
+            report(result, as_json, str)
+            return
+        s = result.summary
+        console.print(
+            f"{result.stage}: stopped by {s['stopped_by']} after step {s['stopped_at_step']}; checkpoint "
+            f"{s['checkpoint']}. Continue with `cocomix pretrain --resume`.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    report(result, as_json, _describe)
+
+
+def _describe(s: dict) -> str:
+    speed = f", {s['tokens_per_s']:,.0f} tok/s" if s.get("tokens_per_s") else ""
+    return (
+        f"{s['steps']:,} steps, {s['tokens']:,} tokens -> {s['model']}: val loss {s['val_loss']:.4f} "
+        f"(ppl {s['val_ppl']:.2f}), train loss {s['train_loss']:.4f}{speed}"
+    )

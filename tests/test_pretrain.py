@@ -1,0 +1,372 @@
+"""pretrain: exact resume (SIGKILL, SIGTERM), torchrun ranks, cached = online targets, objectives learn."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from pipelines import extract, prepare, pretrain
+from pipelines.batches import BatchOrder
+from pipelines.config import load_config
+from pipelines.errors import ConfigError, StageError
+from pipelines.objectives import kd_loss, online_concept_targets
+from pipelines.sae import load_sae, save_saelens
+from pipelines.teacher import load_teacher
+from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
+
+TEACHER = {"teacher.layer": 1, "extract.blocks_per_chunk": 8, "extract.tokens_per_batch": 256}
+STUDENT = {
+    "pretrain.preset": "tiny",
+    "pretrain.n_layer": 2,
+    "pretrain.n_head": 2,
+    "pretrain.n_embd": 32,
+    "pretrain.insert_layer": 1,
+    "pretrain.concept_k": 4,
+    "pretrain.batch_blocks": 4,
+    "pretrain.max_steps": 12,
+    "pretrain.warmup_steps": 2,
+    "pretrain.lr": 3e-3,
+    "pretrain.log_every": 1,
+    "pretrain.eval_every": 6,
+    "pretrain.eval_blocks": 8,
+    "pretrain.save_every": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A prepared run with a tiny teacher and SAE, concepts and teacher top-8 log-probs extracted."""
+    base = tmp_path_factory.mktemp("extracted")
+    tiny_teacher(base / "teacher")
+    peaked_next_token_distributions(base / "teacher")
+    save_saelens(tiny_sae(), base / "sae")
+    prepared_run(base, documents=100)
+    run_in(base, extract.run, overrides(base, **{"extract.store_teacher_topk": 8}))
+    return base
+
+
+def peaked_next_token_distributions(folder: Path) -> None:
+    """Scale the tied embeddings so the random teacher's top-8 tokens hold real mass (KD has a signal)."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40.0)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture
+def run(tmp_path, extracted):
+    shutil.copytree(extracted, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def overrides(base: Path, **extra) -> list[str]:
+    values = {
+        "teacher.model": str(base / "teacher"),
+        "sae.path": str(base / "sae"),
+        **TEACHER,
+        **STUDENT,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_in(directory: Path, stage, args: list[str], **kwargs):
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        result = stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
+        return dataclasses.replace(result, dir=directory / result.dir)
+    finally:
+        os.chdir(previous)
+
+
+def rows(stage_dir: Path, kind: str) -> list[dict]:
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["kind"] == kind]
+
+
+def weights(stage_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(stage_dir / "model" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def cli_args(base: Path, **extra) -> list[str]:
+    return [arg for o in overrides(base, **extra) for arg in ("--set", o)]
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+# --- exact resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_bitwise_equal_weights(run):
+    straight = run_in(run, pretrain.run, overrides(run, **{"pretrain.objective": "cocomix"}))
+    reference = weights(straight.dir)
+    reference_rows = rows(straight.dir, "train")
+    shutil.rmtree(straight.dir)
+
+    args = [
+        *cli_args(run, **{"pretrain.objective": "cocomix", "pretrain.keep_last": 1}),
+        "--no-progress",
+        "pretrain",
+    ]
+    process = cocomix_subprocess(args, cwd=run)
+    wait_for(straight.dir / "checkpoints" / "latest", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (straight.dir / "model").exists()
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", *args], cwd=run, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "has checkpoints up to step" in refused.stderr and "Pass --resume" in refused.stderr
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", "--verbose", *args, "--resume"],
+        cwd=run,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming pretrain-cocomix at step" in resumed.stderr
+    assert_bitwise_equal(weights(straight.dir), reference)
+    kept = sorted(p.name for p in (straight.dir / "checkpoints").iterdir())
+    assert kept == ["latest", "step-000008"]  # keep_last = 1; steps 4 and 8 were saved
+    resumed_rows = rows(straight.dir, "train")
+    assert [r["step"] for r in resumed_rows] == list(range(1, 13))
+    assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
+    straight = run_in(run, pretrain.run, overrides(run, **{"pretrain.objective": "ntp"}))
+    reference = weights(straight.dir)
+    shutil.rmtree(straight.dir)
+
+    # save_every beyond max_steps: the only checkpoint is the one the signal causes.
+    args = [
+        *cli_args(run, **{"pretrain.objective": "ntp", "pretrain.save_every": 100}),
+        "--no-progress",
+        "pretrain",
+    ]
+    process = cocomix_subprocess(args, cwd=run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(straight.dir / "metrics.jsonl", process)
+    while len(rows(straight.dir, "train")) < 2:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGTERM after step" in stdout and "cocomix pretrain --resume" in stdout
+    latest = (straight.dir / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.removeprefix("step-"))
+    assert 2 <= stopped_at < 12
+    assert json.loads((straight.dir / "manifest.json").read_text())["status"] == "running"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", *args, "--resume"], cwd=run, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_bitwise_equal(weights(straight.dir), reference)
+    again = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", *args], cwd=run, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+# --- distributed ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(run):
+    settings = {"pretrain.objective": "cocomix", "pretrain.max_steps": 6}
+    single = run_in(run, pretrain.run, overrides(run, **settings, **{"pretrain.batch_blocks": 4}))
+    single_rows, single_val = rows(single.dir, "train"), rows(single.dir, "val")
+    single_weights = weights(single.dir)
+    shutil.rmtree(single.dir)
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        "-m", "cocomix_cli", "--no-progress", *cli_args(run, **settings, **{"pretrain.batch_blocks": 2}),
+        "pretrain", "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=run, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranked_rows = rows(single.dir, "train")
+    assert [r["step"] for r in ranked_rows] == [r["step"] for r in single_rows]
+    for name in ("loss", "ntp_loss", "concept_loss", "grad_norm"):
+        np.testing.assert_allclose(
+            [r[name] for r in ranked_rows], [r[name] for r in single_rows], rtol=0, atol=1e-5, err_msg=name
+        )
+    np.testing.assert_allclose(
+        [r["val_loss"] for r in rows(single.dir, "val")], [r["val_loss"] for r in single_val], atol=1e-5
+    )
+    for name, tensor in weights(single.dir).items():
+        torch.testing.assert_close(tensor, single_weights[name], atol=1e-5, rtol=0)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ranks"] == 2 and summary["tokens"] == 6 * 4 * 32
+
+
+def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
+    order = BatchOrder(n_blocks=10, seed=3, global_batch=4)
+    first_epoch = np.concatenate([order.rows(0), order.rows(1), order.rows(2)[:2]])
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert np.array_equal(order.rows(7), BatchOrder(10, 3, 4).rows(7))
+    assert not np.array_equal(order.rows(0), BatchOrder(10, 4, 4).rows(0))
+
+
+# --- the cache is faithful ------------------------------------------------------------------------------
+
+
+def test_cached_targets_train_exactly_like_the_online_teacher(run):
+    settings = {"pretrain.objective": "cocomix", "pretrain.max_steps": 3, "pretrain.eval_every": 100}
+    cached = run_in(run, pretrain.run, overrides(run, **settings))
+    online = run_in(run, pretrain.run, overrides(run, **settings), online_teacher=True)
+    assert online.dir.name == "pretrain-cocomix-online"
+
+    # Same targets: the online computation of the first batch equals the stored rows.
+    store = zarr.open_group(str(run / "run/extract-concepts/concepts.zarr"), mode="r")
+    tokens = zarr.open_group(str(run / "run/prepare/tokens.zarr"), mode="r")["train"]
+    block_rows = BatchOrder(tokens.shape[0], 0, 4).rows(0)
+    teacher = load_teacher(str(run / "teacher"), layer=1, hook="resid_post", device="cpu")
+    ids = torch.from_numpy(tokens.oindex[block_rows].astype(np.int64))
+    targets, valid = online_concept_targets(teacher, load_sae(str(run / "sae")).sae, ids, 4, "official")
+    assert np.array_equal(targets.numpy(), store["train"]["concept_ids"].oindex[block_rows].astype(np.int64))
+    assert np.array_equal(valid.numpy(), store["train"]["valid"].oindex[block_rows])
+
+    # Same losses, step by step, and the same weights.
+    for a, b in zip(rows(cached.dir, "train"), rows(online.dir, "train"), strict=True):
+        for name in ("loss", "ntp_loss", "concept_loss"):
+            assert a[name] == pytest.approx(b[name], abs=1e-6), (a["step"], name)
+    for name, tensor in weights(cached.dir).items():
+        torch.testing.assert_close(tensor, weights(online.dir)[name], atol=1e-6, rtol=0)
+
+
+# --- every objective learns -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["ntp", "cocomix", "kd", "pause"])
+def test_each_objective_lowers_validation_loss(run, objective):
+    settings = {"pretrain.objective": objective, "pretrain.max_steps": 30, "pretrain.eval_every": 15}
+    result = run_in(run, pretrain.run, overrides(run, **settings))
+    val = rows(result.dir, "val")
+    assert [r["step"] for r in val] == [0, 15, 30]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0, val
+    train = rows(result.dir, "train")
+    extra = {"cocomix": "concept_loss", "kd": "kd_loss"}.get(objective)
+    if extra:
+        assert train[-1][extra] < train[0][extra], (train[0], train[-1])
+    assert result.summary["val_ppl"] == pytest.approx(np.exp(val[-1]["val_loss"]), rel=1e-4)
+    assert (result.dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    variant = json.loads((result.dir / "model" / "config.json").read_text())["model"]["variant"]
+    assert variant == {"kd": "ntp"}.get(objective, objective)
+
+
+def test_kd_loss_is_the_full_kl_when_the_top_n_holds_all_the_mass():
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(2, 3, 6)
+    student_logits = torch.randn(2, 3, 6)
+    p = teacher_logits.log_softmax(-1)
+    full = (p.exp() * (p - student_logits.log_softmax(-1))).sum(-1).mean()
+    ids = torch.arange(6).expand(2, 3, 6)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    assert kd_loss(student_logits, ids, p, valid).item() == pytest.approx(full.item(), abs=1e-5)
+    # With only the top 2 kept, the tail bucket makes it a lower bound of the full KL.
+    top = p.topk(2, dim=-1)
+    assert kd_loss(student_logits, top.indices, top.values, valid).item() <= full.item() + 1e-6
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_one_line_errors(run, cocomix):
+    def error(*args, **settings):
+        result = cocomix(*cli_args(run, **settings), "pretrain", *args)
+        assert result.exit_code == 2, result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    assert "`pretrain.preset` ('7b') is not a preset; choose from tiny, 69m, 386m, 1.38b" in error(
+        **{"pretrain.preset": "7b"}
+    )
+    assert "does not divide across 1 rank(s) x `pretrain.grad_accum` (2)" in error(
+        **{"pretrain.global_batch_blocks": 5, "pretrain.grad_accum": 2}
+    )
+    assert "--online-teacher computes CoCoMix targets" in error(
+        "--online-teacher", **{"pretrain.objective": "ntp"}
+    )
+    assert "`pretrain.n_concepts` (64) does not match the concept targets" in error(
+        **{"pretrain.n_concepts": 64}
+    )
+
+    # kd with another vocabulary, then without cached log-probs; cocomix without any concept store.
+    store = zarr.open_group(str(run / "run/extract-concepts/concepts.zarr"), mode="r+")
+    store.attrs["teacher"] = {**store.attrs["teacher"], "vocab_size": 50000}
+    assert "the teacher has 50000 tokens, the student (the token store's tokenizer) 50257" in error(
+        **{"pretrain.objective": "kd"}
+    )
+    shutil.rmtree(run / "run/extract-concepts")
+    run_in(run, extract.run, overrides(run))
+    message = error(**{"pretrain.objective": "kd"})
+    assert "lacks" in message and "--store-teacher-topk" in message
+    shutil.rmtree(run / "run/extract-concepts")
+    message = error(**{"pretrain.objective": "cocomix"})
+    assert "no finished concept store" in message and "--online-teacher" in message
+
+    # A concept store extracted from another token store.
+    run_in(run, extract.run, overrides(run))
+    run_in(run, prepare.run, ["data.max_documents=90"], force=True)
+    assert "was extracted from a different token store" in error(**{"pretrain.objective": "cocomix"})
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(run):
+    settings = {"pretrain.objective": "ntp", "pretrain.lr": 1e30, "pretrain.warmup_steps": 0}
+    settings.update({"pretrain.save_every": 1, "pretrain.grad_clip": 0.0, "pretrain.max_steps": 20})
+    with pytest.raises(
+        StageError, match=r"at step (\d+)\. The last good checkpoint is .*step-0+\d+"
+    ) as caught:
+        run_in(run, pretrain.run, overrides(run, **settings))
+    stage = run / "run/pretrain-ntp"
+    latest = (stage / "checkpoints/latest").read_text().strip()
+    for tensor in load_file(str(stage / "checkpoints" / latest / "model.safetensors")).values():
+        assert torch.isfinite(tensor).all()
+    assert latest in str(caught.value)
+
+
+def test_config_rejects_unknown_objective():
+    with pytest.raises(
+        ConfigError, match="`pretrain.objective` \\('mlm'\\) must be one of ntp, cocomix, kd, pause"
+    ):
+        load_config(None, ["pretrain.objective=mlm"])
+
+
+def test_presets_in_config_match_the_model():
+    from pipelines.config import MODEL_PRESETS
+    from pipelines.model import PRESETS
+
+    assert MODEL_PRESETS == tuple(PRESETS)
