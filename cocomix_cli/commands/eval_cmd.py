@@ -1,0 +1,101 @@
+"""`cocomix eval`: models side by side on perplexity and benchmarks (lm-eval v0.4 semantics)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cocomix_cli.console import console
+from cocomix_cli.context import resolve_config
+
+# The headline metric of each task, first in the table.
+MAIN_METRICS = {
+    "ppl": ("perplexity",),
+    "wikitext": ("word_perplexity", "bits_per_byte"),
+    "lambada_openai": ("acc", "perplexity"),
+    "hellaswag": ("acc", "acc_norm"),
+    "piqa": ("acc", "acc_norm"),
+    "social_iqa": ("acc",),
+    "arc_easy": ("acc", "acc_norm"),
+    "winogrande": ("acc",),
+}
+
+
+def evaluate(
+    ctx: typer.Context,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            metavar="T1,T2",
+            help="Comma-separated tasks: ppl, wikitext, lambada_openai, hellaswag, piqa, social_iqa, "
+            "arc_easy, winogrande (`eval.tasks`).",
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            metavar="PATH",
+            help="A model folder, or hf:PATH_OR_ID for a transformers LM; repeatable. Default: this run's "
+            "pretrained students.",
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data", metavar="TASK=PATH", help="A task's local data file; repeatable (`eval.data`)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N examples per task (`eval.limit`).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward (`eval.batch_size`).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="`auto`, `cpu`, `cuda` or `cuda:N` (`eval.device`).")
+    ] = None,
+    log_samples: Annotated[
+        bool,
+        typer.Option("--log-samples", help="Also write per-example JSONL under <run.dir>/eval/samples/."),
+    ] = False,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="`cocomix` (built-in tasks) or `lm-eval` (any lm-eval task; `eval.backend`)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Evaluate models on perplexity and the paper's benchmarks; results cached per (model, task, data)."""
+    cfg = resolve_config(
+        ctx,
+        {
+            "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+            "eval.models": model or None,
+            "eval.data": data or None,
+            "eval.limit": limit,
+            "eval.batch_size": batch_size,
+            "eval.device": device,
+            "eval.backend": backend,
+        },
+    )
+    from pipelines import evaluate as stage
+
+    results = stage.run(cfg, log_samples=log_samples, progress=ctx.obj.progress)
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
+    table = Table(title=f"eval ({cfg.run.dir}/eval/results.json)")
+    table.add_column("task / metric")
+    for label in results["results"]:
+        table.add_column(label, justify="right")
+    for task in next(iter(results["results"].values())):
+        first = next(iter(results["results"].values()))[task]
+        for metric in MAIN_METRICS.get(task, ()) or [k for k in first if isinstance(first[k], float)]:
+            cells = []
+            for label in results["results"]:
+                m = results["results"][label][task]
+                stderr = m.get(f"{metric}_stderr")
+                cells.append(f"{m[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+            table.add_row(f"{task} {metric} (n={first.get('examples', first.get('tokens'))})", *cells)
+    console.print(table)

@@ -1,0 +1,343 @@
+"""`eval`: models scored on perplexity and the paper's benchmarks, side by side, cached per model x task.
+
+Writes `<run.dir>/eval/results.json` (every model x task with its metrics and standard errors), one cache
+file per (model weights, task, data, limit) under `eval/cache/` (so a rerun is instant and an interrupted
+eval resumes at task granularity), and with `log_samples` one JSONL per model and task under
+`eval/samples/`. Task semantics: `pipelines.eval_tasks`; scoring: `pipelines.lm_scoring`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines import artifacts
+from pipelines.config import Config
+from pipelines.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+STAGE = "eval"
+RESULTS = "results.json"
+PPL_TASK = "ppl"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    label: str
+    spec: str
+    fingerprint: str
+
+
+def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dict[str, Any]:
+    from pipelines.devices import resolve_device
+
+    e = cfg.eval
+    run_dir = Path(cfg.run.dir)
+    if e.backend == "lm-eval":
+        return _run_lm_eval(cfg)
+    tasks = task_specs(cfg)
+    unknown = [t for t in e.tasks if t not in tasks and t != PPL_TASK]
+    if unknown:
+        raise ConfigError(
+            f"Unknown eval task(s) {', '.join(unknown)}; choose from {PPL_TASK}, {', '.join(tasks)}, or "
+            "declare one in `[eval.task.NAME]`."
+        )
+    data_files = _data_files(cfg)
+    models = _models(cfg)
+    stage_dir = run_dir / STAGE
+    artifacts.ensure_run_dir(run_dir)
+    (stage_dir / "cache").mkdir(parents=True, exist_ok=True)
+    device = resolve_device(e.device)
+    table: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    for model in models:
+        scorer = None
+        for task in e.tasks:
+            data_id = _data_identity(cfg, task, data_files.get(task))
+            key = artifacts.fingerprint(
+                {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
+            )
+            cache = stage_dir / "cache" / f"{key}.json"
+            cached = artifacts.read_json(cache)
+            if cached is None:
+                if scorer is None:
+                    from pipelines.lm_scoring import ScoringModel
+
+                    scorer = ScoringModel(model.spec, device, e.batch_size, progress=progress)
+                scorer.progress_label = f"{model.label} {task}"
+                samples_path = stage_dir / "samples" / model.label / f"{task}.jsonl" if log_samples else None
+                t0 = time.monotonic()
+                metrics = _evaluate_task(cfg, scorer, tasks.get(task), data_files.get(task), samples_path)
+                metrics["seconds"] = round(time.monotonic() - t0, 3)
+                cached = {
+                    "model": model.spec,
+                    "task": task,
+                    "data": data_id,
+                    "limit": e.limit,
+                    "metrics": metrics,
+                }
+                artifacts.atomic_write_json(cache, cached)
+                log.info("eval %s %s: %s", model.label, task, metrics)
+            table.setdefault(model.label, {})[task] = cached["metrics"]
+    results = {
+        "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
+        "tasks": list(e.tasks),
+        "limit": e.limit,
+        "results": table,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    artifacts.atomic_write_json(stage_dir / RESULTS, results)
+    return results
+
+
+def _run_lm_eval(cfg: Config) -> dict[str, Any]:
+    """Any lm-eval task on our models via `pipelines.lmeval_adapter` (no cache: lm-eval owns the tasks)."""
+    from pipelines.devices import resolve_device
+    from pipelines.lmeval_adapter import cocomix_lm
+
+    e = cfg.eval
+    models = _models(cfg)
+    started = time.monotonic()
+    table: dict[str, dict[str, Any]] = {}
+    for model in models:
+        import lm_eval
+
+        lm = cocomix_lm(model.spec, resolve_device(e.device), e.batch_size)
+        try:
+            output = lm_eval.simple_evaluate(model=lm, tasks=list(e.tasks), limit=e.limit or None)
+        except KeyError as exc:  # lm-eval's error for a task it does not know
+            raise ConfigError(f"lm-eval does not know task {exc}; see `lm_eval --tasks list`.") from None
+        for task, metrics in output["results"].items():
+            table.setdefault(model.label, {})[task] = {
+                k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"
+            }
+    results = {
+        "backend": "lm-eval",
+        "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
+        "tasks": list(e.tasks),
+        "limit": e.limit,
+        "results": table,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    artifacts.ensure_run_dir(Path(cfg.run.dir))
+    (Path(cfg.run.dir) / STAGE).mkdir(exist_ok=True)
+    artifacts.atomic_write_json(Path(cfg.run.dir) / STAGE / RESULTS, results)
+    return results
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+def _models(cfg: Config) -> list[ModelRef]:
+    specs = list(cfg.eval.models)
+    if not specs:
+        run_dir = Path(cfg.run.dir)
+        specs = [
+            str(p.parent)
+            for p in sorted(run_dir.glob("pretrain-*/model/config.json"))
+            if (artifacts.read_json(p.parent.parent / artifacts.MANIFEST) or {}).get("status") == "complete"
+        ]
+        if not specs:
+            raise InputError(
+                f"No model to evaluate: {run_dir} has no finished `pretrain` stage. Pass --model PATH "
+                "(repeatable; `hf:PATH_OR_ID` for transformers models) or run `cocomix pretrain`."
+            )
+    refs, labels = [], set()
+    for spec in specs:
+        label = _label(spec)
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        refs.append(ModelRef(label, spec, _model_fingerprint(spec)))
+    return refs
+
+
+def _label(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return spec
+    path = Path(spec)
+    return path.parent.name if path.name == "model" else path.name
+
+
+def _model_fingerprint(spec: str) -> str:
+    local = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if not local.exists():
+        if spec.startswith("hf:"):
+            return artifacts.fingerprint({"hub": spec})
+        raise InputError(f"Model `{spec}` does not exist. Pass a model folder or `hf:PATH_OR_ID`.")
+    files = [artifacts.file_identity(p) for p in artifacts.local_files(str(local))]
+    return artifacts.fingerprint({f["path"]: f["sha256"] for f in files})
+
+
+def task_specs(cfg: Config) -> dict:
+    """Built-in tasks and those declared in `[eval.task.NAME]`, by name."""
+    from pipelines.eval_tasks import TASKS, custom_task
+
+    clash = sorted(set(cfg.eval.task) & (set(TASKS) | {PPL_TASK}))
+    if clash:
+        raise ConfigError(f"`[eval.task.{clash[0]}]` has the name of a built-in task; rename it.")
+    return {**TASKS, **{name: custom_task(name, spec) for name, spec in cfg.eval.task.items()}}
+
+
+def _data_files(cfg: Config) -> dict[str, Path]:
+    from pipelines.eval_tasks import TASKS
+
+    files: dict[str, Path] = {}
+    for name, spec in cfg.eval.task.items():
+        if not Path(spec.data).is_file():
+            raise InputError(f"`[eval.task.{name}]` data file {spec.data} does not exist.")
+        files[name] = Path(spec.data)
+    if cfg.eval.data_dir:
+        root = Path(cfg.eval.data_dir)
+        if not root.is_dir():
+            raise InputError(f"`eval.data_dir` {root} is not a folder.")
+        for name, task in TASKS.items():
+            if (root / task.local_file).exists():
+                files[name] = root / task.local_file
+    for item in cfg.eval.data:
+        name, sep, path = item.partition("=")
+        if not sep or name not in TASKS:
+            raise ConfigError(
+                f"`eval.data` entry {item!r} must be `task=PATH` with a task from {', '.join(TASKS)}."
+            )
+        if not Path(path).exists():
+            raise InputError(f"Data file {path} for task `{name}` does not exist.")
+        files[name] = Path(path)
+    return files
+
+
+def _data_identity(cfg: Config, task: str, path: Path | None) -> Any:
+    if task == PPL_TASK:
+        manifest = artifacts.read_json(Path(cfg.run.dir) / "prepare" / artifacts.MANIFEST) or {}
+        return {"prepare": manifest.get("fingerprint")}
+    if path is None:
+        from pipelines.eval_tasks import TASKS
+
+        return {"hub": TASKS[task].hub}
+    if task in cfg.eval.task:  # the declaration is part of the data's meaning
+        return {
+            "file": artifacts.file_identity(path)["sha256"],
+            "spec": dataclasses.asdict(cfg.eval.task[task]),
+        }
+    paths = [path]
+    if task in ("piqa", "social_iqa"):
+        paths += sorted(path.parent.glob("*.lst"))
+    return {str(p): artifacts.file_identity(p)["sha256"] for p in paths}
+
+
+# --- tasks ----------------------------------------------------------------------------------------------
+
+
+def _rows(task, path: Path | None, limit: int) -> list[dict]:
+    if path is None:
+        return _hub_rows(task, limit)
+    rows = []
+    for row in task.read(path):
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
+def _hub_rows(task, limit: int) -> list[dict]:
+    dataset_id, subset, split = task.hub
+    try:
+        from datasets import load_dataset
+
+        from pipelines.hub import quiet_hub
+
+        with quiet_hub():
+            dataset = load_dataset(dataset_id, subset, split=split)
+    except Exception as exc:  # offline, missing cache, renamed dataset: all "cannot read the data"
+        raise InputError(
+            f"No data for task `{task.name}`: the hub dataset {dataset_id} ({subset or 'default'}, {split}) "
+            f"cannot be loaded ({str(exc).splitlines()[0][:200]}). Put the file at "
+            f"<eval.data_dir>/{task.local_file} or pass --data {task.name}=PATH."
+        ) from None
+    return [dict(r) for r in (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)]
+
+
+def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -> dict:
+    from pipelines.eval_tasks import mean_and_stderr, multiple_choice_scores
+
+    if task is None:
+        return _perplexity_on_val_blocks(cfg, scorer)
+    examples = [task.build(row) for row in _rows(task, path, cfg.eval.limit)]
+    if not examples:
+        raise InputError(f"Task `{task.name}` has no examples in {path or task.hub[0]}.")
+    samples: list[dict] = []
+    if task.kind == "rolling":
+        lls = scorer.loglikelihood_rolling([ex["text"] for ex in examples])
+        total = sum(lls)
+        words, size = sum(ex["words"] for ex in examples), sum(ex["bytes"] for ex in examples)
+        metrics = {
+            "word_perplexity": math.exp(-total / words),
+            "byte_perplexity": math.exp(-total / size),
+            "bits_per_byte": -total / size / math.log(2),
+        }
+        samples = [{"doc": i, "loglikelihood": ll, "words": ex["words"], "bytes": ex["bytes"]}
+                   for i, (ex, ll) in enumerate(zip(examples, lls, strict=True))]  # fmt: skip
+    else:
+        requests = [r for ex in examples for r in ex.requests()]
+        scored = scorer.loglikelihood(requests)
+        per_example, position = [], 0
+        for index, ex in enumerate(examples):
+            n = len(ex.requests())
+            results = scored[position : position + n]
+            position += n
+            if task.kind == "lambada":
+                scores = {"acc": float(results[0].is_greedy), "ll": results[0].loglikelihood}
+            else:
+                scores = multiple_choice_scores(ex, [r.loglikelihood for r in results])
+            per_example.append(scores)
+            samples.append(
+                {
+                    "doc": index,
+                    "requests": ex.requests(),
+                    "loglikelihoods": [r.loglikelihood for r in results],
+                    "is_greedy": [r.is_greedy for r in results],
+                    "gold": ex.gold,
+                    **scores,
+                }
+            )
+        metrics = {}
+        for metric in task.metrics:
+            if metric == "perplexity":
+                metrics["perplexity"] = math.exp(-sum(s["ll"] for s in per_example) / len(per_example))
+                continue
+            value, stderr = mean_and_stderr([s[metric] for s in per_example])
+            metrics[metric], metrics[f"{metric}_stderr"] = value, stderr
+    metrics["examples"] = len(examples)
+    if samples_path is not None:
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.atomic_write_bytes(samples_path, "".join(json.dumps(s) + "\n" for s in samples).encode())
+    return metrics
+
+
+def _perplexity_on_val_blocks(cfg: Config, scorer) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.stores import open_prepared_tokens
+
+    token_store, _ = open_prepared_tokens(Path(cfg.run.dir))
+    val = token_store.split("val")
+    blocks = val.shape[0] if not cfg.eval.limit else min(cfg.eval.limit, val.shape[0])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, blocks, scorer.batch_size):
+            ids = torch.from_numpy(val[start : min(start + scorer.batch_size, blocks)].astype(np.int64))
+            ids = ids[:, : scorer.max_length].to(scorer.device)
+            logits = scorer.forward(ids).float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}

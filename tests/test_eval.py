@@ -1,0 +1,295 @@
+"""eval: lm-eval prompts on known rows, full row counts, exact scoring, CoCoMix/pause models, caching."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines import evaluate, pretrain
+from pipelines.checkpoint import export_hf_gpt2, load_model
+from pipelines.config import load_config
+from pipelines.eval_tasks import TASKS, mean_and_stderr, wikitext_detokenizer
+from pipelines.lm_scoring import ScoringModel, rolling_windows
+from tests.conftest import REPO, prepared_run
+
+EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
+ROWS = {
+    "hellaswag": 10042,
+    "piqa": 1838,
+    "social_iqa": 1954,
+    "arc_easy": 2376,
+    "winogrande": 1267,
+    "lambada_openai": 5153,
+    "wikitext": 62,  # articles of the WikiText-2 test split, as lm-eval's document-level dataset
+}
+STUDENT = {
+    "pretrain.preset": "tiny",
+    "pretrain.n_layer": 2,
+    "pretrain.n_head": 2,
+    "pretrain.n_embd": 32,
+    "pretrain.insert_layer": 1,
+    "pretrain.batch_blocks": 4,
+    "pretrain.max_steps": 4,
+    "pretrain.eval_blocks": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A prepared run with tiny NTP and pause students."""
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"{EVAL_DATA} is absent")
+    base = tmp_path_factory.mktemp("trained")
+    prepared_run(base, documents=60, block_size=128)
+    for objective in ("ntp", "pause"):
+        run_in(
+            base, pretrain.run, [f"{k}={v}" for k, v in {**STUDENT, "pretrain.objective": objective}.items()]
+        )
+    return base
+
+
+def run_in(directory: Path, stage, args: list[str], **kwargs):
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
+    finally:
+        os.chdir(previous)
+
+
+def first_example(task: str):
+    t = TASKS[task]
+    return t.build(next(iter(t.read(EVAL_DATA / t.local_file))))
+
+
+# --- prompts and data -----------------------------------------------------------------------------------
+
+
+def test_prompts_of_known_rows_are_lm_evals():
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"{EVAL_DATA} is absent")
+    hellaswag = first_example("hellaswag")
+    assert hellaswag.requests()[3] == (
+        "Roof shingle removal: A man is sitting on a roof. He",  # ctx_b capitalised, as lm-eval does
+        " starts pulling up roofing on a roof.",
+    )
+    assert hellaswag.gold == 3 and hellaswag.choices_text[3] == "starts pulling up roofing on a roof."
+    piqa = first_example("piqa")
+    assert piqa.contexts == ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",)
+    assert piqa.continuations[0].startswith(" Provide the guinea pig") and piqa.gold == 0
+    siqa = first_example("social_iqa")
+    assert siqa.requests()[2] == (
+        "Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
+        "before this?\nA:",
+        " Find somewhere to go",
+    )
+    assert siqa.gold == 2  # the labels file says 3 (1-based)
+    arc = first_example("arc_easy")
+    assert arc.contexts == (
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?"
+        "\nAnswer:",
+    )
+    assert (
+        arc.continuations[0] == " Sunlight is the source of energy for nearly all ecosystems."
+        and arc.gold == 0
+    )
+    wino = first_example("winogrande")
+    assert wino.requests() == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
+    ]
+    assert wino.gold == 1
+    lambada = first_example("lambada_openai")
+    assert lambada.contexts[0].endswith("I don't care about") and lambada.continuations == (" signs",)
+    wiki = first_example("wikitext")
+    assert wiki["text"].startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, television")
+    assert wiki["words"] > 1000 and wiki["bytes"] > wiki["words"]
+
+
+def test_hellaswag_ctx_split_recovers_ctx_b():
+    from pipelines.eval_tasks import split_hellaswag_ctx
+
+    assert split_hellaswag_ctx("A lady walks. She bends down. the lady") == (
+        "A lady walks. She bends down.",
+        "the lady",
+    )
+    assert split_hellaswag_ctx("How to cook rice. Rinse the rice.") == (
+        "How to cook rice. Rinse the rice.",
+        "",
+    )
+
+
+def test_hub_layouts_give_the_same_prompts():
+    from pipelines.eval_tasks import build_arc, build_hellaswag, build_winogrande
+
+    hub = build_hellaswag(
+        {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+         "endings": ["a [title] b", "c"], "label": "0"}
+    )  # fmt: skip
+    assert hub.contexts == ("Roof shingle removal: A man is sitting on a roof. He",)
+    assert hub.continuations == (" a. b", " c")
+    arc = build_arc(
+        {"question": "Q?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}
+    )
+    assert (
+        arc.requests() == [("Question: Q?\nAnswer:", " x"), ("Question: Q?\nAnswer:", " y")] and arc.gold == 1
+    )
+    wino = build_winogrande(
+        {"sentence": "A beat B because _ was fast.", "option1": "A", "option2": "B", "answer": "1"}
+    )
+    assert wino.requests() == [("A beat B because A", " was fast."), ("A beat B because B", " was fast.")]
+    assert wino.gold == 0
+
+
+@pytest.mark.parametrize("task", sorted(ROWS))
+def test_full_files_have_their_known_row_counts(task):
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"{EVAL_DATA} is absent")
+    t = TASKS[task]
+    assert sum(1 for _ in t.read(EVAL_DATA / t.local_file)) == ROWS[task]
+
+
+def test_wikitext_detokenizer_and_rolling_windows():
+    assert (
+        wikitext_detokenizer(' = = Career = = \n He said @-@ " hi " , ok')
+        == ' == Career ==\nHe said-"hi", ok'
+    )
+    windows = rolling_windows(list(range(10)), prefix_token=99, max_length=4)
+    # lm-eval's disjoint windows: each context keeps only what the window's first target needs.
+    assert windows == [([99], [0, 1, 2, 3]), ([3], [4, 5, 6, 7]), ([5, 6, 7], [8, 9])]
+    # Every token is predicted exactly once.
+    assert [t for _, targets in windows for t in targets] == list(range(10))
+    assert mean_and_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx((0.75, 0.25))
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+def direct_loglikelihood(model, context_ids, continuation_ids) -> float:
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = model(ids).logits if not hasattr(model, "transformer") else model(input_ids=ids).logits
+    log_probs = F.log_softmax(logits[0, :-1].float(), dim=-1)
+    n = len(continuation_ids)
+    targets = torch.tensor(continuation_ids)
+    return log_probs[-n:].gather(-1, targets[:, None]).sum().item()
+
+
+def test_ntp_export_scores_the_same_through_transformers(trained, tmp_path):
+    ntp = trained / "run/pretrain-ntp/model"
+    ours = ScoringModel(str(ntp))
+    export_hf_gpt2(load_model(ntp), tmp_path / "hf")
+    shutil.copy(ntp / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    theirs = ScoringModel(f"hf:{tmp_path / 'hf'}")
+    requests = [
+        r for task in ("hellaswag", "winogrande", "lambada_openai") for r in first_example(task).requests()
+    ]
+    requests.append(("", "Hello world"))  # empty context: the prefix token
+    a, b = ours.loglikelihood(requests), theirs.loglikelihood(requests)
+    for x, y in zip(a, b, strict=True):
+        assert x.loglikelihood == pytest.approx(y.loglikelihood, rel=1e-5) and x.is_greedy == y.is_greedy
+    context, continuation = ours.encode_pair(*requests[0])
+    assert a[0].loglikelihood == pytest.approx(
+        direct_loglikelihood(load_model(ntp), context, continuation), rel=1e-5
+    )
+
+
+def test_trailing_space_moves_to_the_continuation(trained):
+    ours = ScoringModel(str(trained / "run/pretrain-ntp/model"))
+    assert ours.encode_pair("Answer: ", "yes") == ours.encode_pair("Answer:", " yes")
+    context, continuation = ours.encode_pair("Question: x\nAnswer:", " Paris")
+    assert ours.encode("Question: x\nAnswer: Paris") == context + continuation
+
+
+def test_pause_model_is_scored_through_its_slots(trained):
+    folder = trained / "run/pretrain-pause/model"
+    scorer = ScoringModel(str(folder))
+    request = first_example("piqa").requests()[0]
+    context, continuation = scorer.encode_pair(*request)
+    expected = direct_loglikelihood(load_model(folder), context, continuation)
+    assert scorer.loglikelihood([request])[0].loglikelihood == pytest.approx(expected, rel=1e-5)
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+
+def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
+    run = tmp_path / "run-copy"
+    shutil.copytree(trained, run)
+    args = [f"eval.data_dir={EVAL_DATA}", "eval.limit=6", 'eval.tasks=["ppl", "piqa", "winogrande"]']
+    results = run_in(run, evaluate.run, args, log_samples=True)
+    assert sorted(results["results"]) == ["pretrain-ntp", "pretrain-pause"]
+    piqa = results["results"]["pretrain-ntp"]["piqa"]
+    assert piqa["examples"] == 6 and 0 <= piqa["acc"] <= 1 and piqa["acc_stderr"] is not None
+    samples = (run / "run/eval/samples/pretrain-ntp/piqa.jsonl").read_text().splitlines()
+    assert len(samples) == 6 and json.loads(samples[0])["requests"][0][0].startswith("Question: ")
+    ppl = results["results"]["pretrain-ntp"]["ppl"]
+    assert ppl["perplexity"] == pytest.approx(torch.tensor(ppl["loss"]).exp().item(), rel=1e-6)
+
+    cache = run / "run/eval/cache"
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(stamps) == 6
+    removed = sorted(stamps)[0]
+    (cache / removed).unlink()
+    again = run_in(run, evaluate.run, args)
+
+    def metrics(r):  # everything but the timing
+        return {
+            m: {t: {k: v for k, v in x.items() if k != "seconds"} for t, x in d.items()} for m, d in r.items()
+        }
+
+    assert metrics(again["results"]) == metrics(results["results"])
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name != removed} == {
+        k: v for k, v in stamps.items() if k != removed
+    }
+
+
+def test_missing_data_says_where_to_put_it(trained, cocomix):
+    result = cocomix(
+        "--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "hellaswag", "--data", "piqa=/nope.jsonl"
+    )
+    assert result.exit_code == 2 and "Data file /nope.jsonl for task `piqa` does not exist" in result.stderr
+    result = cocomix("--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "hellaswag", "--limit", "2")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "No data for task `hellaswag`" in result.stderr and "--data hellaswag=PATH" in result.stderr
+    result = cocomix("--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "mmlu")
+    assert result.exit_code == 2 and "Unknown eval task(s) mmlu" in result.stderr
+
+
+def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
+    rows = [
+        {"question": "What color is the sky?", "options": ["blue", "green"], "answer": "blue"},
+        {"question": "How many legs has a cat?", "options": ["two", "four", "six"], "answer": "four"},
+        {"question": "Which is a fruit?", "options": ["apple", "stone"], "answer": "apple"},
+    ]
+    data = tmp_path / "mini.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run-copy"
+    shutil.copytree(trained, run)
+    config = run / "cocomix.toml"
+    config.write_text(
+        config.read_text()
+        + f'[eval]\ntasks = ["mini"]\n[eval.task.mini]\ndata = "{data}"\n'
+        + 'prompt = "Question: {question}\\nAnswer:"\nchoices = "options"\ngold = "answer"\n'
+    )
+    from pipelines.config import to_toml
+
+    assert load_config(config, []).eval.task["mini"].gold == "answer"
+    assert "[eval.task.mini]" in to_toml(load_config(config, []))
+    results = run_in(run, evaluate.run, ['eval.models=["run/pretrain-ntp/model"]'])
+    mini = results["results"]["pretrain-ntp"]["mini"]
+    scorer = ScoringModel(str(run / "run/pretrain-ntp/model"))
+    expected = []
+    for row in rows:
+        lls = [
+            s.loglikelihood
+            for s in scorer.loglikelihood(
+                [(f"Question: {row['question']}\nAnswer:", " " + o) for o in row["options"]]
+            )
+        ]
+        expected.append(float(lls.index(max(lls)) == row["options"].index(row["answer"])))
+    assert mini["examples"] == 3 and mini["acc"] == pytest.approx(sum(expected) / 3)
