@@ -37,10 +37,18 @@ def save_model(model: GPT, folder: Path, extra: dict | None = None) -> Path:
     return folder
 
 
+def model_folder(path: Path) -> Path:
+    """A model folder, or a `pretrain-*` stage folder standing for the `model/` inside it."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() and (path / "model" / CONFIG_FILE).exists():
+        return path / "model"
+    return path
+
+
 def load_model(folder: Path, device: str | torch.device = "cpu") -> GPT:
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = model_folder(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.exists() or not weights_path.exists():
         raise InputError(f"{folder} is not a cocomix model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")

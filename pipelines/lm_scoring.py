@@ -48,9 +48,10 @@ class ScoringModel:
             self._load_ours(Path(spec))
 
     def _load_ours(self, folder: Path) -> None:
-        from pipelines.checkpoint import load_model
+        from pipelines.checkpoint import load_model, model_folder
         from pipelines.tokenizer import document_separator, load_tokenizer
 
+        folder = model_folder(folder)
         self.model = load_model(folder, self.device).eval()
         self.max_length = self.model.config.context_length
         tokenizer_file = folder / "tokenizer.json"

@@ -308,8 +308,9 @@ class Trainer:
         self.dir, self.fingerprint, self.model_config = stage_dir, fingerprint, model_config
         torch.manual_seed(cfg.run.seed)
         self.model = GPT(model_config).to(device)
-        self.optimizer = build_optimizer(self.model, self.p, device)
         self.wrapped = self._wrap(self.model)
+        # After wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold.
+        self.optimizer = build_optimizer(self.model, self.p, device)
         self.step = 0
         self.checkpoints = Checkpoints(stage_dir, self.p.keep_last)
         self.per_rank = per_rank

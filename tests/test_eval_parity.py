@@ -53,7 +53,7 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(tmp_path):
         "pretrain.eval_blocks": 2,
     }
     result = run_in(tmp_path, pretrain.run, [f"{k}={v}" for k, v in student.items()])
-    model_dir = tmp_path / result.dir
+    model_dir = tmp_path / result.dir / "model"
     hf_dir = export_hf_gpt2(load_model(model_dir), tmp_path / "hf")
     PreTrainedTokenizerFast(
         tokenizer_file=str(model_dir / "tokenizer.json"), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
@@ -72,6 +72,15 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(tmp_path):
         model=lm, tasks=[f"local_{t}" for t in TASKS], limit=LIMIT, task_manager=manager, num_fewshot=0
     )["results"]
 
+    for task in TASKS:  # shown with `pytest -s`, for the record
+        shown = {k: round(v, 6) for k, v in ours[task].items() if k in ("acc", "acc_norm", "perplexity")}
+        print(
+            task,
+            "cocomix",
+            shown,
+            "lm-eval",
+            {k: v for k, v in theirs[f"local_{task}"].items() if "stderr" not in k},
+        )
     for task in TASKS:
         reference = theirs[f"local_{task}"]
         for metric in ("acc", "acc_norm"):

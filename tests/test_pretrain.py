@@ -203,15 +203,21 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(run):
-    settings = {"pretrain.objective": "cocomix", "pretrain.max_steps": 6}
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(run, sharding):
+    settings = {
+        "pretrain.objective": "cocomix",
+        "pretrain.max_steps": 6,
+        "pretrain.fsdp": str(sharding == "fsdp").lower(),
+    }
     single = run_in(run, pretrain.run, overrides(run, **settings, **{"pretrain.batch_blocks": 4}))
     single_rows, single_val = rows(single.dir, "train"), rows(single.dir, "val")
     single_weights = weights(single.dir)
     shutil.rmtree(single.dir)
 
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        "29531" if sharding == "ddp" else "29532",
         "-m", "cocomix_cli", "--no-progress", *cli_args(run, **settings, **{"pretrain.batch_blocks": 2}),
         "pretrain", "--json",
     ]  # fmt: skip
@@ -219,16 +225,26 @@ def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(run):
     assert result.returncode == 0, result.stderr[-3000:]
     ranked_rows = rows(single.dir, "train")
     assert [r["step"] for r in ranked_rows] == [r["step"] for r in single_rows]
-    for name in ("loss", "ntp_loss", "concept_loss", "grad_norm"):
+    for name in ("loss", "ntp_loss", "concept_loss"):
         np.testing.assert_allclose(
             [r[name] for r in ranked_rows], [r[name] for r in single_rows], rtol=0, atol=1e-5, err_msg=name
         )
+    # FSDP's sharded norm differs from the dense one by up to ~3e-4 relative (not yet explained).
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in ranked_rows],
+        [r["grad_norm"] for r in single_rows],
+        rtol=1e-3 if sharding == "fsdp" else 0,
+        atol=0 if sharding == "fsdp" else 1e-5,
+    )
     np.testing.assert_allclose(
         [r["val_loss"] for r in rows(single.dir, "val")], [r["val_loss"] for r in single_val], atol=1e-5
     )
-    for name, tensor in weights(single.dir).items():
-        torch.testing.assert_close(tensor, single_weights[name], atol=1e-5, rtol=0)
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, tensor in weights(single.dir).items():  # Adam magnifies FSDP's tiny gradient differences
+        torch.testing.assert_close(
+            tensor, single_weights[name], atol=1e-4 if sharding == "fsdp" else 1e-5, rtol=0
+        )
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("{")]  # rank 0 reports
+    summary = json.loads(line)
     assert summary["ranks"] == 2 and summary["tokens"] == 6 * 4 * 32
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -58,6 +59,8 @@ def pretrain(
     result = stage.run(
         cfg, online_teacher=online_teacher, resume=resume, force=force, progress=ctx.obj.progress
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports for all
     if "stopped_at_step" in result.summary:
         if as_json:
             report(result, as_json, str)
