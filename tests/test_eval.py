@@ -214,6 +214,30 @@ def test_pause_model_is_scored_through_its_slots(trained):
     assert scorer.loglikelihood([request])[0].loglikelihood == pytest.approx(expected, rel=1e-5)
 
 
+def test_cocomix_model_is_scored_through_its_concept_slots(tmp_path):
+    from pipelines.checkpoint import save_model
+    from pipelines.model import GPT
+    from tests.conftest import GPT2_TOKENIZER, tiny_model_config
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(variant="cocomix", vocab_size=50257, context_length=128)).eval()
+    folder = save_model(model, tmp_path / "cocomix", {"tokenizer": {"separator_id": 50256}})
+    shutil.copy(GPT2_TOKENIZER, folder / "tokenizer.json")
+    scorer = ScoringModel(str(folder))
+    requests = first_example("arc_easy").requests()
+    for request, scored in zip(requests, scorer.loglikelihood(requests), strict=True):
+        context, continuation = scorer.encode_pair(*request)
+        assert scored.loglikelihood == pytest.approx(
+            direct_loglikelihood(model, context, continuation), rel=1e-5
+        )
+    # The concept branch is in the path: zeroing its compression changes the scores.
+    with torch.no_grad():
+        model.concepts.compress_weight.zero_()
+    save_model(model, folder, {"tokenizer": {"separator_id": 50256}})
+    changed = ScoringModel(str(folder)).loglikelihood(requests[:1])[0].loglikelihood
+    assert changed != pytest.approx(scorer.loglikelihood(requests[:1])[0].loglikelihood, rel=1e-6)
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 
