@@ -239,6 +239,9 @@ class EvalConfig:
     )
     data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).")
     limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
+    lmeval_include: str = _field(
+        "", "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks)."
+    )
     backend: str = _field(
         "cocomix",
         "`cocomix` (built-in tasks, cached) or `lm-eval` (any lm-eval task through its LM interface; needs "

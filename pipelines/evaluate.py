@@ -107,11 +107,15 @@ def _run_lm_eval(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     table: dict[str, dict[str, Any]] = {}
     for model in models:
-        import lm_eval
-
         lm = cocomix_lm(model.spec, resolve_device(e.device), e.batch_size)
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=e.lmeval_include or None)
         try:
-            output = lm_eval.simple_evaluate(model=lm, tasks=list(e.tasks), limit=e.limit or None)
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=list(e.tasks), limit=e.limit or None, task_manager=manager
+            )
         except KeyError as exc:  # lm-eval's error for a task it does not know
             raise ConfigError(f"lm-eval does not know task {exc}; see `lm_eval --tasks list`.") from None
         for task, metrics in output["results"].items():

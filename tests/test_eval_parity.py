@@ -92,3 +92,62 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(tmp_path):
         if "perplexity,none" in reference:
             assert ours[task]["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-3), task
         assert ours[task]["examples"] == LIMIT
+
+    # The same student through `--backend lm-eval` (our LM adapter inside lm-eval) gives the same numbers.
+    adapter = run_in(
+        tmp_path,
+        evaluate.run,
+        [f"eval.models=[\"{model_dir}\"]", "eval.backend=lm-eval", "eval.limit=50",
+         'eval.tasks=["local_piqa"]', f"eval.lmeval_include={REPO / 'benchmarks/lmeval/tasks'}"],
+    )["results"]["pretrain-ntp"]["local_piqa"]  # fmt: skip
+    native = run_in(
+        tmp_path,
+        evaluate.run,
+        [
+            f"eval.data_dir={EVAL_DATA}",
+            "eval.limit=50",
+            f'eval.models=["{model_dir}"]',
+            'eval.tasks=["piqa"]',
+        ],
+    )["results"]["pretrain-ntp"]["piqa"]
+    assert (adapter["acc"], adapter["acc_norm"]) == (native["acc"], native["acc_norm"])
+
+
+@pytest.mark.slow
+def test_wikitext_rolling_perplexities_equal_lm_evals(tmp_path):
+    """Rolling windows on two whole articles, with a context short enough to need many windows."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.checkpoint import save_model
+    from pipelines.model import GPT
+    from tests.conftest import GPT2_TOKENIZER, tiny_model_config
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=50257, context_length=128))
+    folder = save_model(model, tmp_path / "ntp", {"tokenizer": {"separator_id": 50256}})
+    (folder / "tokenizer.json").write_bytes(GPT2_TOKENIZER.read_bytes())
+    hf_dir = export_hf_gpt2(model, tmp_path / "hf")
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(GPT2_TOKENIZER), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    ).save_pretrained(hf_dir)
+    (tmp_path / "cocomix.toml").write_text('[run]\ndir = "run"\n')
+    ours = run_in(
+        tmp_path,
+        evaluate.run,
+        [
+            f"eval.data_dir={EVAL_DATA}",
+            "eval.limit=2",
+            f'eval.models=["{folder}"]',
+            'eval.tasks=["wikitext"]',
+        ],
+    )["results"]["ntp"]["wikitext"]
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32")
+    manager = TaskManager(include_path=str(REPO / "benchmarks/lmeval/tasks"), include_defaults=False)
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=["local_wikitext"], limit=2, task_manager=manager)[
+        "results"
+    ]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours[metric] == pytest.approx(theirs["local_wikitext"][f"{metric},none"], rel=1e-3), metric

@@ -188,6 +188,14 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
     assert 2 <= stopped_at < 12
     assert json.loads((straight.dir / "manifest.json").read_text())["status"] == "running"
 
+    changed = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", *args, "--set", "pretrain.lr=0.001", "--resume"],
+        cwd=run,
+        capture_output=True,
+        text=True,
+    )
+    assert changed.returncode == 2 and "pretrain.lr: 0.003 -> 0.001" in changed.stderr, changed.stderr
+
     resumed = subprocess.run(
         [sys.executable, "-m", "cocomix_cli", *args, "--resume"], cwd=run, capture_output=True, text=True
     )
