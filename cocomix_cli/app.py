@@ -22,6 +22,7 @@ from cocomix_cli.commands import (
     prepare_cmd,
     pretrain_cmd,
     status_cmd,
+    steer_cmd,
     train_sae_cmd,
 )
 from cocomix_cli.console import err_console
@@ -143,6 +144,7 @@ app.command("train-sae")(train_sae_cmd.train_sae)
 app.command("extract-concepts")(extract_cmd.extract_concepts)
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("eval")(eval_cmd.evaluate)
+app.command("steer")(steer_cmd.steer)
 app.command("status")(status_cmd.status)
 app.add_typer(config_cmd.app, name="config")
 

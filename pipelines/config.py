@@ -262,7 +262,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SteerConfig:
-    """`steer`: reading and amplifying concepts."""
+    """`steer`: reading and amplifying the concepts a CoCoMix student predicts."""
+
+    model: str = _field("", "CoCoMix model folder; empty: this run's `pretrain-cocomix/model`.")
+    max_new_tokens: int = _field(40, "Tokens generated per continuation.")
+    temperature: float = _field(0.8, "Sampling temperature; 0 decodes greedily.")
+    top_k: int = _field(50, "Sample from the k most likely tokens; 0 = all.")
+    top_p: float = _field(0.0, "Nucleus sampling mass; 0 = off.")
+    seed: int = _field(0, "Seed of the sampling: the same for steered and unsteered text.")
+    top_concepts: int = _field(5, "`--inspect`: concepts shown per token.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""steer: scale 1 is plain generation, a large scale changes it deterministically, --inspect = concept logits."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipelines.checkpoint import save_model
+from pipelines.config import load_config
+from pipelines.model import GPT, ConceptIntervention
+from pipelines.steering import SteeringModel, sweep
+from tests.conftest import GPT2_TOKENIZER, tiny_model_config
+
+PROMPT = "The movie was"
+
+
+@pytest.fixture
+def cocomix_model(tmp_path):
+    """A random CoCoMix student whose concept branch matters (larger compression weights than at init)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(variant="cocomix", vocab_size=50257, context_length=64, concept_k=2)).eval()
+    with torch.no_grad():
+        model.concepts.compress_weight.normal_(0.0, 1.0)
+    folder = save_model(model, tmp_path / "model", {"tokenizer": {"separator_id": 50256}})
+    shutil.copy(GPT2_TOKENIZER, folder / "tokenizer.json")
+    return folder, model
+
+
+def settings(**values):
+    return load_config(None, [f"steer.{k}={v}" for k, v in {"max_new_tokens": 12, **values}.items()]).steer
+
+
+def test_scale_one_reproduces_plain_generation_exactly(cocomix_model):
+    folder, model = cocomix_model
+    steering = SteeringModel.load(str(folder))
+    result = sweep(steering, PROMPT, settings(), [3, 7], scales=[1.0])
+    assert result["runs"][1]["text"] == result["runs"][0]["text"]
+    # The unsteered text is the model's own sampling with the same seed.
+    ids = torch.tensor(steering.encode(PROMPT))
+    plain = model.generate(ids, 12, temperature=0.8, top_k=50, seed=0)
+    assert result["runs"][0]["text"] == steering.decode(plain[len(ids) :].tolist())
+
+
+def test_a_large_scale_changes_the_continuation_deterministically(cocomix_model):
+    folder, model = cocomix_model
+    steering = SteeringModel.load(str(folder))
+    logits = model(torch.tensor([steering.encode(PROMPT)])).concept_logits[0, -1]
+    concept = int(logits.argmin())  # least likely now: amplifying its (negative) logit by -10 brings it in
+    s = settings(temperature=0)
+    first = sweep(steering, PROMPT, s, [concept], scales=[-10.0])
+    again = sweep(steering, PROMPT, s, [concept], scales=[-10.0])
+    assert first == again
+    assert first["runs"][1]["text"] != first["runs"][0]["text"]
+    # And it is the intervention that changed it: the same edit applied by hand gives the same text.
+    ids = torch.tensor(steering.encode(PROMPT))
+    by_hand = model.generate(
+        ids, 12, temperature=0, intervention=ConceptIntervention((concept,), scale=-10.0)
+    )
+    assert first["runs"][1]["text"] == steering.decode(by_hand[len(ids) :].tolist())
+
+
+def test_inspect_lists_the_top_concepts_of_the_models_logits(cocomix_model, cocomix):
+    folder, model = cocomix_model
+    result = cocomix("steer", "--model", str(folder), "--prompt", PROMPT, "--inspect", "--json")
+    assert result.exit_code == 0, result.stderr
+    (entry,) = json.loads(result.stdout)
+    steering = SteeringModel.load(str(folder))
+    ids = steering.encode(PROMPT)
+    logits = model(torch.tensor([ids])).concept_logits[0]
+    assert [row["token"] for row in entry["tokens"]] == [steering.decode([i]) for i in ids]
+    for t, row in enumerate(entry["tokens"]):
+        expected = logits[t].topk(5)
+        assert [c["id"] for c in row["concepts"]] == expected.indices.tolist()
+        assert [c["logit"] for c in row["concepts"]] == pytest.approx(expected.values.tolist(), abs=1e-4)
+
+
+def test_sweep_from_the_command_line_and_bad_input(cocomix_model, cocomix):
+    folder, _ = cocomix_model
+    result = cocomix(
+        "steer", "--model", str(folder), "--prompt", PROMPT, "--concept", "1,2", "--sweep", "-5,0,5", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    (entry,) = json.loads(result.stdout)
+    assert [r["setting"] for r in entry["runs"]] == ["unsteered", "scale -5", "scale 0", "scale 5"]
+
+    def error(*args):
+        result = cocomix("steer", "--model", str(folder), *args)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    assert "Concept id(s) [999] are out of range" in error(
+        "--prompt", "x", "--concept", "999", "--scale", "5"
+    )
+    assert "needs --concept" in error("--prompt", "x", "--scale", "5")
+    assert "Give a prompt" in error("--concept", "1", "--scale", "5")
+    assert "--sweep takes comma-separated numbers" in error(
+        "--prompt", "x", "--concept", "1", "--sweep", "a,b"
+    )
