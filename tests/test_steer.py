@@ -1,4 +1,4 @@
-"""steer: scale 1 is plain generation, a large scale changes it deterministically, --inspect = concept logits."""
+"""steer: scale 1 is plain generation, a big scale changes it deterministically, --inspect = the logits."""
 
 import json
 import shutil
