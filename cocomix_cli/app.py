@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from cocomix_cli.commands import (
+    concepts_cmd,
     config_cmd,
     eval_cmd,
     extract_cmd,
@@ -146,6 +147,7 @@ app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("eval")(eval_cmd.evaluate)
 app.command("steer")(steer_cmd.steer)
 app.command("status")(status_cmd.status)
+app.add_typer(concepts_cmd.app, name="concepts")
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -65,9 +65,16 @@ def steer(
         raise ConfigError("Give a prompt with --prompt TEXT (repeatable) or --prompts-file FILE.")
     spec = cfg.steer.model or str(Path(cfg.run.dir) / "pretrain-cocomix" / "model")
     steering = SteeringModel.load(spec, device)
+    from pipelines.dictionary import labels as dictionary_labels
+
+    labels = dictionary_labels(Path(cfg.run.dir))  # empty until `cocomix concepts build`
 
     if inspect:
         results = [{"prompt": p, "tokens": steering.inspect(p, cfg.steer.top_concepts)} for p in prompts]
+        for result in results:
+            for row in result["tokens"]:
+                for c in row["concepts"]:
+                    c["label"] = labels.get(c["id"], "")
         if as_json:
             typer.echo(json.dumps(results))
             return
@@ -77,7 +84,12 @@ def steer(
             table.add_column("token")
             table.add_column("top concepts (id: logit)")
             for row in result["tokens"]:
-                concepts = ", ".join(f"{c['id']}: {c['logit']:.2f}" for c in row["concepts"])
+                concepts = ", ".join(
+                    f"{c['id']}"
+                    + (f" ({labels[c['id']]})" if c["id"] in labels else "")
+                    + f": {c['logit']:.2f}"
+                    for c in row["concepts"]
+                )
                 table.add_row(str(row["position"]), repr(row["token"]), concepts)
             console.print(table)
         return
@@ -89,11 +101,14 @@ def steer(
             "Steering needs --concept ID[,ID...] and one of --scale S, --sweep S1,S2,... or --set-value V."
         )
     results = [run_sweep(steering, p, cfg.steer, concept_ids, scales, set_value) for p in prompts]
+    for result in results:
+        result["labels"] = {str(c): labels.get(c, "") for c in concept_ids}
     if as_json:
         typer.echo(json.dumps(results))
         return
     for result in results:
-        table = Table(title=f"{result['prompt']!r}, concepts {result['concepts']}", show_lines=True)
+        named = ", ".join(f"{c}" + (f" ({labels[c]})" if c in labels else "") for c in result["concepts"])
+        table = Table(title=f"{result['prompt']!r}, concepts {named}", show_lines=True)
         table.add_column("setting")
         table.add_column("continuation")
         for run in result["runs"]:

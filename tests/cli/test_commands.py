@@ -7,7 +7,17 @@ import sys
 from pipelines.config import load_config
 from tests.test_prepare import write_config
 
-COMMANDS = {"prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer", "status", "config"}
+COMMANDS = {
+    "prepare",
+    "train-sae",
+    "extract-concepts",
+    "pretrain",
+    "eval",
+    "steer",
+    "concepts",
+    "status",
+    "config",
+}
 
 
 def test_command_list_is_pinned():
