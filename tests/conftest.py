@@ -165,3 +165,15 @@ def prepared_run(directory: Path, documents: int = 60, block_size: int = 32, **d
     finally:
         os.chdir(previous)
     return config
+
+
+def run_in(directory: Path, stage, args: list[str], **kwargs):
+    """`stage(config)` run from `directory` with its cocomix.toml and `--set` style `args`, no progress."""
+    from pipelines.config import load_config
+
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
+    finally:
+        os.chdir(previous)

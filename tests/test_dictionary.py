@@ -1,7 +1,6 @@
 """The concept dictionary holds the tokens that really activate each latent (checked by a direct pass)."""
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import torch
 import zarr
 
 from pipelines import dictionary, extract
-from pipelines.config import load_config
 from pipelines.sae import load_sae, save_saelens
 from pipelines.teacher import load_teacher
-from tests.conftest import prepared_run, tiny_sae, tiny_teacher
+from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 
 
 @pytest.fixture
@@ -29,14 +27,7 @@ def run(tmp_path, gpt2_tokenizer):
         "extract.store_sae_topk": "true",
         "extract.blocks_per_chunk": 8,
     }
-    previous = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        extract.run(
-            load_config(tmp_path / "cocomix.toml", [f"{k}={v}" for k, v in settings.items()]), progress=False
-        )
-    finally:
-        os.chdir(previous)
+    run_in(tmp_path, extract.run, [f"{k}={v}" for k, v in settings.items()])
     return tmp_path
 
 

@@ -1,9 +1,7 @@
 """eval: lm-eval prompts on known rows, full row counts, exact scoring, CoCoMix/pause models, caching."""
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from pipelines.checkpoint import export_hf_gpt2, load_model
 from pipelines.config import load_config
 from pipelines.eval_tasks import TASKS, mean_and_stderr, wikitext_detokenizer
 from pipelines.lm_scoring import ScoringModel, rolling_windows
-from tests.conftest import REPO, prepared_run
+from tests.conftest import REPO, prepared_run, run_in
 
 EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
 ROWS = {
@@ -50,15 +48,6 @@ def trained(tmp_path_factory):
             base, pretrain.run, [f"{k}={v}" for k, v in {**STUDENT, "pretrain.objective": objective}.items()]
         )
     return base
-
-
-def run_in(directory: Path, stage, args: list[str], **kwargs):
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
-    finally:
-        os.chdir(previous)
 
 
 def first_example(task: str):

@@ -6,29 +6,18 @@ original HF layouts); cocomix reads the same files with its own loaders.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
 from pipelines import evaluate, pretrain
 from pipelines.checkpoint import export_hf_gpt2, load_model
-from pipelines.config import load_config
-from tests.conftest import REPO, prepared_run
+from tests.conftest import REPO, prepared_run, run_in
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[lmeval]')")
 
 EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
 LIMIT = int(os.environ.get("COCOMIX_PARITY_LIMIT", "300"))
 TASKS = ["hellaswag", "piqa", "arc_easy", "winogrande", "lambada_openai"]
-
-
-def run_in(directory: Path, stage, args: list[str], **kwargs):
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
-    finally:
-        os.chdir(previous)
 
 
 @pytest.mark.slow

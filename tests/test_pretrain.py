@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pipelines.errors import ConfigError, StageError
 from pipelines.objectives import kd_loss, online_concept_targets
 from pipelines.sae import load_sae, save_saelens
 from pipelines.teacher import load_teacher
+from tests import conftest
 from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
 
 TEACHER = {"teacher.layer": 1, "extract.blocks_per_chunk": 8, "extract.tokens_per_batch": 256}
@@ -84,13 +84,9 @@ def overrides(base: Path, **extra) -> list[str]:
 
 
 def run_in(directory: Path, stage, args: list[str], **kwargs):
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        result = stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
-        return dataclasses.replace(result, dir=directory / result.dir)
-    finally:
-        os.chdir(previous)
+    """The stage's result with its folder made absolute (the run dir is relative to `directory`)."""
+    result = conftest.run_in(directory, stage, args, **kwargs)
+    return dataclasses.replace(result, dir=directory / result.dir) if hasattr(result, "dir") else result
 
 
 def rows(stage_dir: Path, kind: str) -> list[dict]:
