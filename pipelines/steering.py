@@ -113,3 +113,56 @@ def sweep(
         text = model.generate(prompt, s, concept_ids, value=value)
         runs.append({"setting": f"value {value:g}", "scale": None, "value": value, "text": text})
     return {"prompt": prompt, "concepts": list(concept_ids), "runs": runs}
+
+
+# --- teacher-side steering (the paper's comparison) -----------------------------------------------------
+
+
+def amplify_latents(sae, latent_ids: list[int], scale: float):
+    """`h -> h'` that multiplies the latents' activations (ReLU of their pre-activation) by `scale`.
+
+    In the SAE's normalised space the latents add `a_j W_dec[j]`; the edit adds `(scale - 1) a_j W_dec[j]`
+    and maps the change back through the input normalisation, leaving everything else in h as it was.
+    """
+    ids = torch.as_tensor(latent_ids, dtype=torch.long)
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.float()
+        x, _, std = sae.prepare_input(h)
+        pre = (x - sae.b_dec) @ sae.W_enc[:, ids] + sae.b_enc[ids]  # (..., n) only the steered latents
+        delta = (scale - 1.0) * pre.relu() @ sae.W_dec[ids]
+        return h + (delta * std if std is not None else delta)
+
+    return edit
+
+
+@torch.no_grad()
+def teacher_generate(teacher, sae, prompt: str, s: SteerConfig, latent_ids=(), scale=None) -> str:
+    """Sample from the teacher with the latents amplified at its hook (every position, every step)."""
+    from pipelines.generation import _sample
+
+    ids = teacher.tokenizer.backend.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise InputError("The prompt is empty after tokenization; pass some text with --prompt.")
+    device = teacher.device
+    tokens = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    edit = amplify_latents(sae, list(latent_ids), scale) if latent_ids and scale is not None else None
+    for _ in range(s.max_new_tokens):  # no KV cache: the edit must see every position the same way
+        logits = teacher.logits(tokens, replace=edit)[:, -1].float()
+        next_id = _sample(logits, s.temperature, s.top_k or None, s.top_p or None, generator)
+        tokens = torch.cat([tokens, next_id], dim=1)
+    return teacher.tokenizer.backend.decode(tokens[0, len(ids) :].tolist())
+
+
+def teacher_sweep(teacher, sae, prompt: str, s: SteerConfig, latent_ids: list[int], scales) -> dict[str, Any]:
+    bad = [c for c in latent_ids if not 0 <= c < sae.d_sae]
+    if bad:
+        raise InputError(f"Latent id(s) {bad} are out of range: the SAE has latents 0-{sae.d_sae - 1}.")
+    runs = [
+        {"setting": "teacher unsteered", "scale": None, "text": teacher_generate(teacher, sae, prompt, s)}
+    ]
+    for scale in scales:
+        text = teacher_generate(teacher, sae, prompt, s, latent_ids, scale)
+        runs.append({"setting": f"teacher scale {scale:g}", "scale": scale, "text": text})
+    return {"prompt": prompt, "concepts": list(latent_ids), "runs": runs}

@@ -89,6 +89,15 @@ class Teacher:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
 
     @torch.no_grad()
+    def logits(self, ids: torch.Tensor, replace=None) -> torch.Tensor:
+        """(B, T, V) next-token logits, with the hidden state at the hook swapped for `replace(hidden)`."""
+        captured: dict[str, torch.Tensor] = {}
+        if replace is None:
+            return self.model(input_ids=ids, use_cache=False).logits
+        with self._hooked(captured, stop=False, replace=replace):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    @torch.no_grad()
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T, D) at the hook, without running the layers above it."""
         captured: dict[str, torch.Tensor] = {}

@@ -97,3 +97,66 @@ def test_sweep_from_the_command_line_and_bad_input(cocomix_model, cocomix):
     assert "--sweep takes comma-separated numbers" in error(
         "--prompt", "x", "--concept", "1", "--sweep", "a,b"
     )
+
+
+# --- teacher-side steering ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def teacher_and_sae(tmp_path, gpt2_tokenizer):
+    from pipelines.teacher import load_teacher
+    from tests.conftest import tiny_sae, tiny_teacher
+
+    tiny_teacher(tmp_path / "teacher")
+    return load_teacher(str(tmp_path / "teacher"), layer=1, hook="resid_post"), tiny_sae().eval()
+
+
+def test_amplify_latents_scales_exactly_the_latents_contribution(teacher_and_sae):
+    from pipelines.sae import normalize_input
+    from pipelines.steering import amplify_latents
+
+    _, sae = teacher_and_sae
+    torch.manual_seed(1)
+    h = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(amplify_latents(sae, [4, 9], 1.0)(h), h)
+        x, mean, std = normalize_input(h)
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        contribution = pre[..., [4, 9]].relu() @ sae.W_dec[[4, 9]]
+        expected = h + 2.0 * contribution * std  # scale 3 adds (3 - 1) times the latents' part
+        torch.testing.assert_close(amplify_latents(sae, [4, 9], 3.0)(h), expected)
+
+
+def test_teacher_steering_scale_one_is_plain_and_a_large_scale_changes_it(teacher_and_sae):
+    from pipelines.steering import teacher_sweep
+
+    teacher, sae = teacher_and_sae
+    s = settings(temperature=0, max_new_tokens=8)
+    ids = torch.tensor([teacher.tokenizer.backend.encode(PROMPT).ids])
+    with torch.no_grad():
+        hidden = teacher.hidden_states(ids).float()
+        x = sae.prepare_input(hidden)[0]
+        latent = int(((x - sae.b_dec) @ sae.W_enc + sae.b_enc)[0, -1].argmax())  # active at the last token
+    result = teacher_sweep(teacher, sae, PROMPT, s, [latent], [1.0, 50.0])
+    plain, same, amplified = (r["text"] for r in result["runs"])
+    assert same == plain and amplified != plain
+    assert teacher_sweep(teacher, sae, PROMPT, s, [latent], [50.0])["runs"][1]["text"] == amplified
+
+
+def test_teacher_rows_from_the_command_line(cocomix_model, tmp_path, cocomix, gpt2_tokenizer):
+    from pipelines.sae import save_saelens
+    from tests.conftest import tiny_sae, tiny_teacher
+
+    folder, _ = cocomix_model
+    tiny_teacher(tmp_path / "teacher")
+    save_saelens(tiny_sae(), tmp_path / "sae")
+    result = cocomix(
+        "--set", f"teacher.model={tmp_path / 'teacher'}", "--set", "teacher.layer=1",
+        "--set", f"sae.path={tmp_path / 'sae'}", "--set", "steer.max_new_tokens=4",
+        "steer", "--model", str(folder), "--prompt", PROMPT, "--concept", "3", "--scale", "5",
+        "--teacher", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    (entry,) = json.loads(result.stdout)
+    settings_shown = [r["setting"] for r in entry["runs"]]
+    assert settings_shown == ["unsteered", "scale 5", "teacher unsteered", "teacher scale 5"]

@@ -37,6 +37,14 @@ def steer(
     sweep: Annotated[
         str | None, typer.Option(metavar="S1,S2,...", help="One continuation per scale, e.g. -10,-5,0,5,10.")
     ] = None,
+    teacher: Annotated[
+        bool,
+        typer.Option(
+            "--teacher",
+            help="Also amplify the same SAE latents in the teacher's residual stream at the hook ([teacher], "
+            "[sae]) and generate with the teacher, for comparison.",
+        ),
+    ] = False,
     inspect: Annotated[
         bool, typer.Option("--inspect", help="Show each prompt token's top predicted concepts instead.")
     ] = False,
@@ -101,6 +109,20 @@ def steer(
             "Steering needs --concept ID[,ID...] and one of --scale S, --sweep S1,S2,... or --set-value V."
         )
     results = [run_sweep(steering, p, cfg.steer, concept_ids, scales, set_value) for p in prompts]
+    if teacher:
+        from pipelines.extract import resolve_sae_path
+        from pipelines.sae import load_sae
+        from pipelines.steering import teacher_sweep
+        from pipelines.teacher import load_teacher
+
+        if not scales:
+            raise ConfigError("--teacher steering takes --scale or --sweep (not --set-value).")
+        sae_cfg, _ = resolve_sae_path(cfg)
+        t = cfg.teacher
+        hooked = load_teacher(t.model, t.layer, t.hook, device, t.dtype, t.tokenizer)
+        sae = load_sae(sae_cfg.sae.path).sae.to(device).eval()
+        for result, p in zip(results, prompts, strict=True):
+            result["runs"] += teacher_sweep(hooked, sae, p, cfg.steer, concept_ids, scales)["runs"]
     for result in results:
         result["labels"] = {str(c): labels.get(c, "") for c in concept_ids}
     if as_json:
