@@ -1,7 +1,6 @@
 """extract-concepts: exact attributions, formats, resume after SIGKILL, shards, torchrun ranks, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import zarr
 
 from pipelines import extract
 from pipelines.attribution import concept_targets, official_scores, paper_scores
-from pipelines.config import load_config
 from pipelines.sae import load_sae, openai_state_dict, save_saelens
 from pipelines.teacher import load_teacher
-from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
+from tests.conftest import cocomix_subprocess, prepared_run, run_in, tiny_sae, tiny_teacher
 
 
 @pytest.fixture
@@ -43,12 +41,7 @@ def extract_overrides(tmp_path, sae_path=None, **extra):
 
 
 def run_extract(directory: Path, overrides: list[str], **kwargs):
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        return extract.run(load_config(directory / "cocomix.toml", overrides), progress=False, **kwargs)
-    finally:
-        os.chdir(previous)
+    return run_in(directory, extract.run, overrides, **kwargs)
 
 
 def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:

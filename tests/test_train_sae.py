@@ -1,7 +1,6 @@
 """train-sae on a tiny random teacher: it learns, resumes exactly, and rejects bad settings clearly."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pipelines import train_sae
 from pipelines.config import load_config
 from pipelines.errors import ConfigError
 from pipelines.sae import load_sae
-from tests.conftest import cocomix_subprocess, prepared_run, tiny_teacher
+from tests.conftest import cocomix_subprocess, prepared_run, run_in, tiny_teacher
 
 SETTINGS = {
     "teacher.layer": 1,
@@ -35,12 +34,7 @@ def overrides(tmp_path, **extra):
 
 
 def run_stage(directory: Path, args: list[str], **kwargs):
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        return train_sae.run(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
-    finally:
-        os.chdir(previous)
+    return run_in(directory, train_sae.run, args, **kwargs)
 
 
 @pytest.fixture
