@@ -22,6 +22,7 @@ from cocomix_cli.commands import (
     extract_cmd,
     prepare_cmd,
     pretrain_cmd,
+    run_cmd,
     status_cmd,
     steer_cmd,
     train_sae_cmd,
@@ -140,6 +141,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+app.command("run")(run_cmd.run)
 app.command("prepare")(prepare_cmd.prepare)
 app.command("train-sae")(train_sae_cmd.train_sae)
 app.command("extract-concepts")(extract_cmd.extract_concepts)

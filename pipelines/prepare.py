@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import artifacts
+from pipelines.assets import resolve_assets
 from pipelines.config import Config, DataConfig, fingerprint_fields
 from pipelines.corpus import Corpus, resolve_corpus
 from pipelines.errors import InputError
@@ -35,6 +36,7 @@ RESUME_FILE = "resume.json"
 
 
 def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts.StageResult:
+    cfg = resolve_assets(cfg)
     run_dir = Path(cfg.run.dir)
     corpus = resolve_corpus(cfg.data)
     known = artifacts.known_files(run_dir, STAGE)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipelines import artifacts, distributed
+from pipelines.assets import resolve_assets
 from pipelines.batches import BatchOrder, BatchReader, SplitArrays
 from pipelines.config import Config, fingerprint_fields
 from pipelines.devices import resolve_device
@@ -71,6 +72,7 @@ def run(
     force: bool = False,
     progress: bool = True,
 ) -> artifacts.StageResult:
+    cfg = resolve_assets(cfg)
     p = cfg.pretrain
     run_dir = Path(cfg.run.dir)
     device = resolve_device(p.device)

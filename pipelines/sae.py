@@ -195,7 +195,8 @@ def _resolve(spec: str) -> Path:
     parts = spec.removeprefix(HUB_PREFIX).split("/")
     repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        root = snapshot_download(repo_id, allow_patterns=[f"{inner}/*" if inner else "*"])
+        # `inner` is a folder (SAELens) or a file (an OpenAI `.pt`); fetch only that.
+        root = snapshot_download(repo_id, allow_patterns=[inner, f"{inner}/*"] if inner else ["*"])
     except Exception as exc:
         raise InputError(f"Cannot download SAE `{spec}` from the HuggingFace hub ({exc}).") from None
     return Path(root) / inner

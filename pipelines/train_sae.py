@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import artifacts
+from pipelines.assets import resolve_assets
 from pipelines.config import Config, fingerprint_fields
 from pipelines.devices import resolve_device
 from pipelines.errors import ConfigError, InputError
@@ -38,6 +39,7 @@ METRICS = "metrics.jsonl"
 
 
 def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts.StageResult:
+    cfg = resolve_assets(cfg)
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
     if not cfg.teacher.model:

@@ -12,7 +12,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_install_and_test_commands():
     install, test = readme_commands()
-    assert 'pip install torch==2.13.0 -e ".[dev]"' in install and install.endswith("cocomix prepare")
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in install and install.endswith("cocomix run")
     assert test == "python -m pytest -q"
 
 
@@ -23,3 +23,15 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert 'pip install torch==2.13.0 -e ".[dev]"' in install
     assert ci.rstrip().endswith(test)
     assert "set -euo pipefail" in ci
+
+
+def test_config_reference_is_the_generated_one():
+    from pipelines.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)<!-- config-reference: end -->", readme, re.S)
+    assert block, "README.md lost its config-reference markers"
+    assert block.group(1) == reference_markdown(), (
+        "README's config reference is stale: replace the text between the markers with the output of "
+        "`cocomix config reference`."
+    )

@@ -1,4 +1,4 @@
-"""`cocomix config show`: the resolved configuration as TOML."""
+"""`cocomix config show` (the resolved configuration as TOML) and `cocomix config reference` (every key)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def show(
 ) -> None:
     """Print the resolved config (defaults < file < --set) as TOML that `--config` reads back."""
     typer.echo(to_toml(resolve_config(ctx), with_docs=docs), nl=False)
+
+
+@app.command("reference")
+def reference() -> None:
+    """Print every key of every section with its default and meaning, as Markdown tables (the README's)."""
+    from pipelines.config import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)

@@ -11,18 +11,6 @@ from rich.table import Table
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
 
-# The headline metric of each task, first in the table.
-MAIN_METRICS = {
-    "ppl": ("perplexity",),
-    "wikitext": ("word_perplexity", "bits_per_byte"),
-    "lambada_openai": ("acc", "perplexity"),
-    "hellaswag": ("acc", "acc_norm"),
-    "piqa": ("acc", "acc_norm"),
-    "social_iqa": ("acc",),
-    "arc_easy": ("acc", "acc_norm"),
-    "winogrande": ("acc",),
-}
-
 
 def evaluate(
     ctx: typer.Context,
@@ -91,7 +79,7 @@ def evaluate(
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in MAIN_METRICS.get(task, ()) or [k for k in first if isinstance(first[k], float)]:
+        for metric in stage.MAIN_METRICS.get(task, ()) or [k for k in first if isinstance(first[k], float)]:
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]

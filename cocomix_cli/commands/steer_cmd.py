@@ -110,6 +110,7 @@ def steer(
         )
     results = [run_sweep(steering, p, cfg.steer, concept_ids, scales, set_value) for p in prompts]
     if teacher:
+        from pipelines.assets import resolve_assets
         from pipelines.extract import resolve_sae_path
         from pipelines.sae import load_sae
         from pipelines.steering import teacher_sweep
@@ -117,8 +118,8 @@ def steer(
 
         if not scales:
             raise ConfigError("--teacher steering takes --scale or --sweep (not --set-value).")
-        sae_cfg, _ = resolve_sae_path(cfg)
-        t = cfg.teacher
+        sae_cfg, _ = resolve_sae_path(resolve_assets(cfg))
+        t = sae_cfg.teacher
         hooked = load_teacher(t.model, t.layer, t.hook, device, t.dtype, t.tokenizer)
         sae = load_sae(sae_cfg.sae.path).sae.to(device).eval()
         for result, p in zip(results, prompts, strict=True):
@@ -130,11 +131,12 @@ def steer(
         return
     for result in results:
         named = ", ".join(f"{c}" + (f" ({labels[c]})" if c in labels else "") for c in result["concepts"])
-        table = Table(title=f"{result['prompt']!r}, concepts {named}", show_lines=True)
-        table.add_column("setting")
-        table.add_column("continuation")
+        console.print(f"prompt {result['prompt']!r}, concepts {named}", highlight=False, soft_wrap=True)
+        table = Table(show_lines=True)
+        table.add_column("setting", no_wrap=True)
+        table.add_column("continuation (newlines shown as \\n)")
         for run in result["runs"]:
-            table.add_row(run["setting"], run["text"])
+            table.add_row(run["setting"], run["text"].replace("\n", "\\n"))
         console.print(table)
 
 

@@ -8,6 +8,7 @@ from pipelines.config import load_config
 from tests.test_prepare import write_config
 
 COMMANDS = {
+    "run",
     "prepare",
     "train-sae",
     "extract-concepts",
