@@ -171,7 +171,7 @@ def _state(run_dir: Path, step: str, stage: str, inputs: dict[str, Any]) -> tupl
     if step == "report":
         return "-", "run"
     if step == "eval":
-        return "-", "run"  # per (model, task) cache: only what is not cached is scored
+        return "cached per model and task", "run"  # only what the cache lacks is scored
     manifest = artifacts.read_json(run_dir / stage / artifacts.MANIFEST)
     if manifest is None:
         return "not started", "run"

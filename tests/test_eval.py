@@ -194,6 +194,19 @@ def test_trailing_space_moves_to_the_continuation(trained):
     assert ours.encode("Question: x\nAnswer: Paris") == context + continuation
 
 
+def test_a_continuation_longer_than_the_context_is_scored_on_the_tokens_the_window_predicts(trained):
+    folder = trained / "run/pretrain-ntp/model"
+    scorer = ScoringModel(str(folder))
+    n = scorer.max_length
+    context, continuation = [5, 6, 7], list(range(100, 100 + n + 10))  # 10 more tokens than the window
+    (scored,) = scorer.score_tokens([(context, continuation)])
+    window = (context + continuation)[-(n + 1) :]  # the model reads window[:-1] and predicts window[1:]
+    with torch.no_grad():
+        logits = load_model(folder)(torch.tensor([window[:-1]])).logits[0].float()
+    expected = F.log_softmax(logits, dim=-1).gather(-1, torch.tensor(window[1:])[:, None]).sum().item()
+    assert scored.loglikelihood == pytest.approx(expected, rel=1e-5)
+
+
 def test_pause_model_is_scored_through_its_slots(trained):
     folder = trained / "run/pretrain-pause/model"
     scorer = ScoringModel(str(folder))
