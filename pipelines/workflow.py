@@ -35,7 +35,7 @@ class PlannedStage:
 
     step: str  # one of STEPS (`--from` / `--until` name these)
     stage: str  # its folder in the run, e.g. `pretrain-cocomix`
-    state: str  # complete, interrupted, running, failed, not started, or changed
+    state: str  # on disk: `not started`, `interrupted`, `complete`, `complete, but data.x changed`, ...
     action: str  # skip, resume, run, refuse
     detail: str
 
