@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pipelines import evaluate, pretrain
 from pipelines.checkpoint import export_hf_gpt2, load_model
 from pipelines.config import load_config
+from pipelines.errors import InputError
 from pipelines.eval_tasks import TASKS, mean_and_stderr, wikitext_detokenizer
 from pipelines.lm_scoring import ScoringModel, rolling_windows
 from tests.conftest import REPO, prepared_run, run_in
@@ -241,6 +242,18 @@ def test_cocomix_model_is_scored_through_its_concept_slots(tmp_path):
 
 
 # --- the stage ------------------------------------------------------------------------------------------
+
+
+def test_offline_runs_skip_benchmarks_without_local_data(trained, tmp_path):
+    run = tmp_path / "run-copy"
+    shutil.copytree(trained, run)
+    tasks = 'eval.tasks=["ppl", "piqa"]'
+    absent = [f"eval.data_dir={tmp_path / 'nowhere'}", "eval.missing_data=skip", tasks, "eval.limit=4"]
+    results = run_in(run, evaluate.run, absent)
+    assert results["tasks"] == ["ppl"] and results["skipped_tasks"] == ["piqa"]
+    assert sorted(results["results"]["pretrain-ntp"]) == ["ppl"]
+    with pytest.raises(InputError, match="`eval.data_dir` .*nowhere is not a folder"):
+        run_in(run, evaluate.run, [f"eval.data_dir={tmp_path / 'nowhere'}", tasks])
 
 
 def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
