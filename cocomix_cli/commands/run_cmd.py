@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cocomix_cli.console import console
@@ -41,21 +43,22 @@ def run(
     if dry_run:
         rows = workflow.plan(cfg, start, until)
         if as_json:
-            typer.echo(json.dumps({"run_dir": cfg.run.dir, "plan": [r.__dict__ for r in rows]}))
+            typer.echo(json.dumps({"run_dir": cfg.run.dir, "plan": [dataclasses.asdict(r) for r in rows]}))
             return
         table = Table(title=f"cocomix run plan for {cfg.run.dir}", title_justify="left")
         for column in ("stage", "state", "action", "what"):
             table.add_column(column, overflow="fold", no_wrap=column == "stage")
         for row in rows:
             style = ACTION_STYLES.get(row.action, "")
-            table.add_row(row.stage, row.state, f"[{style}]{row.action}[/]", row.detail)
+            table.add_row(row.stage, escape(row.state), f"[{style}]{row.action}[/]", escape(row.detail))
         console.print(table)
         return
 
     def announce(index: int, total: int, row) -> None:
         if not as_json:
             console.print(
-                f"[bold][{index}/{total}] {row.stage}[/]: {row.action} ({row.state}) - {row.detail}",
+                f"[bold]\\[{index}/{total}] {row.stage}[/]: {row.action} ({escape(row.state)}) - "
+                f"{escape(row.detail)}",
                 highlight=False,
                 soft_wrap=True,
             )
