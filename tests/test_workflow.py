@@ -180,6 +180,10 @@ def test_the_plan_shows_states_and_refuses_changed_settings(finished_run):
     assert "run/pretrain-ntp is complete, but pretrain.lr changed" in result.stderr
     assert "cocomix pretrain --objective ntp --force" in result.stderr
 
+    until = cocomix("run", "--until", "pretrain")
+    assert until.exit_code == 0 and "[5/5] pretrain-cocomix: skip (complete)" in until.stdout
+    assert "stopped after --until pretrain" in until.stdout and "val perplexity" not in until.stdout
+
     bad = cocomix("run", "--from", "train")
     assert bad.exit_code == 2 and "--from 'train' is not a step; choose from prepare, train-sae" in bad.stderr
     backwards = cocomix("run", "--from", "eval", "--until", "prepare")
