@@ -184,6 +184,13 @@ def test_the_plan_shows_states_and_refuses_changed_settings(finished_run):
     assert until.exit_code == 0 and "[5/5] pretrain-cocomix: skip (complete)" in until.stdout
     assert "stopped after --until pretrain" in until.stdout and "val perplexity" not in until.stdout
 
+    kd = cocomix("run", "--dry-run", "--set", 'run.objectives=["ntp", "kd"]')
+    assert kd.exit_code == 2 and "`kd`, which needs the teacher's top-N log-probs" in kd.stderr
+    unknown = cocomix("run", "--dry-run", "--set", 'run.objectives=["ntp", "ntp2"]')
+    assert (
+        unknown.exit_code == 2 and "`run.objectives` (['ntp', 'ntp2']) must list distinct" in unknown.stderr
+    )
+
     bad = cocomix("run", "--from", "train")
     assert bad.exit_code == 2 and "--from 'train' is not a step; choose from prepare, train-sae" in bad.stderr
     backwards = cocomix("run", "--from", "eval", "--until", "prepare")
