@@ -88,8 +88,12 @@ def _print_summary(summary: dict) -> None:
         console.print(f"skipped (no local data): {', '.join(summary['skipped_tasks'])}")
     for demo in summary["steering"]:
         label = f" ({demo['label']})" if demo["label"] else ""
-        console.print(f"steering concept {demo['concept']}{label} on {demo['prompt']!r}:", highlight=False)
+        console.print(
+            f"steering concept {demo['concept']}{label} on {demo['prompt']!r}:", highlight=False, markup=False
+        )
         for run in demo["runs"]:
-            console.print(f"  {run['setting']:>10}: {run['text']!r}", highlight=False, soft_wrap=True)
+            console.print(
+                f"  {run['setting']:>10}: {run['text']!r}", highlight=False, markup=False, soft_wrap=True
+            )
     run_dir = summary["run_dir"]
     console.print(f"report: {run_dir}/report.md, {run_dir}/summary.json, {summary['loss_curves']}")

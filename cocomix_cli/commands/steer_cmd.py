@@ -131,7 +131,9 @@ def steer(
         return
     for result in results:
         named = ", ".join(f"{c}" + (f" ({labels[c]})" if c in labels else "") for c in result["concepts"])
-        console.print(f"prompt {result['prompt']!r}, concepts {named}", highlight=False, soft_wrap=True)
+        console.print(
+            f"prompt {result['prompt']!r}, concepts {named}", highlight=False, markup=False, soft_wrap=True
+        )
         table = Table(show_lines=True)
         table.add_column("setting", no_wrap=True)
         table.add_column("continuation (newlines shown as \\n)")
