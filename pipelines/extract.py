@@ -94,9 +94,8 @@ def run(
     if cfg.extract.hidden_from:
         source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
     inputs = {
-        **fingerprint_fields(cfg.teacher, "teacher"),
+        **config_inputs(cfg),
         "sae.path": cfg.sae.path,  # a trained SAE enters through its stage's fingerprint and file hashes
-        **fingerprint_fields(cfg.extract, "extract"),
     }
     if workers.rank != 0:
         workers.barrier()  # rank 0 decides (and clears, with --force) first
@@ -135,6 +134,11 @@ def run(
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
+
+
+def config_inputs(cfg: Config) -> dict[str, Any]:
+    """The teacher and extraction settings that determine the targets (`cocomix run` compares them too)."""
+    return {**fingerprint_fields(cfg.teacher, "teacher"), **fingerprint_fields(cfg.extract, "extract")}
 
 
 def resolve_sae_path(cfg: Config) -> tuple[Config, dict[str, str]]:

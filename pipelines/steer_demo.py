@@ -36,7 +36,7 @@ def run(cfg: Config) -> artifacts.StageResult:
     inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
     with artifacts.StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:
         if not session.up_to_date:
-            demo = _demo(cfg, student[0], run_dir)
+            demo = _demo(cfg, student[0], run_dir, concepts[0] if concepts else None)
             artifacts.atomic_write_json(session.dir / DEMO, demo)
             session.complete({"demo": str(session.dir / DEMO), "prompts": demo["prompts"]})
         return artifacts.StageResult(
@@ -44,15 +44,14 @@ def run(cfg: Config) -> artifacts.StageResult:
         )
 
 
-def _demo(cfg: Config, model_dir: Path, run_dir: Path) -> dict[str, Any]:
+def _demo(cfg: Config, model_dir: Path, run_dir: Path, concept_store: Path | None) -> dict[str, Any]:
     import zarr
 
     from pipelines import dictionary
     from pipelines.devices import resolve_device
     from pipelines.steering import SteeringModel, sweep
 
-    concepts = artifacts.finished_output(run_dir, "extract-concepts", "concepts.zarr")
-    if concepts and "sae_ids" in zarr.open_group(str(concepts[0]), mode="r").attrs.get("arrays", []):
+    if concept_store and "sae_ids" in zarr.open_group(str(concept_store), mode="r").attrs.get("arrays", []):
         dictionary.build(run_dir)
     labels = dictionary.labels(run_dir)
     model = SteeringModel.load(str(model_dir), resolve_device("auto"))

@@ -47,13 +47,13 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
     _check_token_budget(cfg, token_store)
     known = artifacts.known_files(run_dir, STAGE)
     files = [artifacts.file_identity(p, known) for p in artifacts.local_files(cfg.teacher.model)]
-    inputs = {
-        **fingerprint_fields(cfg.teacher, "teacher"),
-        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
-        "run.seed": cfg.run.seed,
-    }
     with artifacts.StageSession(
-        run_dir, STAGE, inputs, files=files, input_artifacts={"prepare": prepare_fingerprint}, force=force
+        run_dir,
+        STAGE,
+        config_inputs(cfg),
+        files=files,
+        input_artifacts={"prepare": prepare_fingerprint},
+        force=force,
     ) as session:
         if session.up_to_date:
             return artifacts.StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
@@ -70,6 +70,15 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
+
+def config_inputs(cfg: Config) -> dict[str, Any]:
+    """The config values that determine the trained SAE (recorded in the manifest; `cocomix run` compares)."""
+    return {
+        **fingerprint_fields(cfg.teacher, "teacher"),
+        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
+        "run.seed": cfg.run.seed,
+    }
 
 
 def _check_token_budget(cfg: Config, token_store: TokenStore) -> None:

@@ -44,12 +44,8 @@ def plan(cfg: Config, first: str | None = None, last: str | None = None) -> list
     """The stages `cocomix run` would execute, with their state on disk; reads only manifests."""
     run_dir = Path(cfg.run.dir)
     selected = _selected_steps(first, last)
-    # Manifests record local paths, so compare against the config with `pypi:` specs resolved; describe
-    # the stages with the specs as the user wrote them.
-    described = _stages(cfg)
-    recorded = _stages(resolve_assets(cfg, fetch=False))
     rows = []
-    for (step, stage, detail, _), (_, _, _, inputs) in zip(described, recorded, strict=True):
+    for step, stage, detail, inputs in _stages(cfg):
         if step not in selected:
             continue
         state, action = _state(run_dir, step, stage, inputs)
@@ -84,9 +80,15 @@ def execute(
 
 
 def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(step, stage folder, description, config inputs recorded in its manifest) in run order."""
+    """(step, stage folder, description, config inputs recorded in its manifest) in run order.
+
+    Descriptions show `pypi:` specs as written; the inputs are compared with manifests, which record the local
+    paths the specs resolve to.
+    """
+    from pipelines import extract, train_sae
     from pipelines.config import fingerprint_fields
 
+    resolved = resolve_assets(cfg, fetch=False)
     objectives = cfg.run.objectives
     needs_concepts = any(o in CONCEPT_OBJECTIVES for o in objectives)
     if "kd" in objectives and not cfg.extract.store_teacher_topk:
@@ -106,7 +108,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
             "prepare",
             f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks"
             + (f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""),
-            fingerprint_fields(d, "data"),
+            fingerprint_fields(resolved.data, "data"),
         )
     ]
     if needs_concepts and not s.path:
@@ -116,10 +118,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "train-sae",
                 f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
                 f"layer {cfg.teacher.layer}",
-                {
-                    **fingerprint_fields(cfg.teacher, "teacher"),
-                    **{k: v for k, v in fingerprint_fields(s, "sae").items() if k != "sae.path"},
-                },
+                train_sae.config_inputs(resolved),
             )
         )
     if needs_concepts:
@@ -129,7 +128,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "extract-concepts",
                 "extract-concepts",
                 f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}",
-                {**fingerprint_fields(cfg.teacher, "teacher"), **fingerprint_fields(cfg.extract, "extract")},
+                extract.config_inputs(resolved),
             )
         )
     steps = f"{p.max_steps:,} steps of {_batch_text(p, d.block_size)}"
