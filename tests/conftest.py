@@ -1,13 +1,26 @@
-"""Shared test builders: paths to the real data in ../shared, tiny corpora written by the test, and a
-CLI runner that runs `cocomix` in-process the way a user's shell would."""
+"""Shared test builders and where test data comes from.
+
+Every unmarked test runs from a bare clone: it reads the fixtures committed under `tests/data/` (two
+public-domain plays and small files in every benchmark layout, see tests/data/README.md) and what it builds
+itself: a byte-level BPE tokenizer trained once per test run on those plays, tiny GPT-2 and Llama teachers
+on it, and SAEs. Tests that need the developers' real data or the real SmolLM2 teacher carry the
+`real_data` marker; they read the folder named by `$COCOMIX_TEST_SHARED` (default `../shared` beside the
+project) and skip, with one reason line, where it is absent. `.ci/run` runs the unmarked tests with that
+setting pointed at a missing folder, so a test that reads it unmarked fails there.
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,31 +28,82 @@ import pytest
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"
+FIXTURE_EVAL = TEST_DATA / "eval"
+FIXTURE_PLAYS = sorted((TEST_DATA / "corpus").glob("*.txt"))
+
+SHARED = Path(os.environ.get("COCOMIX_TEST_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
 IMDB = SHARED_DATA / "corpus" / "imdb" / "aclImdb_v1_reviews.jsonl.gz"
 GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
+SHARED_EVAL = SHARED_DATA / "eval"
+SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SEPARATOR = "<|endoftext|>"
+VOCAB_SIZE = 1024
+PARAGRAPHS_PER_DOCUMENT = 8
 
 
-def _require(path: Path) -> Path:
+# --- markers: real data is optional, skips are visible --------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    if SHARED.is_dir():
+        return
+    reason = f"needs the shared data folder {SHARED} (real data and the SmolLM2 teacher; developers only)"
+    for item in items:
+        if item.get_closest_marker("real_data") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # CI promises that nothing but GPU tests is skipped: a skip there is a test that did not run.
+    if os.environ.get("COCOMIX_TEST_NO_SKIP") == "1" and _SKIPPED and exitstatus == 0:
+        print(f"\nCOCOMIX_TEST_NO_SKIP=1: {len(_SKIPPED)} test(s) skipped: {', '.join(_SKIPPED[:10])}")
+        session.exitstatus = 1
+
+
+def _real(request, path: Path) -> Path:
+    """A file of the shared folder, for a test marked `real_data` (the marker's skip runs first)."""
+    if request.node.get_closest_marker("real_data") is None:
+        pytest.fail(f"{request.node.nodeid} reads {path} but is not marked `real_data`")
     if not path.exists():
-        pytest.skip(f"shared data {path} is absent (it lives in ../shared beside the project)")
+        pytest.fail(f"{path} is missing from the shared folder {SHARED}")
     return path
 
 
 @pytest.fixture
-def imdb_path() -> Path:
-    return _require(IMDB)
+def imdb_path(request) -> Path:
+    return _real(request, IMDB)
 
 
 @pytest.fixture
-def gpt2_tokenizer() -> Path:
-    return _require(GPT2_TOKENIZER)
+def gpt2_tokenizer(request) -> Path:
+    return _real(request, GPT2_TOKENIZER)
+
+
+@pytest.fixture
+def smollm2_gguf(request) -> Path:
+    return _real(request, SMOLLM2_GGUF)
+
+
+@pytest.fixture
+def shared_eval(request) -> Path:
+    return _real(request, SHARED_EVAL)
 
 
 def read_imdb_texts(n: int) -> list[str]:
     """The first `n` IMDb review texts, read without `datasets` (an independent reference)."""
     texts = []
-    with gzip.open(_require(IMDB), "rt", encoding="utf-8") as fh:
+    with gzip.open(IMDB, "rt", encoding="utf-8") as fh:
         for line in fh:
             if len(texts) == n:
                 break
@@ -47,9 +111,86 @@ def read_imdb_texts(n: int) -> list[str]:
     return texts
 
 
+# --- the committed corpus and the tokenizer trained on it -----------------------------------------------
+
+
+@functools.cache
+def _paragraphs() -> tuple[str, ...]:
+    paragraphs = []
+    for play in FIXTURE_PLAYS:
+        paragraphs += [p.strip() for p in re.split(r"\n\s*\n", play.read_text(encoding="utf-8")) if p.strip()]
+    return tuple(paragraphs)
+
+
+def corpus_documents(n: int | None = None) -> list[str]:
+    """The first `n` documents of the committed plays: runs of 8 paragraphs (speeches), IMDb-review sized."""
+    paragraphs = _paragraphs()
+    documents = [
+        "\n\n".join(paragraphs[i : i + PARAGRAPHS_PER_DOCUMENT])
+        for i in range(0, len(paragraphs), PARAGRAPHS_PER_DOCUMENT)
+    ]
+    if n is not None and n > len(documents):
+        raise ValueError(f"the committed corpus has {len(documents)} documents, not {n}")
+    return documents[:n]
+
+
+def corpus_jsonl(path: Path, n: int | None = None, copies: int = 1) -> Path:
+    """`{"text": ...}` lines of the first `n` documents; `copies` > 1 repeats them, each copy numbered."""
+    documents = corpus_documents(n)
+    rows = [{"text": d if c == 0 else f"{c}. {d}"} for c in range(copies) for d in documents]
+    return write_jsonl(path, rows)
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    json: Path
+    """A bare `tokenizer.json`, read by `tokenizers` alone."""
+    folder: Path
+    """The same tokenizer as a transformers folder (`tokenizer.json` + `tokenizer_config.json`)."""
+    vocab_size: int
+    separator_id: int
+
+
+@functools.cache
+def bpe_tokenizer() -> TokenizerFiles:
+    """A byte-level BPE with `<|endoftext|>`, trained on the committed plays, once per test process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = Path(tempfile.mkdtemp(prefix="cocomix-test-tokenizer-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[SEPARATOR],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(p) for p in FIXTURE_PLAYS], trainer)
+    tokenizer.save(str(root / "tokenizer.json"))
+    folder = root / "folder"
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=SEPARATOR, bos_token=SEPARATOR, unk_token=SEPARATOR
+    ).save_pretrained(folder)
+    return TokenizerFiles(
+        root / "tokenizer.json", folder, tokenizer.get_vocab_size(), tokenizer.token_to_id(SEPARATOR)
+    )
+
+
+@pytest.fixture
+def tokenizer_path() -> Path:
+    return bpe_tokenizer().json
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# --- running the CLI ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -88,12 +229,7 @@ def cocomix_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-m", "cocomix_cli", "--no-progress", *args], cwd=cwd, **kwargs)
 
 
-SMOLLM2_GGUF = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture
-def smollm2_gguf() -> Path:
-    return _require(SMOLLM2_GGUF)
+# --- models ---------------------------------------------------------------------------------------------
 
 
 def tiny_model_config(**overrides):
@@ -114,17 +250,38 @@ def tiny_model_config(**overrides):
     return ModelConfig(**values)
 
 
-def tiny_teacher(folder: Path, n_layer: int = 3, n_embd: int = 32, seed: int = 0) -> Path:
-    """A random GPT-2 with the real GPT-2 tokenizer, saved like a hub checkpoint (safetensors + tokenizer)."""
-    import shutil
-
+def tiny_teacher(
+    folder: Path, n_layer: int = 3, n_embd: int = 32, seed: int = 0, architecture: str = "gpt2"
+) -> Path:
+    """A random GPT-2 or Llama on the test tokenizer, saved like a hub checkpoint (weights + tokenizer)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    tokenizer = bpe_tokenizer()
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=128, vocab_size=50257)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    shutil.copy(_require(GPT2_TOKENIZER), folder / "tokenizer.json")
+    if architecture == "gpt2":
+        config = GPT2Config(
+            n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=128, vocab_size=tokenizer.vocab_size
+        )
+        model = GPT2LMHeadModel(config)
+    elif architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=n_embd,
+            intermediate_size=2 * n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.separator_id,
+            eos_token_id=tokenizer.separator_id,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(architecture)
+    model.save_pretrained(folder)
+    for file in tokenizer.folder.iterdir():
+        shutil.copy(file, folder / file.name)
     return folder
 
 
@@ -142,22 +299,33 @@ def tiny_sae(d_in: int = 32, d_sae: int = 128, k: int = 8, seed: int = 0):
     return sae
 
 
+# --- run folders ----------------------------------------------------------------------------------------
+
+
+def write_run_config(directory: Path, **data) -> Path:
+    """`directory/cocomix.toml` with `run.dir = "run"` and these `[data]` keys."""
+    lines = ["[run]", 'dir = "run"', "[data]"] + [f"{k} = {json.dumps(v)}" for k, v in data.items()]
+    config = directory / "cocomix.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
 def prepared_run(directory: Path, documents: int = 60, block_size: int = 32, **data) -> Path:
-    """A run folder whose `prepare` stage is done on the first IMDb reviews, with a config file beside it."""
+    """A run folder whose `prepare` stage is done on the first documents of the committed corpus (or on
+    `data.source` when given), with a config file beside it."""
     from pipelines import prepare
     from pipelines.config import load_config
 
-    config = directory / "cocomix.toml"
+    if "source" not in data:
+        data["source"] = str(corpus_jsonl(directory / "corpus.jsonl", documents))
     values = {
-        "source": str(_require(IMDB)),
-        "tokenizer": str(_require(GPT2_TOKENIZER)),
+        "tokenizer": str(bpe_tokenizer().json),
         "block_size": block_size,
         "max_documents": documents,
         "val_fraction": 0.2,
         **data,
     }
-    lines = ["[run]", 'dir = "run"', "[data]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    config.write_text("\n".join(lines) + "\n")
+    config = write_run_config(directory, **values)
     previous = Path.cwd()
     os.chdir(directory)
     try:

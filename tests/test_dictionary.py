@@ -16,7 +16,7 @@ from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 
 
 @pytest.fixture
-def run(tmp_path, gpt2_tokenizer):
+def run(tmp_path):
     tiny_teacher(tmp_path / "teacher")
     save_saelens(tiny_sae(k=4), tmp_path / "sae")
     prepared_run(tmp_path, documents=20)

@@ -16,11 +16,11 @@ from pipelines import extract
 from pipelines.attribution import concept_targets, official_scores, paper_scores
 from pipelines.sae import load_sae, openai_state_dict, save_saelens
 from pipelines.teacher import load_teacher
-from tests.conftest import cocomix_subprocess, prepared_run, run_in, tiny_sae, tiny_teacher
+from tests.conftest import bpe_tokenizer, cocomix_subprocess, prepared_run, run_in, tiny_sae, tiny_teacher
 
 
 @pytest.fixture
-def models(tmp_path, gpt2_tokenizer):
+def models(tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher")
     sae = tiny_sae()
     save_saelens(sae, tmp_path / "sae")
@@ -95,10 +95,15 @@ def naive_dense_official(sae, hidden, grad):
     return (grad @ sae.W_dec.t()) * activations, pre
 
 
-@pytest.mark.parametrize("hook", ["resid_post", "resid_pre"])
-def test_attributions_equal_a_naive_dense_reference(tmp_path, models, hook):
+@pytest.mark.parametrize(
+    "architecture, hook", [("gpt2", "resid_post"), ("gpt2", "resid_pre"), ("llama", "resid_post")]
+)
+def test_attributions_equal_a_naive_dense_reference(tmp_path, models, architecture, hook):
     teacher_dir, sae = models
-    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    if architecture != "gpt2":
+        teacher_dir = tiny_teacher(tmp_path / architecture, architecture=architecture)
+    vocab_size = bpe_tokenizer().vocab_size
+    ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = load_teacher(str(teacher_dir), layer=1, hook=hook).hidden_and_grad(ids)
     hidden, grad = naive_hidden_and_grad(teacher_dir, ids, 1, hook)
     torch.testing.assert_close(ours.hidden, hidden, atol=1e-6, rtol=1e-6)
@@ -242,7 +247,8 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, models):
 
 
 @pytest.mark.slow
-def test_smollm2_teacher_on_a_few_imdb_blocks(tmp_path, smollm2_gguf):
+@pytest.mark.real_data
+def test_smollm2_teacher_on_a_few_blocks(tmp_path, smollm2_gguf):
     prepared_run(tmp_path, documents=3, block_size=64, tokenizer=str(smollm2_gguf), val_fraction=0.0)
     save_saelens(tiny_sae(d_in=576, d_sae=1024, k=16), tmp_path / "sae")
     overrides = [
@@ -264,7 +270,7 @@ def test_smollm2_teacher_on_a_few_imdb_blocks(tmp_path, smollm2_gguf):
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix, gpt2_tokenizer):
+def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix):
     prepared_run(tmp_path, documents=5)
 
     def error(*overrides):
@@ -282,7 +288,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix, gpt2_tokenize
     assert "Accepted: an OpenAI sparse_autoencoder state dict (.pt) or a SAELens folder" in error(
         *base, f"sae.path={tmp_path / 'sae.npz'}"
     )
-    other = json.loads(gpt2_tokenizer.read_text())
+    other = json.loads(bpe_tokenizer().json.read_text())
     vocab = other["model"]["vocab"]
     vocab["!"], vocab['"'] = vocab['"'], vocab["!"]  # a valid tokenizer with two ids swapped
     (tmp_path / "teacher" / "tokenizer.json").write_text(json.dumps(other))

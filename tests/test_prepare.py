@@ -12,7 +12,14 @@ import zarr
 
 from pipelines.prepare import is_validation_document
 from pipelines.stores import open_token_store
-from tests.conftest import cocomix_subprocess, read_imdb_texts, write_jsonl
+from tests.conftest import (
+    bpe_tokenizer,
+    cocomix_subprocess,
+    corpus_documents,
+    corpus_jsonl,
+    read_imdb_texts,
+    write_jsonl,
+)
 
 
 def write_config(directory: Path, source: Path, tokenizer: Path, **data) -> Path:
@@ -23,11 +30,12 @@ def write_config(directory: Path, source: Path, tokenizer: Path, **data) -> Path
     return path
 
 
-def reference_blocks(texts, tokenizer_path, block_size, val_fraction, eos_id=50256):
+def reference_blocks(texts, tokenizer_path, block_size, val_fraction, eos_id=None):
     """Tokenize each text on its own with the plain `transformers` call, join with EOS, cut into blocks."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path))
+    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>") if eos_id is None else eos_id
     streams = {"train": [], "val": []}
     for text in texts:
         split = "val" if is_validation_document(text, val_fraction) else "train"
@@ -43,37 +51,52 @@ def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return {split: store.split(split)[:] for split in ("train", "val")}
 
 
-def test_imdb_2000_reviews_match_direct_tokenization_and_rerun_is_up_to_date(
-    tmp_path, cocomix, imdb_path, gpt2_tokenizer
-):
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=256, val_fraction=0.01, max_documents=2000)
+def assert_exact_tokens_and_up_to_date_rerun(directory, cocomix, source, texts, tokenizer, vocab_size):
+    write_config(directory, source, tokenizer, block_size=256, val_fraction=0.01, max_documents=len(texts))
     first = cocomix("prepare")
     assert first.exit_code == 0, first.stderr
-    assert "2,000 documents" in first.stdout
+    assert f"{len(texts):,} documents" in first.stdout
 
-    expected = reference_blocks(read_imdb_texts(2000), gpt2_tokenizer, 256, 0.01)
-    arrays = store_arrays(tmp_path / "run")
+    expected = reference_blocks(texts, tokenizer, 256, 0.01)
+    arrays = store_arrays(directory / "run")
     assert arrays["train"].dtype == np.uint16
     assert len(expected["val"]) > 0
     for split in ("train", "val"):
         np.testing.assert_array_equal(arrays[split], expected[split])
 
-    attrs = open_token_store(tmp_path / "run" / "prepare" / "tokens.zarr").attrs
+    attrs = open_token_store(directory / "run" / "prepare" / "tokens.zarr").attrs
+    separator_id = reference_blocks(["x"], tokenizer, 1, 0.0)["train"][-1, 0]
     assert attrs["block_size"] == 256
-    assert attrs["tokenizer"]["separator"] == "<|endoftext|>" and attrs["tokenizer"]["separator_id"] == 50256
-    assert attrs["tokenizer"]["vocab_size"] == 50257 and len(attrs["tokenizer"]["vocab_hash"]) == 64
-    assert attrs["counts"]["documents"] == 2000
+    assert attrs["tokenizer"]["separator"] == "<|endoftext|>"
+    assert attrs["tokenizer"]["separator_id"] == separator_id
+    assert attrs["tokenizer"]["vocab_size"] == vocab_size and len(attrs["tokenizer"]["vocab_hash"]) == 64
+    assert attrs["counts"]["documents"] == len(texts)
     assert attrs["counts"]["train_blocks"] == len(expected["train"])
 
-    manifest_before = (tmp_path / "run" / "prepare" / "manifest.json").read_text()
+    manifest_before = (directory / "run" / "prepare" / "manifest.json").read_text()
     second = cocomix("prepare")
     assert second.exit_code == 0
     assert "prepare: up to date" in second.stdout
-    assert (tmp_path / "run" / "prepare" / "manifest.json").read_text() == manifest_before
+    assert (directory / "run" / "prepare" / "manifest.json").read_text() == manifest_before
 
 
-def test_changed_config_is_refused_with_the_keys_then_forced(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=64, max_documents=50, val_fraction=0.0)
+def test_whole_corpus_matches_direct_tokenization_and_rerun_is_up_to_date(tmp_path, cocomix):
+    texts = corpus_documents()
+    source = corpus_jsonl(tmp_path / "plays.jsonl")
+    tokenizer = bpe_tokenizer()
+    assert_exact_tokens_and_up_to_date_rerun(tmp_path, cocomix, source, texts, tokenizer.json, 1024)
+
+
+@pytest.mark.real_data
+def test_imdb_2000_reviews_match_direct_tokenization_and_rerun_is_up_to_date(
+    tmp_path, cocomix, imdb_path, gpt2_tokenizer
+):
+    texts = read_imdb_texts(2000)
+    assert_exact_tokens_and_up_to_date_rerun(tmp_path, cocomix, imdb_path, texts, gpt2_tokenizer, 50257)
+
+
+def test_changed_config_is_refused_with_the_keys_then_forced(tmp_path, cocomix, plays, tokenizer_path):
+    write_config(tmp_path, plays, tokenizer_path, block_size=64, max_documents=50, val_fraction=0.0)
     assert cocomix("prepare").exit_code == 0
     refused = cocomix("prepare", "--block-size", "32")
     assert refused.exit_code == 2
@@ -84,15 +107,15 @@ def test_changed_config_is_refused_with_the_keys_then_forced(tmp_path, cocomix, 
     assert store_arrays(tmp_path / "run")["train"].shape[1] == 32
 
 
-def test_settings_that_do_not_change_output_do_not_invalidate(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=64, max_documents=50, val_fraction=0.0)
+def test_settings_that_do_not_change_output_do_not_invalidate(tmp_path, cocomix, plays, tokenizer_path):
+    write_config(tmp_path, plays, tokenizer_path, block_size=64, max_documents=50, val_fraction=0.0)
     assert cocomix("prepare", "--set", "data.batch_documents=7").exit_code == 0
     again = cocomix("prepare", "--set", "data.batch_documents=1000", "--set", "data.commit_interval_s=0")
     assert again.exit_code == 0 and "up to date" in again.stdout
 
 
-def test_batch_size_and_commits_do_not_change_the_tokens(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=32, max_documents=300, val_fraction=0.05)
+def test_batch_size_and_commits_do_not_change_the_tokens(tmp_path, cocomix, plays, tokenizer_path):
+    write_config(tmp_path, plays, tokenizer_path, block_size=32, max_documents=200, val_fraction=0.05)
     assert cocomix("prepare").exit_code == 0
     reference = store_arrays(tmp_path / "run")
     small = cocomix(
@@ -117,20 +140,20 @@ def test_validation_split_is_a_stable_fraction_of_documents():
     assert not any(is_validation_document(t, 0.0) for t in texts)
 
 
-def test_max_tokens_caps_the_stream_exactly(tmp_path, cocomix, imdb_path, gpt2_tokenizer):
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, block_size=100, val_fraction=0.0, max_tokens=10_050)
+def test_max_tokens_caps_the_stream_exactly(tmp_path, cocomix, plays, tokenizer_path):
+    write_config(tmp_path, plays, tokenizer_path, block_size=100, val_fraction=0.0, max_tokens=10_050)
     result = cocomix("prepare", "--json")
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
     assert summary["tokens_read"] == 10_050
     assert summary["train_blocks"] == 100 and summary["dropped_tail_tokens"] == 50
-    expected = reference_blocks(read_imdb_texts(summary["documents"]), gpt2_tokenizer, 100, 0.0)
+    expected = reference_blocks(corpus_documents(summary["documents"]), tokenizer_path, 100, 0.0)
     np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"][:100])
 
 
 @pytest.mark.parametrize("fmt", ["txt", "txt.gz", "parquet", "jsonl-glob"])
-def test_local_formats_give_the_same_tokens(tmp_path, cocomix, gpt2_tokenizer, fmt):
-    texts = read_imdb_texts(40)
+def test_local_formats_give_the_same_tokens(tmp_path, cocomix, tokenizer_path, fmt):
+    texts = [document.replace("\n", " ") for document in corpus_documents(40)]  # one per line
     if fmt == "txt":
         source = tmp_path / "corpus.txt"
         source.write_text("\n".join(texts) + "\n")
@@ -148,18 +171,19 @@ def test_local_formats_give_the_same_tokens(tmp_path, cocomix, gpt2_tokenizer, f
         write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[20:]])
         write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]])
         source = tmp_path / "*.jsonl"  # sorted: a.jsonl first
-    write_config(tmp_path, source, gpt2_tokenizer, block_size=16, val_fraction=0.0, txt_sample_by="line")
+    write_config(tmp_path, source, tokenizer_path, block_size=16, val_fraction=0.0, txt_sample_by="line")
     assert cocomix("prepare").exit_code == 0
-    expected = reference_blocks(texts, gpt2_tokenizer, 16, 0.0)
+    expected = reference_blocks(texts, tokenizer_path, 16, 0.0)
     np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, imdb_path, gpt2_tokenizer):
+def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, tokenizer_path):
     settings = dict(
         block_size=128, val_fraction=0.01, max_documents=12000, batch_documents=200, commit_interval_s=0.0
     )
-    write_config(tmp_path, imdb_path, gpt2_tokenizer, **settings)
+    plays = corpus_jsonl(tmp_path / "plays.jsonl", copies=60)  # 14,100 documents
+    write_config(tmp_path, plays, tokenizer_path, **settings)
     stage_dir = tmp_path / "run" / "prepare"
 
     process = cocomix_subprocess(["prepare"], cwd=tmp_path)
@@ -180,7 +204,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, imdb_
     assert f"resuming prepare after {killed_at} documents" in stderr
 
     (tmp_path / "clean").mkdir()
-    write_config(tmp_path / "clean", imdb_path, gpt2_tokenizer, **settings)
+    write_config(tmp_path / "clean", plays, tokenizer_path, **settings)
     clean = cocomix_subprocess(["prepare"], cwd=tmp_path / "clean")
     assert clean.wait(timeout=300) == 0
 
@@ -208,13 +232,19 @@ def _chunk_files(stage_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("c/*")) if p.is_file()}
 
 
-def test_hf_prefix_streams_through_the_datasets_repository_loader(tmp_path, cocomix, gpt2_tokenizer):
+def test_hf_prefix_streams_through_the_datasets_repository_loader(tmp_path, cocomix, tokenizer_path):
     # A local dataset folder goes through the same `load_dataset(id, subset, split=...)` call as a hub id.
-    texts = read_imdb_texts(30)
+    texts = corpus_documents(30)
     (tmp_path / "repo" / "data").mkdir(parents=True)
     write_jsonl(tmp_path / "repo" / "data" / "train-00000.jsonl", [{"text": t} for t in texts])
-    write_config(tmp_path, f"hf:{tmp_path / 'repo'}", gpt2_tokenizer, block_size=16, val_fraction=0.0)
+    write_config(tmp_path, f"hf:{tmp_path / 'repo'}", tokenizer_path, block_size=16, val_fraction=0.0)
     result = cocomix("prepare")
     assert result.exit_code == 0, result.stderr
-    expected = reference_blocks(texts, gpt2_tokenizer, 16, 0.0)
+    expected = reference_blocks(texts, tokenizer_path, 16, 0.0)
     np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
+
+
+@pytest.fixture
+def plays(tmp_path) -> Path:
+    """Every document of the committed plays as a jsonl corpus."""
+    return corpus_jsonl(tmp_path / "plays.jsonl")

@@ -296,7 +296,9 @@ def test_each_objective_lowers_validation_loss(run, objective):
     result = run_in(run, pretrain.run, overrides(run, **settings))
     val = rows(result.dir, "val")
     assert [r["step"] for r in val] == [0, 15, 30]
-    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0, val
+    # From ln(1024) = 6.93 nats at the start, 30 steps of 128 tokens take every objective ~0.8 nats down.
+    losses = [r["val_loss"] for r in val]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.5, val
     train = rows(result.dir, "train")
     extra = {"cocomix": "concept_loss", "kd": "kd_loss"}.get(objective)
     if extra:
@@ -347,7 +349,7 @@ def test_bad_inputs_are_one_line_errors(run, cocomix):
     # kd with another vocabulary, then without cached log-probs; cocomix without any concept store.
     store = zarr.open_group(str(run / "run/extract-concepts/concepts.zarr"), mode="r+")
     store.attrs["teacher"] = {**store.attrs["teacher"], "vocab_size": 50000}
-    assert "the teacher has 50000 tokens, the student (the token store's tokenizer) 50257" in error(
+    assert "the teacher has 50000 tokens, the student (the token store's tokenizer) 1024" in error(
         **{"pretrain.objective": "kd"}
     )
     shutil.rmtree(run / "run/extract-concepts")

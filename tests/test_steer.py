@@ -10,20 +10,24 @@ from pipelines.checkpoint import save_model
 from pipelines.config import load_config
 from pipelines.model import GPT, ConceptIntervention
 from pipelines.steering import SteeringModel, sweep
-from tests.conftest import GPT2_TOKENIZER, tiny_model_config
+from tests.conftest import bpe_tokenizer, tiny_model_config
 
-PROMPT = "The movie was"
+PROMPT = "My lord, the"
 
 
 @pytest.fixture
 def cocomix_model(tmp_path):
     """A random CoCoMix student whose concept branch matters (larger compression weights than at init)."""
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(variant="cocomix", vocab_size=50257, context_length=64, concept_k=2)).eval()
+    tokenizer = bpe_tokenizer()
+    config = tiny_model_config(
+        variant="cocomix", vocab_size=tokenizer.vocab_size, context_length=64, concept_k=2
+    )
+    model = GPT(config).eval()
     with torch.no_grad():
         model.concepts.compress_weight.normal_(0.0, 1.0)
-    folder = save_model(model, tmp_path / "model", {"tokenizer": {"separator_id": 50256}})
-    shutil.copy(GPT2_TOKENIZER, folder / "tokenizer.json")
+    folder = save_model(model, tmp_path / "model", {"tokenizer": {"separator_id": tokenizer.separator_id}})
+    shutil.copy(tokenizer.json, folder / "tokenizer.json")
     return folder, model
 
 
@@ -103,7 +107,7 @@ def test_sweep_from_the_command_line_and_bad_input(cocomix_model, cocomix):
 
 
 @pytest.fixture
-def teacher_and_sae(tmp_path, gpt2_tokenizer):
+def teacher_and_sae(tmp_path):
     from pipelines.teacher import load_teacher
     from tests.conftest import tiny_sae, tiny_teacher
 
@@ -143,7 +147,7 @@ def test_teacher_steering_scale_one_is_plain_and_a_large_scale_changes_it(teache
     assert teacher_sweep(teacher, sae, PROMPT, s, [latent], [50.0])["runs"][1]["text"] == amplified
 
 
-def test_teacher_rows_from_the_command_line(cocomix_model, tmp_path, cocomix, gpt2_tokenizer):
+def test_teacher_rows_from_the_command_line(cocomix_model, tmp_path, cocomix):
     from pipelines.sae import save_saelens
     from tests.conftest import tiny_sae, tiny_teacher
 

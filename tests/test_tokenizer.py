@@ -2,9 +2,31 @@ import pytest
 
 from pipelines.errors import InputError
 from pipelines.tokenizer import document_separator, load_tokenizer, tokenizer_files, vocab_hash
+from tests.conftest import bpe_tokenizer
 
 
-def test_tokenizer_json_and_its_folder_are_the_same_tokenizer(gpt2_tokenizer):
+def test_tokenizer_json_and_its_folder_are_the_same_tokenizer():
+    files = bpe_tokenizer()
+    from_file = load_tokenizer(str(files.json))
+    from_folder = load_tokenizer(str(files.folder))  # a transformers folder: read by AutoTokenizer
+    assert from_file.vocab_size == files.vocab_size == 1024
+    assert vocab_hash(from_file) == vocab_hash(from_folder)
+    assert document_separator(from_file, "") == ("<|endoftext|>", files.separator_id)
+    assert document_separator(from_folder, "") == ("<|endoftext|>", files.separator_id)
+    assert files.folder / "tokenizer.json" in tokenizer_files(str(files.folder))
+    text = "Friends, Romans, countrymen, lend me your ears"
+    assert from_file.backend.encode(text).ids == from_folder.backend.encode(text).ids
+
+
+def test_eos_override_must_be_in_the_vocabulary(tokenizer_path):
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    assert document_separator(tokenizer, "!") == ("!", tokenizer.get_vocab()["!"])
+    with pytest.raises(InputError, match=r"`data.eos_token` '</s>' is not in the vocabulary of tokenizer"):
+        document_separator(tokenizer, "</s>")
+
+
+@pytest.mark.real_data
+def test_gpt2_tokenizer_json_and_its_folder_are_the_same_tokenizer(gpt2_tokenizer):
     from_file = load_tokenizer(str(gpt2_tokenizer))
     from_folder = load_tokenizer(str(gpt2_tokenizer.parent))
     assert from_file.vocab_size == 50257
@@ -13,14 +35,8 @@ def test_tokenizer_json_and_its_folder_are_the_same_tokenizer(gpt2_tokenizer):
     assert gpt2_tokenizer in tokenizer_files(str(gpt2_tokenizer.parent))
 
 
-def test_eos_override_must_be_in_the_vocabulary(gpt2_tokenizer):
-    tokenizer = load_tokenizer(str(gpt2_tokenizer))
-    assert document_separator(tokenizer, "!") == ("!", 0)
-    with pytest.raises(InputError, match=r"`data.eos_token` '</s>' is not in the vocabulary of tokenizer"):
-        document_separator(tokenizer, "</s>")
-
-
 @pytest.mark.slow
+@pytest.mark.real_data
 def test_gguf_tokenizer_matches_transformers(smollm2_gguf, gpt2_tokenizer):
     from transformers import AutoTokenizer
 

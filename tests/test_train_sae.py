@@ -38,9 +38,9 @@ def run_stage(directory: Path, args: list[str], **kwargs):
 
 
 @pytest.fixture
-def setup(tmp_path, gpt2_tokenizer):
+def setup(tmp_path):
     tiny_teacher(tmp_path / "teacher")
-    prepared_run(tmp_path, documents=300, block_size=64)
+    prepared_run(tmp_path, documents=200, block_size=64)
     return tmp_path
 
 
@@ -83,7 +83,7 @@ def test_sigkill_then_resume_gives_the_same_final_weights(setup):
 
     (setup / "clean").mkdir()
     tiny_teacher(setup / "clean" / "teacher")
-    prepared_run(setup / "clean", documents=300, block_size=64)
+    prepared_run(setup / "clean", documents=200, block_size=64)
     run_stage(setup / "clean", overrides(setup))
     a, b = (
         load_sae(str(setup / "run/train-sae/sae")).sae,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.report import without_wall_times
-from tests.conftest import GPT2_TOKENIZER, IMDB, REPO, SHARED_DATA, Cocomix, tiny_teacher
+from tests.conftest import FIXTURE_EVAL, REPO, Cocomix, bpe_tokenizer, corpus_jsonl, tiny_teacher
 
 STAGES = [
     "prepare",
@@ -34,7 +34,8 @@ def write_tiny_pipeline(directory: Path, teacher: Path) -> Path:
     eval_dir = directory / "eval-data"
     (eval_dir / "piqa").mkdir(parents=True)
     for name in ("valid.jsonl", "valid-labels.lst"):  # piqa is local, hellaswag is not: it is skipped
-        shutil.copy(SHARED_DATA / "eval" / "piqa" / name, eval_dir / "piqa" / name)
+        shutil.copy(FIXTURE_EVAL / "piqa" / name, eval_dir / "piqa" / name)
+    corpus = corpus_jsonl(directory / "corpus.jsonl", 60)
     config = directory / "cocomix.toml"
     config.write_text(
         f"""
@@ -42,8 +43,8 @@ def write_tiny_pipeline(directory: Path, teacher: Path) -> Path:
 dir = "run"
 objectives = ["ntp", "cocomix"]
 [data]
-source = "{IMDB}"
-tokenizer = "{GPT2_TOKENIZER}"
+source = "{corpus}"
+tokenizer = "{bpe_tokenizer().json}"
 block_size = 32
 max_documents = 60
 val_fraction = 0.2
@@ -84,7 +85,7 @@ data_dir = "{eval_dir}"
 missing_data = "skip"
 limit = 8
 [steer]
-demo_prompts = ["This movie was"]
+demo_prompts = ["My lord, the"]
 demo_scales = [-10.0, 10.0]
 max_new_tokens = 6
 """
@@ -131,7 +132,8 @@ def test_run_chains_every_stage_and_reports_both_students(finished_run):
         assert row["tasks"]["piqa"]["acc"] == evaluated["piqa"]["acc"]
         assert evaluated["piqa"]["examples"] == 8
     assert summary["skipped_tasks"] == ["hellaswag"]
-    assert "skipped (no local data): hellaswag" in stdout
+    assert summary["skipped_reasons"] == {"hellaswag": "no local data (eval.missing_data = skip)"}
+    assert "skipped hellaswag: no local data (eval.missing_data = skip)" in stdout
 
     (demo,) = summary["steering"]
     assert [r["setting"] for r in demo["runs"]] == ["unsteered", "scale -10", "scale 10"]
@@ -147,6 +149,24 @@ def test_run_chains_every_stage_and_reports_both_students(finished_run):
     assert f"concept {demo['concept']}" in report
     assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cocomix run run" in stdout and "val perplexity" in stdout  # the summary table
+
+
+def test_hub_or_skip_leaves_out_a_benchmark_the_hub_cannot_give_and_says_why(
+    finished_run, tmp_path, monkeypatch
+):
+    directory, _ = finished_run
+    shutil.copytree(directory, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    result = Cocomix(tmp_path)("run", "--from", "eval", "--set", "eval.missing_data=hub_or_skip")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_tasks"] == ["hellaswag"]
+    reason = summary["skipped_reasons"]["hellaswag"]
+    assert reason.startswith("no local data and the hub is unreachable (127.0.0.1:9: ")
+    assert f"skipped hellaswag: {reason}" in result.stdout
+    assert f"Skipped hellaswag: {reason}." in (tmp_path / "run" / "report.md").read_text()
+    for objective in ("ntp", "cocomix"):  # what could be scored still is
+        assert sorted(summary["objectives"][objective]["tasks"]) == ["piqa", "ppl"]
 
 
 def test_a_second_run_is_a_no_op(finished_run):

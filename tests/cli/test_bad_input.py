@@ -34,30 +34,30 @@ def corpus(tmp_path):
     return write_jsonl(tmp_path / "corpus.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
 
 
-def test_missing_file(tmp_path, cocomix, gpt2_tokenizer):
-    write_config(tmp_path, tmp_path / "missing.jsonl", gpt2_tokenizer)
+def test_missing_file(tmp_path, cocomix, tokenizer_path):
+    write_config(tmp_path, tmp_path / "missing.jsonl", tokenizer_path)
     assert_one_line_error(
         cocomix("prepare"), f"`data.source` file {tmp_path / 'missing.jsonl'} does not exist"
     )
     assert_nothing_complete(tmp_path / "run")
 
 
-def test_glob_matching_nothing(tmp_path, cocomix, gpt2_tokenizer):
-    write_config(tmp_path, tmp_path / "shards" / "*.jsonl", gpt2_tokenizer)
+def test_glob_matching_nothing(tmp_path, cocomix, tokenizer_path):
+    write_config(tmp_path, tmp_path / "shards" / "*.jsonl", tokenizer_path)
     assert_one_line_error(cocomix("prepare"), "glob", "*.jsonl' matches no files")
 
 
-def test_jsonl_line_that_is_not_json(tmp_path, cocomix, gpt2_tokenizer, corpus):
+def test_jsonl_line_that_is_not_json(tmp_path, cocomix, tokenizer_path, corpus):
     lines = corpus.read_text().splitlines()
     lines[6] = '{"id": 6, "text": "unterminated'
     corpus.write_text("\n".join(lines) + "\n")
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=8)
+    write_config(tmp_path, corpus, tokenizer_path, block_size=8)
     assert_one_line_error(cocomix("prepare"), f"{corpus}:7: not valid JSON", "Fix or remove that line")
     assert_nothing_complete(tmp_path / "run")
 
 
-def test_text_field_that_does_not_exist(tmp_path, cocomix, gpt2_tokenizer, corpus):
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=8, text_field="body")
+def test_text_field_that_does_not_exist(tmp_path, cocomix, tokenizer_path, corpus):
+    write_config(tmp_path, corpus, tokenizer_path, block_size=8, text_field="body")
     assert_one_line_error(
         cocomix("prepare"),
         "`data.text_field` 'body' is not a field of",
@@ -68,16 +68,16 @@ def test_text_field_that_does_not_exist(tmp_path, cocomix, gpt2_tokenizer, corpu
 
 
 @pytest.mark.parametrize("content", ["", '{"text": ""}\n{"text": ""}\n'])
-def test_empty_corpus(tmp_path, cocomix, gpt2_tokenizer, content):
+def test_empty_corpus(tmp_path, cocomix, tokenizer_path, content):
     source = tmp_path / "empty.jsonl"
     source.write_text(content)
-    write_config(tmp_path, source, gpt2_tokenizer, block_size=8)
+    write_config(tmp_path, source, tokenizer_path, block_size=8)
     assert_one_line_error(cocomix("prepare"), f"The corpus {source} holds no text")
     assert_nothing_complete(tmp_path / "run")
 
 
-def test_block_size_larger_than_the_corpus(tmp_path, cocomix, gpt2_tokenizer, corpus):
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=4096, val_fraction=0.0)
+def test_block_size_larger_than_the_corpus(tmp_path, cocomix, tokenizer_path, corpus):
+    write_config(tmp_path, corpus, tokenizer_path, block_size=4096, val_fraction=0.0)
     assert_one_line_error(
         cocomix("prepare"),
         "`data.block_size` (4096) is larger than the training text",
@@ -86,8 +86,8 @@ def test_block_size_larger_than_the_corpus(tmp_path, cocomix, gpt2_tokenizer, co
     assert_nothing_complete(tmp_path / "run")
 
 
-def test_too_little_validation_text(tmp_path, cocomix, gpt2_tokenizer, corpus):
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=256, val_fraction=0.05)
+def test_too_little_validation_text(tmp_path, cocomix, tokenizer_path, corpus):
+    write_config(tmp_path, corpus, tokenizer_path, block_size=256, val_fraction=0.05)
     assert_one_line_error(cocomix("prepare"), "No validation block", "Raise `data.val_fraction`")
 
 
@@ -104,8 +104,8 @@ def test_tokenizer_that_cannot_be_loaded(tmp_path, cocomix, corpus, kind):
     assert_nothing_complete(tmp_path / "run")
 
 
-def test_run_dir_holding_a_different_run(tmp_path, cocomix, gpt2_tokenizer, corpus):
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=8, val_fraction=0.0)
+def test_run_dir_holding_a_different_run(tmp_path, cocomix, tokenizer_path, corpus):
+    write_config(tmp_path, corpus, tokenizer_path, block_size=8, val_fraction=0.0)
     assert cocomix("prepare").exit_code == 0
     assert_one_line_error(
         cocomix("prepare", "--set", "data.val_fraction=0.5"),
@@ -114,10 +114,10 @@ def test_run_dir_holding_a_different_run(tmp_path, cocomix, gpt2_tokenizer, corp
     )
 
 
-def test_run_dir_holding_something_else(tmp_path, cocomix, gpt2_tokenizer, corpus):
+def test_run_dir_holding_something_else(tmp_path, cocomix, tokenizer_path, corpus):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "thesis.tex").write_text("%")
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=8)
+    write_config(tmp_path, corpus, tokenizer_path, block_size=8)
     assert_one_line_error(cocomix("prepare"), "`run.dir` (run) holds files that are not a cocomix run")
 
 

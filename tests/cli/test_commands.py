@@ -47,10 +47,10 @@ def test_config_show_resolves_and_reads_back(tmp_path, cocomix):
     assert "[pretrain]" in result.stdout
 
 
-def test_status_reports_each_stage_as_json(tmp_path, cocomix, gpt2_tokenizer):
+def test_status_reports_each_stage_as_json(tmp_path, cocomix, tokenizer_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"paragraph {i} of a small corpus" for i in range(200)))
-    write_config(tmp_path, corpus, gpt2_tokenizer, block_size=16, val_fraction=0.0)
+    write_config(tmp_path, corpus, tokenizer_path, block_size=16, val_fraction=0.0)
     before = json.loads(cocomix("status", "--json").stdout)
     assert before["stages"][0] == {"stage": "prepare", "status": "not started"}
     assert cocomix("prepare").exit_code == 0

@@ -107,7 +107,6 @@ def load_hellaswag(**kwargs) -> datasets.DatasetDict:
 def load_piqa(**kwargs) -> datasets.DatasetDict:
     d = data_root() / "eval/piqa"
     docs, labels = _jsonl(d / "valid.jsonl"), _labels(d / "valid-labels.lst")
-    assert len(docs) == len(labels) == 1838, (len(docs), len(labels))
     rows = [
         {"goal": x["goal"], "sol1": x["sol1"], "sol2": x["sol2"], "label": int(y)}
         for x, y in zip(docs, labels, strict=True)
@@ -119,7 +118,6 @@ def load_piqa(**kwargs) -> datasets.DatasetDict:
 def load_siqa(**kwargs) -> datasets.DatasetDict:
     d = data_root() / "eval/siqa"
     docs, labels = _jsonl(d / "dev.jsonl"), _labels(d / "dev-labels.lst")
-    assert len(docs) == len(labels) == 1954, (len(docs), len(labels))
     keys = ("context", "question", "answerA", "answerB", "answerC")
     # label stays a string "1".."3", as in lighteval/siqa
     rows = [{**{k: x[k] for k in keys}, "label": y} for x, y in zip(docs, labels, strict=True)]
