@@ -242,7 +242,7 @@ class EvalConfig:
         [], "Models: folders, or `hf:PATH_OR_ID` for transformers LMs; empty: this run's pretrained students."
     )
     data_dir: str = _field(
-        "", "Folder with the tasks' local files in the ../shared/data/eval layout; empty: the hub (datasets)."
+        "", "Folder with the tasks' local files (the original files' layout, as in tests/data/eval)."
     )
     data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).")
     limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
@@ -267,8 +267,9 @@ class EvalConfig:
     )
     missing_data: str = _field(
         "hub",
-        "A benchmark with no local file: `hub` (read it from the HuggingFace hub) or `skip` (leave it out, "
-        "with a note; for offline runs).",
+        "A benchmark with no local file: `hub` (read it from the HuggingFace hub; an error if it cannot be "
+        "loaded), `skip` (leave it out, with a note; never asks the hub) or `hub_or_skip` (the hub where it "
+        "can be reached, else leave it out with a note).",
         affects_output=False,
     )
 
@@ -617,8 +618,10 @@ def _validate_pretrain(cfg: Config) -> list[str]:
         problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
     if cfg.eval.backend not in ("cocomix", "lm-eval"):
         problems.append(f"`eval.backend` ({cfg.eval.backend!r}) must be `cocomix` or `lm-eval`")
-    if cfg.eval.missing_data not in ("hub", "skip"):
-        problems.append(f"`eval.missing_data` ({cfg.eval.missing_data!r}) must be `hub` or `skip`")
+    if cfg.eval.missing_data not in ("hub", "skip", "hub_or_skip"):
+        problems.append(
+            f"`eval.missing_data` ({cfg.eval.missing_data!r}) must be `hub`, `skip` or `hub_or_skip`"
+        )
     if cfg.eval.limit < 0:
         problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
     if p.mixing not in ("interleave", "add"):

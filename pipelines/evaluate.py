@@ -61,9 +61,9 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
             "declare one in `[eval.task.NAME]`."
         )
     data_files = _data_files(cfg)
-    skipped = [t for t in e.tasks if e.missing_data == "skip" and t not in data_files and t != PPL_TASK]
-    for task in skipped:
-        log.warning("eval: skipping %s: no local data (eval.missing_data = skip)", task)
+    skipped = _unavailable_tasks(cfg, data_files)
+    for task, reason in skipped.items():
+        log.warning("eval: skipping %s: %s", task, reason)
     run_tasks = [t for t in e.tasks if t not in skipped]
     models = _models(cfg)
     stage_dir = run_dir / STAGE
@@ -104,7 +104,8 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
     results = {
         "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
         "tasks": run_tasks,
-        "skipped_tasks": skipped,
+        "skipped_tasks": list(skipped),
+        "skipped_reasons": skipped,
         "limit": e.limit,
         "results": table,
         "seconds": round(time.monotonic() - started, 3),
@@ -223,7 +224,7 @@ def _data_files(cfg: Config) -> dict[str, Path]:
         files[name] = Path(spec.data)
     if cfg.eval.data_dir:
         root = Path(cfg.eval.data_dir)
-        if not root.is_dir() and cfg.eval.missing_data != "skip":
+        if not root.is_dir() and cfg.eval.missing_data == "hub":
             raise InputError(f"`eval.data_dir` {root} is not a folder.")
         for name, task in TASKS.items():
             if (root / task.local_file).exists():
@@ -238,6 +239,31 @@ def _data_files(cfg: Config) -> dict[str, Path]:
             raise InputError(f"Data file {path} for task `{name}` does not exist.")
         files[name] = Path(path)
     return files
+
+
+def _unavailable_tasks(cfg: Config, data_files: dict[str, Path]) -> dict[str, str]:
+    """Benchmarks left out of this eval, each with the reason: no local file under `missing_data = "skip"`;
+    no local file and no hub dataset (unreachable, or not loadable) under `"hub_or_skip"`."""
+    from pipelines.eval_tasks import TASKS
+    from pipelines.hub import hub_unreachable
+
+    missing = [t for t in cfg.eval.tasks if t not in data_files and t != PPL_TASK]
+    if cfg.eval.missing_data == "hub" or not missing:
+        return {}
+    if cfg.eval.missing_data == "skip":
+        return {t: "no local data (eval.missing_data = skip)" for t in missing}
+    # One probe for all of them: offline, every hub load would retry for about 20 s before failing.
+    unreachable = hub_unreachable()
+    reasons = {}
+    for task in missing:
+        if unreachable is not None:
+            reasons[task] = f"no local data and the hub is unreachable ({unreachable})"
+            continue
+        try:
+            _hub_dataset(TASKS[task])  # fetched once into the datasets cache, read again when scored
+        except _HubDataUnavailable as exc:
+            reasons[task] = f"no local data and the hub dataset {TASKS[task].hub[0]} cannot be loaded ({exc})"
+    return reasons
 
 
 def _data_identity(cfg: Config, task: str, path: Path | None) -> Any:
@@ -274,6 +300,23 @@ def _rows(task, path: Path | None, limit: int) -> list[dict]:
 
 
 def _hub_rows(task, limit: int) -> list[dict]:
+    try:
+        dataset = _hub_dataset(task)
+    except _HubDataUnavailable as exc:
+        dataset_id, subset, split = task.hub
+        raise InputError(
+            f"No data for task `{task.name}`: the hub dataset {dataset_id} ({subset or 'default'}, {split}) "
+            f"cannot be loaded ({exc}). Put the file at <eval.data_dir>/{task.local_file} or pass "
+            f"--data {task.name}=PATH."
+        ) from None
+    return [dict(r) for r in (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)]
+
+
+class _HubDataUnavailable(Exception):
+    """A hub dataset that cannot be read; the message is the first line of the underlying error."""
+
+
+def _hub_dataset(task):
     dataset_id, subset, split = task.hub
     try:
         from datasets import load_dataset
@@ -281,14 +324,11 @@ def _hub_rows(task, limit: int) -> list[dict]:
         from pipelines.hub import quiet_hub
 
         with quiet_hub():
-            dataset = load_dataset(dataset_id, subset, split=split)
+            return load_dataset(dataset_id, subset, split=split)
     except Exception as exc:  # offline, missing cache, renamed dataset: all "cannot read the data"
-        raise InputError(
-            f"No data for task `{task.name}`: the hub dataset {dataset_id} ({subset or 'default'}, {split}) "
-            f"cannot be loaded ({str(exc).splitlines()[0][:200]}). Put the file at "
-            f"<eval.data_dir>/{task.local_file} or pass --data {task.name}=PATH."
+        raise _HubDataUnavailable(
+            str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         ) from None
-    return [dict(r) for r in (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)]
 
 
 def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -> dict:

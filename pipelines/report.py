@@ -60,6 +60,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "objectives": objectives,
         "skipped_tasks": results.get("skipped_tasks", []),
+        "skipped_reasons": results.get("skipped_reasons", {}),
         "stages": stages,
         "steering": [_demo_row(p) for p in demo["prompts"]] if demo else [],
         "loss_curves": str(run_dir / LOSS_CURVES),
@@ -67,6 +68,15 @@ def collect(cfg: Config) -> dict[str, Any]:
             o: COLOUR_NAMES[i % len(COLOUR_NAMES)] for i, o in enumerate(cfg.run.objectives)
         },
     }
+
+
+def skipped_notes(summary: dict[str, Any]) -> list[str]:
+    """One line per reason: "hellaswag, piqa: no local data and the hub is unreachable (...)"."""
+    by_reason: dict[str, list[str]] = {}
+    for task in summary.get("skipped_tasks", []):
+        reason = summary.get("skipped_reasons", {}).get(task, "no local data")
+        by_reason.setdefault(reason, []).append(task)
+    return [f"{', '.join(tasks)}: {reason}" for reason, tasks in by_reason.items()]
 
 
 def without_wall_times(summary: Any) -> Any:
@@ -85,7 +95,7 @@ def markdown(cfg: Config, summary: dict[str, Any]) -> str:
     lines += ["| | " + " | ".join(objectives) + " |", "|---|" + "---:|" * len(objectives)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in student_table(summary)]
     if summary["skipped_tasks"]:
-        lines += ["", f"Skipped (no local data): {', '.join(summary['skipped_tasks'])}."]
+        lines += [""] + [f"Skipped {line}." for line in skipped_notes(summary)]
     colours = ", ".join(f"{colour}: {o}" for o, colour in summary["loss_curve_colours"].items())
     lines += [
         "",

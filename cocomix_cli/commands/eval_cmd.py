@@ -87,3 +87,7 @@ def evaluate(
                 cells.append(f"{m[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
             table.add_row(f"{task} {metric} (n={first.get('examples', first.get('tokens'))})", *cells)
     console.print(table)
+    from pipelines.report import skipped_notes
+
+    for note in skipped_notes(results):
+        console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)

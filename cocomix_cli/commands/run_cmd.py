@@ -75,7 +75,7 @@ def run(
 
 
 def _print_summary(summary: dict) -> None:
-    from pipelines.report import student_table
+    from pipelines.report import skipped_notes, student_table
 
     table = Table(title=f"cocomix run {summary['run_dir']}", title_justify="left")
     table.add_column("")
@@ -84,8 +84,8 @@ def _print_summary(summary: dict) -> None:
     for label, cells in student_table(summary):
         table.add_row(label, *cells)
     console.print(table)
-    if summary["skipped_tasks"]:
-        console.print(f"skipped (no local data): {', '.join(summary['skipped_tasks'])}")
+    for note in skipped_notes(summary):
+        console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)
     for demo in summary["steering"]:
         label = f" ({demo['label']})" if demo["label"] else ""
         console.print(
