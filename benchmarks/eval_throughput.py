@@ -48,7 +48,7 @@ def main() -> None:
         folder = save_model(model, Path(tmp) / "model", {"tokenizer": {"separator_id": 50256}})
         tokenizer_file = SHARED / "tokenizers/gpt2/tokenizer.json"
         (folder / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-        hf_dir = export_hf_gpt2(model, Path(tmp) / "hf")
+        hf_dir = export_hf_gpt2(model, Path(tmp) / "hf", separator_id=50256)
         PreTrainedTokenizerFast(
             tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
         ).save_pretrained(hf_dir)

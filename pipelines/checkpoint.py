@@ -60,8 +60,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device)
 
 
-def export_hf_gpt2(model: GPT, folder: Path) -> Path:
-    """Write an NTP student as a transformers `GPT2LMHeadModel` folder (Conv1D weights are transposed)."""
+def export_hf_gpt2(model: GPT, folder: Path, separator_id: int | None = None) -> Path:
+    """Write an NTP student as a transformers `GPT2LMHeadModel` folder (Conv1D weights are transposed).
+
+    `separator_id` (the token store's document separator) becomes the config's BOS and EOS id; without it
+    they are left unset, since GPT2Config's default 50256 lies outside a smaller vocabulary.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = model.config
@@ -79,6 +83,8 @@ def export_hf_gpt2(model: GPT, folder: Path) -> Path:
         attn_pdrop=0.0,
         layer_norm_epsilon=config.layer_norm_eps,
         tie_word_embeddings=True,
+        bos_token_id=separator_id,
+        eos_token_id=separator_id,
     )
     hf_model = GPT2LMHeadModel(hf_config)
     state = {}

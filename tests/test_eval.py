@@ -13,10 +13,9 @@ from pipelines.config import load_config
 from pipelines.errors import InputError
 from pipelines.eval_tasks import TASKS, mean_and_stderr, wikitext_detokenizer
 from pipelines.lm_scoring import ScoringModel, rolling_windows
-from tests.conftest import REPO, prepared_run, run_in
+from tests.conftest import FIXTURE_EVAL, bpe_tokenizer, prepared_run, run_in
 
-EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
-ROWS = {
+ROWS = {  # the real files of the shared folder
     "hellaswag": 10042,
     "piqa": 1838,
     "social_iqa": 1954,
@@ -25,6 +24,8 @@ ROWS = {
     "lambada_openai": 5153,
     "wikitext": 62,  # articles of the WikiText-2 test split, as lm-eval's document-level dataset
 }
+FIXTURE_ROWS = {task: 14 for task in ROWS} | {"wikitext": 3}  # tests/data/eval (see its README)
+CAPITALS = FIXTURE_EVAL / "custom" / "capitals.jsonl"
 STUDENT = {
     "pretrain.preset": "tiny",
     "pretrain.n_layer": 2,
@@ -39,9 +40,7 @@ STUDENT = {
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A prepared run with tiny NTP and pause students."""
-    if not EVAL_DATA.is_dir():
-        pytest.skip(f"{EVAL_DATA} is absent")
+    """A prepared run (the committed corpus, the test BPE) with tiny NTP and pause students."""
     base = tmp_path_factory.mktemp("trained")
     prepared_run(base, documents=60, block_size=128)
     for objective in ("ntp", "pause"):
@@ -51,34 +50,38 @@ def trained(tmp_path_factory):
     return base
 
 
-def first_example(task: str):
+def examples(task: str, root=FIXTURE_EVAL) -> list:
     t = TASKS[task]
-    return t.build(next(iter(t.read(EVAL_DATA / t.local_file))))
+    return [t.build(row) for row in t.read(root / t.local_file)]
+
+
+def first_example(task: str, root=FIXTURE_EVAL):
+    t = TASKS[task]
+    return t.build(next(iter(t.read(root / t.local_file))))
 
 
 # --- prompts and data -----------------------------------------------------------------------------------
 
 
-def test_prompts_of_known_rows_are_lm_evals():
-    if not EVAL_DATA.is_dir():
-        pytest.skip(f"{EVAL_DATA} is absent")
-    hellaswag = first_example("hellaswag")
+@pytest.mark.real_data
+def test_prompts_of_known_rows_are_lm_evals(shared_eval):
+    hellaswag = first_example("hellaswag", shared_eval)
     assert hellaswag.requests()[3] == (
         "Roof shingle removal: A man is sitting on a roof. He",  # ctx_b capitalised, as lm-eval does
         " starts pulling up roofing on a roof.",
     )
     assert hellaswag.gold == 3 and hellaswag.choices_text[3] == "starts pulling up roofing on a roof."
-    piqa = first_example("piqa")
+    piqa = first_example("piqa", shared_eval)
     assert piqa.contexts == ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",)
     assert piqa.continuations[0].startswith(" Provide the guinea pig") and piqa.gold == 0
-    siqa = first_example("social_iqa")
+    siqa = first_example("social_iqa", shared_eval)
     assert siqa.requests()[2] == (
         "Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
         "before this?\nA:",
         " Find somewhere to go",
     )
     assert siqa.gold == 2  # the labels file says 3 (1-based)
-    arc = first_example("arc_easy")
+    arc = first_example("arc_easy", shared_eval)
     assert arc.contexts == (
         "Question: Which statement best explains why photosynthesis is the foundation of most food webs?"
         "\nAnswer:",
@@ -87,17 +90,96 @@ def test_prompts_of_known_rows_are_lm_evals():
         arc.continuations[0] == " Sunlight is the source of energy for nearly all ecosystems."
         and arc.gold == 0
     )
-    wino = first_example("winogrande")
+    wino = first_example("winogrande", shared_eval)
     assert wino.requests() == [
         ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
         ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
     ]
     assert wino.gold == 1
-    lambada = first_example("lambada_openai")
+    lambada = first_example("lambada_openai", shared_eval)
     assert lambada.contexts[0].endswith("I don't care about") and lambada.continuations == (" signs",)
-    wiki = first_example("wikitext")
+    wiki = first_example("wikitext", shared_eval)
     assert wiki["text"].startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, television")
     assert wiki["words"] > 1000 and wiki["bytes"] > wiki["words"]
+
+
+def test_prompts_of_the_first_fixture_rows_are_lm_evals():
+    """The twin of the test above on tests/data/eval: the strings lm-eval's stock templates build from each
+    file's first row, written out by hand from the file."""
+    hellaswag = first_example("hellaswag")
+    assert hellaswag.contexts == (  # ctx_a + " " + ctx_b.capitalize(): "she" -> "She"
+        "Washing dishes: A woman stands at a kitchen sink filled with soapy water. She",
+    )
+    assert hellaswag.continuations == (
+        " scrubs a plate with a sponge and rinses it under the tap.",
+        " throws the plate out of the window onto the lawn.",
+        " puts the sponge in the oven and turns it on.",
+        " paints the sink bright blue with a small brush.",
+    )
+    assert (
+        hellaswag.gold == 0
+        and hellaswag.choices_text[1] == "throws the plate out of the window onto the lawn."
+    )
+    hellaswag_rows = examples("hellaswag")
+    # A two-word ctx_b ("then he") is capitalised too; a WikiHow row has ctx_b = "" and a placeholder
+    # ending whose `[your name]` the stock preprocessing drops.
+    assert hellaswag_rows[2].contexts[0].endswith("He spreads butter on each slice. Then he")
+    assert hellaswag_rows[8].contexts == (
+        "Work World: How to write a thank you note. Start with a greeting. Address the person by name at the "
+        "top of the card.",
+    )
+    assert hellaswag_rows[8].continuations[0] == (
+        ' Thank the person for the gift or favor and end the note with "Best wishes, ."'
+    )
+    piqa = first_example("piqa")
+    assert piqa.requests() == [
+        ("Question: How do I keep bread from going stale quickly?\nAnswer:",
+         " Store it in a sealed bag or a bread box at room temperature."),
+        ("Question: How do I keep bread from going stale quickly?\nAnswer:",
+         " Leave it uncovered on the counter next to the stove."),
+    ]  # fmt: skip
+    assert piqa.gold == 0  # valid-labels.lst: 0
+    siqa = first_example("social_iqa")
+    assert siqa.contexts == (
+        "Q: Maya forgot her lunch at home, so her friend Sam shared his sandwich with her. How would Maya "
+        "feel as a result?\nA:",
+    )
+    assert siqa.continuations == (" grateful to Sam", " angry at Sam", " bored with lunch")
+    assert siqa.gold == 0  # dev-labels.lst says 1 (1-based)
+    arc = first_example("arc_easy")
+    assert arc.requests() == [
+        ("Question: Which of these is the main source of energy for most plants?\nAnswer:", f" {c}")
+        for c in ("sunlight", "soil", "wind", "rocks")
+    ]
+    assert arc.gold == 0 and arc.choices_text == ("sunlight", "soil", "wind", "rocks")
+    wino = first_example("winogrande")
+    assert wino.requests() == [
+        ("Anna poured water from the bottle into the cup until the bottle", " was full."),
+        ("Anna poured water from the bottle into the cup until the cup", " was full."),
+    ]
+    assert wino.gold == 1
+    lambada = first_example("lambada_openai")
+    assert lambada.requests() == [
+        (
+            "Every morning before school, Ella fed her goldfish. She sprinkled a pinch of flakes on the "
+            "water and watched the little orange fish swim up to eat. When her family went away for a "
+            'weekend, she asked her neighbor to look after the tank.\n\n"Just a pinch of flakes each '
+            'morning," she said. "Please don\'t forget to feed my',
+            " goldfish",
+        )
+    ]
+    wiki = first_example("wikitext")
+    # One article per ` = Title = `; the detokenizer joins ` @.@ `, ` , `, ` 's`, brackets and headings.
+    assert wiki["text"].startswith(
+        " = Common kingfisher =\n\nThe common kingfisher (Alcedo atthis) is a small bird of the "
+        "kingfisher family. It is found across much of Europe, Asia and North Africa, and it is the only "
+        "kingfisher that breeds in most of Europe. The bird is about 16 – 17 cm (6.3 – 6.7 in) long"
+    )
+    assert "\n\n== Description ==\n\nThe male and the female look much alike." in wiki["text"]
+    assert "blue-green" in wiki["text"] and "the female's lower bill" in wiki["text"]
+    assert wiki["text"].endswith("but a population usually recovers within a few years.\n")
+    # Words and bytes are counted on the raw page, with its blank ` ` rows around the headings restored.
+    assert (wiki["words"], wiki["bytes"]) == (329, 1547)
 
 
 def test_hellaswag_ctx_split_recovers_ctx_b():
@@ -135,12 +217,25 @@ def test_hub_layouts_give_the_same_prompts():
     assert wino.gold == 0
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("task", sorted(ROWS))
-def test_full_files_have_their_known_row_counts(task):
-    if not EVAL_DATA.is_dir():
-        pytest.skip(f"{EVAL_DATA} is absent")
+def test_full_files_have_their_known_row_counts(task, shared_eval):
     t = TASKS[task]
-    assert sum(1 for _ in t.read(EVAL_DATA / t.local_file)) == ROWS[task]
+    assert sum(1 for _ in t.read(shared_eval / t.local_file)) == ROWS[task]
+
+
+@pytest.mark.parametrize("task", sorted(FIXTURE_ROWS))
+def test_fixture_files_have_their_known_row_counts(task):
+    t = TASKS[task]
+    assert sum(1 for _ in t.read(FIXTURE_EVAL / t.local_file)) == FIXTURE_ROWS[task]
+    labels = {"piqa": "piqa/valid-labels.lst", "social_iqa": "siqa/dev-labels.lst"}.get(task)
+    if labels:  # and as many labels, one a line
+        assert len((FIXTURE_EVAL / labels).read_text().split()) == FIXTURE_ROWS[task]
+
+
+def test_the_custom_fixture_has_its_known_row_count():
+    rows = [json.loads(line) for line in CAPITALS.read_text().splitlines() if line.strip()]
+    assert len(rows) == 12 and all(row["answer"] in row["options"] for row in rows)
 
 
 def test_wikitext_detokenizer_and_rolling_windows():
@@ -172,7 +267,7 @@ def direct_loglikelihood(model, context_ids, continuation_ids) -> float:
 def test_ntp_export_scores_the_same_through_transformers(trained, tmp_path):
     ntp = trained / "run/pretrain-ntp/model"
     ours = ScoringModel(str(ntp))
-    export_hf_gpt2(load_model(ntp), tmp_path / "hf")
+    export_hf_gpt2(load_model(ntp), tmp_path / "hf", bpe_tokenizer().separator_id)
     shutil.copy(ntp / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
     theirs = ScoringModel(f"hf:{tmp_path / 'hf'}")
     requests = [
@@ -220,12 +315,15 @@ def test_pause_model_is_scored_through_its_slots(trained):
 def test_cocomix_model_is_scored_through_its_concept_slots(tmp_path):
     from pipelines.checkpoint import save_model
     from pipelines.model import GPT
-    from tests.conftest import GPT2_TOKENIZER, tiny_model_config
+    from tests.conftest import tiny_model_config
 
+    tokenizer = bpe_tokenizer()
+    saved = {"tokenizer": {"separator_id": tokenizer.separator_id}}
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(variant="cocomix", vocab_size=50257, context_length=128)).eval()
-    folder = save_model(model, tmp_path / "cocomix", {"tokenizer": {"separator_id": 50256}})
-    shutil.copy(GPT2_TOKENIZER, folder / "tokenizer.json")
+    model = GPT(tiny_model_config(variant="cocomix", vocab_size=tokenizer.vocab_size, context_length=128))
+    model.eval()
+    folder = save_model(model, tmp_path / "cocomix", saved)
+    shutil.copy(tokenizer.json, folder / "tokenizer.json")
     scorer = ScoringModel(str(folder))
     requests = first_example("arc_easy").requests()
     for request, scored in zip(requests, scorer.loglikelihood(requests), strict=True):
@@ -236,7 +334,7 @@ def test_cocomix_model_is_scored_through_its_concept_slots(tmp_path):
     # The concept branch is in the path: zeroing its compression changes the scores.
     with torch.no_grad():
         model.concepts.compress_weight.zero_()
-    save_model(model, folder, {"tokenizer": {"separator_id": 50256}})
+    save_model(model, folder, saved)
     changed = ScoringModel(str(folder)).loglikelihood(requests[:1])[0].loglikelihood
     assert changed != pytest.approx(scorer.loglikelihood(requests[:1])[0].loglikelihood, rel=1e-6)
 
@@ -251,6 +349,7 @@ def test_offline_runs_skip_benchmarks_without_local_data(trained, tmp_path):
     absent = [f"eval.data_dir={tmp_path / 'nowhere'}", "eval.missing_data=skip", tasks, "eval.limit=4"]
     results = run_in(run, evaluate.run, absent)
     assert results["tasks"] == ["ppl"] and results["skipped_tasks"] == ["piqa"]
+    assert results["skipped_reasons"] == {"piqa": "no local data (eval.missing_data = skip)"}
     assert sorted(results["results"]["pretrain-ntp"]) == ["ppl"]
     with pytest.raises(InputError, match="`eval.data_dir` .*nowhere is not a folder"):
         run_in(run, evaluate.run, [f"eval.data_dir={tmp_path / 'nowhere'}", tasks])
@@ -259,13 +358,14 @@ def test_offline_runs_skip_benchmarks_without_local_data(trained, tmp_path):
 def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
     run = tmp_path / "run-copy"
     shutil.copytree(trained, run)
-    args = [f"eval.data_dir={EVAL_DATA}", "eval.limit=6", 'eval.tasks=["ppl", "piqa", "winogrande"]']
+    args = [f"eval.data_dir={FIXTURE_EVAL}", "eval.limit=6", 'eval.tasks=["ppl", "piqa", "winogrande"]']
     results = run_in(run, evaluate.run, args, log_samples=True)
     assert sorted(results["results"]) == ["pretrain-ntp", "pretrain-pause"]
     piqa = results["results"]["pretrain-ntp"]["piqa"]
     assert piqa["examples"] == 6 and 0 <= piqa["acc"] <= 1 and piqa["acc_stderr"] is not None
     samples = (run / "run/eval/samples/pretrain-ntp/piqa.jsonl").read_text().splitlines()
-    assert len(samples) == 6 and json.loads(samples[0])["requests"][0][0].startswith("Question: ")
+    assert len(samples) == 6
+    assert json.loads(samples[0])["requests"] == [list(r) for r in first_example("piqa").requests()]
     ppl = results["results"]["pretrain-ntp"]["ppl"]
     assert ppl["perplexity"] == pytest.approx(torch.tensor(ppl["loss"]).exp().item(), rel=1e-6)
 
@@ -287,48 +387,57 @@ def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
     }
 
 
-def test_missing_data_says_where_to_put_it(trained, cocomix):
+def test_missing_data_says_where_to_put_it(trained, cocomix, monkeypatch):
+    # The hub libraries' own offline mode (what HF_HUB_OFFLINE=1 sets at import), whether or not CI has a
+    # network: the real load fails at once instead of after its retries.
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     result = cocomix(
         "--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "hellaswag", "--data", "piqa=/nope.jsonl"
     )
     assert result.exit_code == 2 and "Data file /nope.jsonl for task `piqa` does not exist" in result.stderr
     result = cocomix("--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "hellaswag", "--limit", "2")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "No data for task `hellaswag`" in result.stderr and "--data hellaswag=PATH" in result.stderr
+    assert "No data for task `hellaswag`: the hub dataset Rowan/hellaswag" in result.stderr
+    assert (
+        "cannot be loaded (Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled))"
+        in result.stderr
+    )
+    assert "<eval.data_dir>/hellaswag/hellaswag_val.jsonl" in result.stderr
+    assert "--data hellaswag=PATH" in result.stderr
     result = cocomix("--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "mmlu")
     assert result.exit_code == 2 and "Unknown eval task(s) mmlu" in result.stderr
 
 
 def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
-    rows = [
-        {"question": "What color is the sky?", "options": ["blue", "green"], "answer": "blue"},
-        {"question": "How many legs has a cat?", "options": ["two", "four", "six"], "answer": "four"},
-        {"question": "Which is a fruit?", "options": ["apple", "stone"], "answer": "apple"},
-    ]
-    data = tmp_path / "mini.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [json.loads(line) for line in CAPITALS.read_text().splitlines() if line.strip()]
     run = tmp_path / "run-copy"
     shutil.copytree(trained, run)
     config = run / "cocomix.toml"
     config.write_text(
         config.read_text()
-        + f'[eval]\ntasks = ["mini"]\n[eval.task.mini]\ndata = "{data}"\n'
+        + f'[eval]\ntasks = ["capitals"]\n[eval.task.capitals]\ndata = "{CAPITALS}"\n'
         + 'prompt = "Question: {question}\\nAnswer:"\nchoices = "options"\ngold = "answer"\n'
     )
     from pipelines.config import to_toml
 
-    assert load_config(config, []).eval.task["mini"].gold == "answer"
-    assert "[eval.task.mini]" in to_toml(load_config(config, []))
+    assert load_config(config, []).eval.task["capitals"].gold == "answer"
+    assert "[eval.task.capitals]" in to_toml(load_config(config, []))
     results = run_in(run, evaluate.run, ['eval.models=["run/pretrain-ntp/model"]'])
-    mini = results["results"]["pretrain-ntp"]["mini"]
+    capitals = results["results"]["pretrain-ntp"]["capitals"]
+    # By hand: each option scored after the prompt, acc = argmax is the answer, acc_norm divides by length.
     scorer = ScoringModel(str(run / "run/pretrain-ntp/model"))
-    expected = []
+    acc, acc_norm = [], []
     for row in rows:
-        lls = [
-            s.loglikelihood
-            for s in scorer.loglikelihood(
-                [(f"Question: {row['question']}\nAnswer:", " " + o) for o in row["options"]]
-            )
-        ]
-        expected.append(float(lls.index(max(lls)) == row["options"].index(row["answer"])))
-    assert mini["examples"] == 3 and mini["acc"] == pytest.approx(sum(expected) / 3)
+        requests = [(f"Question: {row['question']}\nAnswer:", " " + o) for o in row["options"]]
+        lls = [s.loglikelihood for s in scorer.loglikelihood(requests)]
+        normed = [ll / len(o) for ll, o in zip(lls, row["options"], strict=True)]
+        gold = row["options"].index(row["answer"])
+        acc.append(float(lls.index(max(lls)) == gold))
+        acc_norm.append(float(normed.index(max(normed)) == gold))
+    assert capitals["examples"] == 12
+    assert capitals["acc"] == pytest.approx(sum(acc) / 12, abs=1e-12)
+    assert capitals["acc_norm"] == pytest.approx(sum(acc_norm) / 12, abs=1e-12)
+    assert (capitals["acc_stderr"], capitals["acc_norm_stderr"]) == pytest.approx(
+        (mean_and_stderr(acc)[1], mean_and_stderr(acc_norm)[1])
+    )

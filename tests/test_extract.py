@@ -198,6 +198,7 @@ def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chu
     assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "clean" / "run"))
 
 
+@pytest.mark.slow
 def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
     prepared_run(tmp_path, documents=20)
     overrides = extract_overrides(tmp_path)

@@ -194,8 +194,9 @@ def test_ntp_exports_to_transformers_gpt2_with_equal_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = build(dtype=torch.float32, variant="ntp")
-    export_hf_gpt2(model, tmp_path / "hf")
+    export_hf_gpt2(model, tmp_path / "hf", separator_id=7)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (7, 7)  # inside the vocabulary
     idx = tokens()
     with torch.no_grad():
         ours, theirs = model(idx).logits, hf(idx).logits

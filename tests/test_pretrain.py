@@ -326,6 +326,7 @@ def test_kd_loss_is_the_full_kl_when_the_top_n_holds_all_the_mass():
 # --- bad input ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(run, cocomix):
     def error(*args, **settings):
         result = cocomix(*cli_args(run, **settings), "pretrain", *args)

@@ -217,6 +217,7 @@ def test_the_plan_shows_states_and_refuses_changed_settings(finished_run):
     assert backwards.exit_code == 2 and "--from eval comes after --until prepare" in backwards.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_during_each_stage_then_rerun_gives_the_uninterrupted_summary(
     finished_run, teacher, tmp_path
 ):
