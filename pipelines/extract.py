@@ -381,12 +381,23 @@ class _ConceptWriter:
         return self.token_store.split(split).shape[0]
 
     def _open_or_create(self):
+        import shutil
+
         import zarr
 
         self.chunks_dir.mkdir(exist_ok=True)
         if (self.path / "zarr.json").exists():
-            return zarr.open_group(str(self.path), mode="r+")
-        group = zarr.open_group(str(self.path), mode="w")
+            group = zarr.open_group(str(self.path), mode="r+")
+            if all(name in group.get(split, {}) for split in TOKEN_SPLITS for name in self.layout):
+                return group
+            # Left half-made by a version that created it in place: nothing was computed into it yet.
+            log.warning("%s lacks some of its arrays; creating it again", self.path)
+        # The empty skeleton is built beside the store and renamed into place, so that a kill while its
+        # groups and arrays are being created leaves no half-made store for the next run to trip over.
+        skeleton = self.path.with_name(self.path.name + ".creating")
+        for leftover in (skeleton, self.path):
+            shutil.rmtree(leftover, ignore_errors=True)
+        group = zarr.open_group(str(skeleton), mode="w")
         for split in TOKEN_SPLITS:
             sub = group.create_group(split)
             for name, (tail, dtype) in self.layout.items():
@@ -395,7 +406,8 @@ class _ConceptWriter:
                     name, shape=shape, chunks=(self.blocks_per_chunk, *shape[1:]), dtype=dtype, fill_value=0
                 )
         group.attrs.update({"format": CONCEPT_STORE_FORMAT, "complete": False})
-        return group
+        os.replace(skeleton, self.path)
+        return zarr.open_group(str(self.path), mode="r+")
 
     def tokens(self, chunk: Chunk) -> np.ndarray:
         return self.token_store.split(chunk.split)[chunk.start : chunk.stop]

@@ -278,7 +278,13 @@ def tiny_teacher(
     torch.manual_seed(seed)
     if architecture == "gpt2":
         config = GPT2Config(
-            n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=128, vocab_size=tokenizer.vocab_size
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=2,
+            n_positions=128,
+            vocab_size=tokenizer.vocab_size,
+            bos_token_id=tokenizer.separator_id,  # GPT2Config's 50256 is outside this vocabulary
+            eos_token_id=tokenizer.separator_id,
         )
         model = GPT2LMHeadModel(config)
     elif architecture == "llama":

@@ -1,11 +1,10 @@
 """Parity with lm-evaluation-harness: one NTP student, lm-eval's `hf` model on its export vs `cocomix eval`.
 
-Needs lm-eval 0.4 in the test environment (`pip install -e ".[lmeval]"`; the module is skipped, visibly,
-without it). lm-eval reads
-the eval files through the task configs in benchmarks/lmeval/tasks (its stock prompts on the original HF
-layouts, data root `$COCOMIX_SHARED_DATA`); cocomix reads the same files with its own loaders. Every test
-runs on the committed fixtures (tests/data/eval, all of their rows) and, marked `real_data`, on the shared
-benchmark files.
+Needs lm-eval 0.4 in the test environment (the `dev` extra brings it; without it the module is skipped,
+which CI counts as a failure). lm-eval reads the eval files through the task configs in
+benchmarks/lmeval/tasks (its stock prompts on the original HF layouts, data root `$COCOMIX_SHARED_DATA`);
+cocomix reads the same files with its own loaders. Every test runs on the committed fixtures
+(tests/data/eval, all of their rows) and, marked `real_data`, on the shared benchmark files.
 """
 
 import os

@@ -198,6 +198,31 @@ def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chu
     assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "clean" / "run"))
 
 
+def test_a_store_left_half_created_by_a_kill_is_created_again(tmp_path, models):
+    import shutil
+
+    prepared_run(tmp_path, documents=20)
+    overrides = extract_overrides(tmp_path)
+    run_extract(tmp_path, overrides)
+    reference = store_arrays(tmp_path / "run")
+    # The files a SIGKILL while the store's groups and arrays were being created leaves: the stage
+    # running, no chunk done, the store's root with part of its layout (as a store made in place is left)
+    # and the skeleton being built beside it.
+    stage = tmp_path / "run" / "extract-concepts"
+    store = stage / "concepts.zarr"
+    shutil.rmtree(stage / "chunks")
+    shutil.rmtree(store / "val")
+    shutil.rmtree(store / "train" / "valid")
+    (stage / "concepts.zarr.creating" / "train").mkdir(parents=True)
+    manifest = json.loads((stage / "manifest.json").read_text())
+    (stage / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+
+    result = run_extract(tmp_path, overrides)
+    assert result.summary["chunks_done"] == result.summary["chunks_total"]
+    assert_same_arrays(store_arrays(tmp_path / "run"), reference)
+    assert not (stage / "concepts.zarr.creating").exists()
+
+
 @pytest.mark.slow
 def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
     prepared_run(tmp_path, documents=20)
