@@ -330,7 +330,9 @@ class SaeTrainer:
                 "hook_name": f"layer{self.teacher.layer}.{self.teacher.hook}",
                 "hook_layer": self.teacher.layer,
                 "trained_tokens": self.step * self.s.batch_tokens,
-                "metrics": {k: v for k, v in final.items() if k != "step"},
+                # Not the throughput: the folder's hash enters every downstream fingerprint, which must
+                # not change with the wall time of a rerun that trained the same weights.
+                "metrics": {k: v for k, v in final.items() if k not in ("step", "tokens_per_s")},
             },
         )
         (self.dir / CHECKPOINT).unlink(missing_ok=True)

@@ -119,6 +119,20 @@ def test_bad_settings_are_clear_errors(setup, cocomix):
     )
 
 
+def test_retraining_with_unchanged_settings_leaves_the_extraction_up_to_date(setup):
+    from pipelines import extract
+
+    run_stage(setup, overrides(setup))
+    extract_settings = overrides(setup, **{"extract.blocks_per_chunk": 64, "extract.tokens_per_batch": 1024})
+    first = run_in(setup, extract.run, extract_settings)
+    assert not first.up_to_date
+    weights = (setup / "run/train-sae/sae/sae_weights.safetensors").read_bytes()
+    assert not run_stage(setup, overrides(setup), force=True).up_to_date  # trained again, same weights
+    assert (setup / "run/train-sae/sae/sae_weights.safetensors").read_bytes() == weights
+    again = run_in(setup, extract.run, extract_settings)
+    assert again.up_to_date
+
+
 def test_k_larger_than_width_is_a_config_error():
     with pytest.raises(ConfigError, match=r"`sae.k` \(64\) must not exceed `sae.latents` \(32\)"):
         load_config(None, ["sae.latents=32", "sae.k=64"])
