@@ -315,10 +315,17 @@ class StageSession:
         self._write()
 
     def _clear_outputs(self) -> None:
-        for child in self.dir.iterdir():
+        from pipelines.failpoints import kill_point
+
+        # The manifest goes first: a kill in the middle of the clear leaves a stage that reads as not
+        # started (and starts afresh), never one that says complete over half-deleted outputs.
+        (self.dir / MANIFEST).unlink(missing_ok=True)
+        kill_point(f"clear:{self.stage}:{MANIFEST}")
+        for child in sorted(self.dir.iterdir()):
             if child.name.startswith(LOCK_FILE):
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+            kill_point(f"clear:{self.stage}:{child.name}")
 
     def update_progress(self, **progress: Any) -> None:
         self._manifest["progress"] = progress

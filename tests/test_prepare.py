@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -218,6 +219,26 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, token
         resumed_attrs["counts"]
         == open_token_store(tmp_path / "clean/run/prepare/tokens.zarr").attrs["counts"]
     )
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_step_of_the_force_clear_leaves_a_stage_that_reruns_clean(tmp_path, cocomix, plays):
+    write_config(tmp_path, plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40)
+    assert cocomix("prepare").exit_code == 0
+    reference = store_arrays(tmp_path / "run")
+    stage_dir = tmp_path / "run" / "prepare"
+    outputs = sorted(p.name for p in stage_dir.iterdir() if not p.name.startswith((".lock", "manifest")))
+    assert "tokens.zarr" in outputs
+    for instant in ["manifest.json", *outputs]:  # the clear removes the manifest, then each output in turn
+        env = {**os.environ, "COCOMIX_KILL_AT": f"clear:prepare:{instant}"}
+        killed = cocomix_subprocess(["prepare", "--force"], cwd=tmp_path, env=env)
+        assert killed.wait(timeout=120) == -signal.SIGKILL, instant
+        state = json.loads(cocomix("status", "--json").stdout)["stages"][0]
+        assert state == {"stage": "prepare", "status": "not started"}, instant  # not "complete"
+        rerun = cocomix("prepare")
+        assert rerun.exit_code == 0 and "up to date" not in rerun.stdout, instant
+        for split, array in store_arrays(tmp_path / "run").items():
+            np.testing.assert_array_equal(array, reference[split])
 
 
 def _committed_documents(stage_dir: Path) -> int:
