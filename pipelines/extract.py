@@ -385,6 +385,8 @@ class _ConceptWriter:
 
         import zarr
 
+        from pipelines.failpoints import kill_point
+
         self.chunks_dir.mkdir(exist_ok=True)
         if (self.path / "zarr.json").exists():
             group = zarr.open_group(str(self.path), mode="r+")
@@ -400,11 +402,13 @@ class _ConceptWriter:
         group = zarr.open_group(str(skeleton), mode="w")
         for split in TOKEN_SPLITS:
             sub = group.create_group(split)
+            kill_point(f"create:{CONCEPTS_STORE}:{split}")
             for name, (tail, dtype) in self.layout.items():
                 shape = (self._rows(split), self.block_size, *tail)
                 sub.create_array(
                     name, shape=shape, chunks=(self.blocks_per_chunk, *shape[1:]), dtype=dtype, fill_value=0
                 )
+                kill_point(f"create:{CONCEPTS_STORE}:{split}/{name}")
         group.attrs.update({"format": CONCEPT_STORE_FORMAT, "complete": False})
         os.replace(skeleton, self.path)
         return zarr.open_group(str(self.path), mode="r+")

@@ -38,10 +38,13 @@ def create_token_store(path: Path, block_size: int, dtype: np.dtype):
     """An empty store (overwriting any at `path`) with zero-row `train` and `val` arrays."""
     import zarr
 
+    from pipelines.failpoints import kill_point
+
     group = zarr.open_group(str(path), mode="w")
     rows = chunk_rows(block_size, dtype)
     for split in TOKEN_SPLITS:
         group.create_array(split, shape=(0, block_size), chunks=(rows, block_size), dtype=dtype, fill_value=0)
+        kill_point(f"create:{path.name}:{split}")
     group.attrs.update({"format": TOKEN_STORE_FORMAT, "complete": False})
     return group
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from pipelines import extract
+from pipelines import artifacts, extract
 from pipelines.attribution import concept_targets, official_scores, paper_scores
 from pipelines.sae import load_sae, openai_state_dict, save_saelens
 from pipelines.teacher import load_teacher
@@ -196,6 +196,29 @@ def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chu
     prepared_run(tmp_path / "clean", documents=100)
     run_extract(tmp_path / "clean", overrides)
     assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "clean" / "run"))
+
+
+@pytest.mark.slow
+def test_a_kill_at_each_step_of_the_store_creation_then_a_rerun_gives_the_same_store(tmp_path, models):
+    import os
+
+    prepared_run(tmp_path, documents=20)
+    overrides = extract_overrides(tmp_path)
+    args = [arg for override in overrides for arg in ("--set", override)]
+    instants = [
+        f"create:concepts.zarr:{split}{suffix}"
+        for split in ("train", "val")
+        for suffix in ("", "/concept_ids", "/concept_scores", "/valid")
+    ]
+    for instant in instants:  # each killed run starts from what the previous kill left
+        env = {**os.environ, "COCOMIX_KILL_AT": instant}
+        killed = cocomix_subprocess([*args, "extract-concepts"], cwd=tmp_path, env=env)
+        assert killed.wait(timeout=120) == -signal.SIGKILL, instant
+        states = {s["stage"]: s["status"] for s in artifacts.stage_states(tmp_path / "run")}
+        assert states["extract-concepts"] == "interrupted", instant
+        assert not (tmp_path / "run/extract-concepts/concepts.zarr").exists(), instant  # no half-made store
+    run_extract(tmp_path, overrides)
+    assert_equal_to_one_process(tmp_path, overrides, documents=20)
 
 
 def test_a_store_left_half_created_by_a_kill_is_created_again(tmp_path, models):

@@ -14,6 +14,7 @@ import zarr
 from pipelines.prepare import is_validation_document
 from pipelines.stores import open_token_store
 from tests.conftest import (
+    Cocomix,
     bpe_tokenizer,
     cocomix_subprocess,
     corpus_documents,
@@ -239,6 +240,25 @@ def test_a_kill_at_any_step_of_the_force_clear_leaves_a_stage_that_reruns_clean(
         assert rerun.exit_code == 0 and "up to date" not in rerun.stdout, instant
         for split, array in store_arrays(tmp_path / "run").items():
             np.testing.assert_array_equal(array, reference[split])
+
+
+def test_a_kill_while_the_token_store_is_created_then_a_rerun_gives_the_same_store(tmp_path, cocomix, plays):
+    write_config(tmp_path, plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40)
+    (tmp_path / "clean").mkdir()
+    write_config(
+        tmp_path / "clean", plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40
+    )
+    assert Cocomix(tmp_path / "clean")("prepare").exit_code == 0
+    for instant in ["create:tokens.zarr:train", "create:tokens.zarr:val"]:
+        env = {**os.environ, "COCOMIX_KILL_AT": instant}
+        killed = cocomix_subprocess(["prepare"], cwd=tmp_path, env=env)
+        assert killed.wait(timeout=120) == -signal.SIGKILL, instant
+        state = json.loads(cocomix("status", "--json").stdout)["stages"][0]
+        assert state["status"] == "interrupted", instant
+    assert cocomix("prepare").exit_code == 0
+    clean = store_arrays(tmp_path / "clean" / "run")
+    for split, array in store_arrays(tmp_path / "run").items():
+        assert array.tobytes() == clean[split].tobytes() and len(array) > 0
 
 
 def _committed_documents(stage_dir: Path) -> int:
