@@ -394,8 +394,7 @@ class Trainer:
         self.ranks.barrier()
 
     def restore(self) -> None:
-        latest = self.checkpoints.latest()
-        model_state, state = self.checkpoints.load(latest)
+        latest, model_state, state = self.checkpoints.load_newest_intact()
         if state["fingerprint"] != self.fingerprint:
             raise StageError(f"{latest.path} belongs to a different run; pass --force to start over.")
         if self.p.fsdp and self.ranks.world > 1:

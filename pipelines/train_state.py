@@ -1,15 +1,20 @@
 """Training checkpoints of `pretrain`: everything a resumed run needs to continue bit for bit.
 
 `checkpoints/step-000200/` holds the model folder (`config.json` + `model.safetensors`, loadable like any
-saved model) and `trainer.pt` (optimizer state, step, RNG states, the stage fingerprint). A checkpoint is
-written into a hidden temporary folder and renamed into place, then `checkpoints/latest` is rewritten
-atomically to name it: a crash at any moment leaves the previous checkpoint as `latest`. Only the newest
-`keep_last` are kept. The data position needs no saving: the batch of step s is a function of (seed, s).
+saved model), `trainer.pt` (optimizer state, step, RNG states, the stage fingerprint) and `digests.json`
+(the sha256 of those files). A checkpoint is written into a hidden temporary folder and renamed into place,
+then `checkpoints/latest` is rewritten atomically to name it, for people and tools. Resuming does not trust
+that pointer: it takes the newest `step-*` folder whose files match their digests, and falls back to the
+one before when a file is damaged, so a garbage pointer or a truncated checkpoint costs at most the steps
+since the previous one. Only the newest `keep_last` are kept. The data position needs no saving: the batch
+of step s is a function of (seed, s).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -19,10 +24,15 @@ from typing import Any
 import torch
 
 from pipelines import artifacts
+from pipelines.errors import StageError
+from pipelines.failpoints import kill_point
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer.pt"
+DIGESTS = "digests.json"
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -38,14 +48,35 @@ class Checkpoints:
         self.keep_last = keep_last
 
     def latest(self) -> Checkpoint | None:
-        pointer = self.dir / LATEST
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        match = _NAME.match(name)
-        if match is None or not (self.dir / name / TRAINER_STATE).exists():
-            return None
-        return Checkpoint(self.dir / name, int(match.group(1)))
+        """The newest checkpoint on disk (a `step-*` folder exists only once complete), unverified."""
+        found = self._all()
+        return found[0] if found else None
+
+    def _all(self) -> list[Checkpoint]:
+        """Every complete checkpoint, newest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [
+            Checkpoint(p, int(m.group(1)))
+            for p in self.dir.iterdir()
+            if (m := _NAME.match(p.name)) and (p / TRAINER_STATE).exists()
+        ]
+        return sorted(found, key=lambda c: c.step, reverse=True)
+
+    def load_newest_intact(self) -> tuple[Checkpoint, dict[str, torch.Tensor], dict[str, Any]]:
+        """The newest checkpoint whose files match their digests and load, with its states; a damaged one is
+        named in a warning and passed over for the one before it."""
+        for checkpoint in self._all():
+            problem = _damage(checkpoint.path)
+            if problem is None:
+                try:
+                    return checkpoint, *self.load(checkpoint)
+                except Exception as exc:  # torn files that predate digests fail to decode
+                    problem = f"it cannot be read ({str(exc).strip().splitlines()[0][:200]})"
+            log.warning(
+                "checkpoint %s is damaged: %s; falling back to the one before it", checkpoint.path, problem
+            )
+        raise StageError(f"No intact checkpoint in {self.dir} to resume from. Start over with --force.")
 
     def save(
         self, step: int, model_state: dict[str, torch.Tensor], model_config: dict, trainer_state: dict
@@ -67,9 +98,14 @@ class Checkpoints:
         buffer = io.BytesIO()
         torch.save(trainer_state, buffer)
         artifacts.atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
+        artifacts.atomic_write_json(
+            tmp / DIGESTS, {f: _sha256(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE)}
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        kill_point(f"checkpoint:{name}:renamed")
         artifacts.atomic_write_bytes(self.dir / LATEST, (name + "\n").encode())
+        kill_point(f"checkpoint:{name}:latest")
         self._prune(keep=name)
         return Checkpoint(final, step)
 
@@ -91,6 +127,30 @@ class Checkpoints:
                 shutil.rmtree(path, ignore_errors=True)
         for stale in self.dir.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when each matches its recorded digest."""
+    try:
+        digests = artifacts.read_json(folder / DIGESTS)
+    except ValueError:  # torn or overwritten: JSON and UTF-8 decoding errors alike
+        return f"{DIGESTS} cannot be read"
+    if digests is None:
+        return None  # written before digests existed: loading it is the only check
+    for name, expected in digests.items():
+        if not (folder / name).exists():
+            return f"{name} is missing"
+        if _sha256(folder / name) != expected:
+            return f"{name} does not match its digest"
+    return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,70 @@ def test_sigkill_then_resume_ends_with_bitwise_equal_weights(run):
     resumed_rows = rows(straight.dir, "train")
     assert [r["step"] for r in resumed_rows] == list(range(1, 13))
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
+
+
+def killed_at(run: Path, args: list[str], instant: str) -> None:
+    """`cocomix ARGS` SIGKILLed by itself at the named kill point."""
+    process = cocomix_subprocess(args, cwd=run, env={**os.environ, "COCOMIX_KILL_AT": instant})
+    assert process.wait(timeout=300) == -signal.SIGKILL, instant
+
+
+def resumed(run: Path, args: list[str]) -> str:
+    """`cocomix --verbose ARGS --resume` to the end; its log."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", "--verbose", *args, "--resume"],
+        cwd=run,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_a_kill_between_a_checkpoint_and_its_pointer_resumes_from_that_checkpoint(run):
+    settings = {"pretrain.objective": "ntp"}
+    straight = run_in(run, pretrain.run, overrides(run, **settings))
+    reference = weights(straight.dir)
+    shutil.rmtree(straight.dir)
+    args = [*cli_args(run, **settings), "pretrain"]
+    killed_at(run, args, "checkpoint:step-000008:renamed")
+    checkpoints = straight.dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000004"  # the pointer was not moved yet
+    log = resumed(run, args)
+    assert "resuming pretrain-ntp at step 8 of 12" in log
+    assert_bitwise_equal(weights(straight.dir), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flipped weights and a garbage pointer", "truncated trainer state"])
+def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(run, damage):
+    settings = {"pretrain.objective": "ntp"}
+    straight = run_in(run, pretrain.run, overrides(run, **settings))
+    reference = weights(straight.dir)
+    shutil.rmtree(straight.dir)
+    args = [*cli_args(run, **settings), "pretrain"]
+    killed_at(run, args, "checkpoint:step-000008:latest")
+    newest = straight.dir / "checkpoints" / "step-000008"
+    if damage == "truncated trainer state":
+        state = newest / "trainer.pt"
+        state.write_bytes(state.read_bytes()[:1000])
+        named = "trainer.pt does not match its digest"
+    else:
+        weights_file = newest / "model.safetensors"
+        data = bytearray(weights_file.read_bytes())
+        data[-64:-60] = bytes(255 - b for b in data[-64:-60])  # four bytes inside the last tensor
+        weights_file.write_bytes(bytes(data))
+        (straight.dir / "checkpoints" / "latest").write_text("garbage\n")
+        named = "model.safetensors does not match its digest"
+    log = resumed(run, args)
+    assert (
+        f"checkpoint {newest.relative_to(run)} is damaged: {named}; falling back to the one before it" in log
+    )
+    assert "resuming pretrain-ntp at step 4 of 12" in log
+    assert_bitwise_equal(weights(straight.dir), reference)
+    kept = sorted(p.name for p in (straight.dir / "checkpoints").iterdir())
+    assert kept == ["latest", "step-000004", "step-000008"]  # step 8 written again, nothing intact pruned
 
 
 @pytest.mark.slow
