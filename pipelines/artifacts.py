@@ -79,6 +79,15 @@ def fingerprint(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def file_identity(path: Path, known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Path, size, mtime and content hash of a file.
 
@@ -91,11 +100,7 @@ def file_identity(path: Path, known: Mapping[str, Mapping[str, Any]] | None = No
     if previous and previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns:
         digest = previous["sha256"]
     else:
-        sha = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                sha.update(chunk)
-        digest = sha.hexdigest()
+        digest = sha256_file(path)
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
 
 

@@ -14,7 +14,6 @@ Formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.artifacts import sha256_file
 from pipelines.errors import InputError
 
 SAELENS_CONFIG = "cfg.json"
@@ -105,9 +105,9 @@ def load_sae(spec: str) -> LoadedSAE:
     if path.is_dir():
         if not (path / SAELENS_CONFIG).exists() or not (path / SAELENS_WEIGHTS).exists():
             raise InputError(_unknown_format(spec))
-        return LoadedSAE(_load_saelens(path), "saelens", spec, _sha256(path / SAELENS_WEIGHTS))
+        return LoadedSAE(_load_saelens(path), "saelens", spec, sha256_file(path / SAELENS_WEIGHTS))
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        return LoadedSAE(_load_openai(path), "openai", spec, _sha256(path))
+        return LoadedSAE(_load_openai(path), "openai", spec, sha256_file(path))
     if not path.exists():
         raise InputError(f"SAE `{spec}` does not exist. Set `sae.path` to an SAE file or folder.")
     raise InputError(_unknown_format(spec))
@@ -200,14 +200,6 @@ def _resolve(spec: str) -> Path:
     except Exception as exc:
         raise InputError(f"Cannot download SAE `{spec}` from the HuggingFace hub ({exc}).") from None
     return Path(root) / inner
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _accepted() -> str:

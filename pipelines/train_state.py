@@ -12,7 +12,6 @@ of step s is a function of (seed, s).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import re
@@ -99,7 +98,8 @@ class Checkpoints:
         torch.save(trainer_state, buffer)
         artifacts.atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
         artifacts.atomic_write_json(
-            tmp / DIGESTS, {f: _sha256(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE)}
+            tmp / DIGESTS,
+            {f: artifacts.sha256_file(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE)},
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -129,14 +129,6 @@ class Checkpoints:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _damage(folder: Path) -> str | None:
     """What is wrong with a checkpoint's files, or None when each matches its recorded digest."""
     try:
@@ -148,7 +140,7 @@ def _damage(folder: Path) -> str | None:
     for name, expected in digests.items():
         if not (folder / name).exists():
             return f"{name} is missing"
-        if _sha256(folder / name) != expected:
+        if artifacts.sha256_file(folder / name) != expected:
             return f"{name} does not match its digest"
     return None
 

@@ -117,6 +117,24 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
         time.sleep(0.01)
 
 
+def killed_at(run: Path, args: list[str], instant: str) -> None:
+    """`cocomix ARGS` SIGKILLed by itself at the named kill point."""
+    process = cocomix_subprocess(args, cwd=run, env={**os.environ, "COCOMIX_KILL_AT": instant})
+    assert process.wait(timeout=300) == -signal.SIGKILL, instant
+
+
+def resumed(run: Path, args: list[str]) -> str:
+    """`cocomix --verbose ARGS --resume` to the end; its log."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", "--verbose", *args, "--resume"],
+        cwd=run,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr
+
+
 # --- exact resume ---------------------------------------------------------------------------------------
 
 
@@ -144,38 +162,13 @@ def test_sigkill_then_resume_ends_with_bitwise_equal_weights(run):
     assert refused.returncode == 2
     assert "has checkpoints up to step" in refused.stderr and "Pass --resume" in refused.stderr
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "cocomix_cli", "--verbose", *args, "--resume"],
-        cwd=run,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming pretrain-cocomix at step" in resumed.stderr
+    assert "resuming pretrain-cocomix at step" in resumed(run, args)
     assert_bitwise_equal(weights(straight.dir), reference)
     kept = sorted(p.name for p in (straight.dir / "checkpoints").iterdir())
     assert kept == ["latest", "step-000008"]  # keep_last = 1; steps 4 and 8 were saved
     resumed_rows = rows(straight.dir, "train")
     assert [r["step"] for r in resumed_rows] == list(range(1, 13))
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
-
-
-def killed_at(run: Path, args: list[str], instant: str) -> None:
-    """`cocomix ARGS` SIGKILLed by itself at the named kill point."""
-    process = cocomix_subprocess(args, cwd=run, env={**os.environ, "COCOMIX_KILL_AT": instant})
-    assert process.wait(timeout=300) == -signal.SIGKILL, instant
-
-
-def resumed(run: Path, args: list[str]) -> str:
-    """`cocomix --verbose ARGS --resume` to the end; its log."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cocomix_cli", "--verbose", *args, "--resume"],
-        cwd=run,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stderr
 
 
 @pytest.mark.slow
@@ -257,10 +250,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
     )
     assert changed.returncode == 2 and "pretrain.lr: 0.003 -> 0.001" in changed.stderr, changed.stderr
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "cocomix_cli", *args, "--resume"], cwd=run, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed(run, args)
     assert_bitwise_equal(weights(straight.dir), reference)
     again = subprocess.run(
         [sys.executable, "-m", "cocomix_cli", *args], cwd=run, capture_output=True, text=True
