@@ -539,11 +539,25 @@ def _validate(cfg: Config, where: str) -> None:
             f"`run.objectives` ({cfg.run.objectives}) must list distinct objectives from "
             f"{', '.join(OBJECTIVES)}"
         )
+    problems += _non_finite_numbers(cfg)
     problems += _validate_extract(cfg)
     problems += _validate_sae(cfg)
     problems += _validate_pretrain(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def _non_finite_numbers(cfg: Config) -> list[str]:
+    """TOML reads `nan` and `inf` as floats, which slip past every range check (`nan <= 0` is False)."""
+    import math
+
+    return [
+        f"`{section.name}.{item.name}` ({value}) must be a finite number"
+        for section in dataclasses.fields(cfg)
+        for item in dataclasses.fields(getattr(cfg, section.name))
+        if isinstance(value := getattr(getattr(cfg, section.name), item.name), float)
+        and not math.isfinite(value)
+    ]
 
 
 def _validate_sae(cfg: Config) -> list[str]:

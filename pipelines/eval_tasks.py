@@ -328,6 +328,13 @@ def custom_task(name: str, spec) -> Task:
             gold_value = row[spec.gold]
         except KeyError as exc:
             raise InputError(f"{where}: no field {exc}; fields are {', '.join(row)}.") from None
+        except (ValueError, IndexError) as exc:  # a stray `{` or `}`, or a bare `{}`
+            raise InputError(
+                f"`[eval.task.{name}]` prompt {spec.prompt!r} is not a format string over the row's fields "
+                f"({exc}): name each field as {{field}} and write literal braces as {{{{ and }}}}."
+            ) from None
+        if any(not choice for choice in choices):  # acc_norm divides by each choice's length
+            raise InputError(f"{where}: a choice is empty; every choice needs at least one character.")
         if isinstance(gold_value, str) and gold_value in choices:
             gold = choices.index(gold_value)
         else:

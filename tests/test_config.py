@@ -84,6 +84,12 @@ def test_out_of_range_values_are_reported_together():
     assert "`data.txt_sample_by` ('word')" in message
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match=rf"`pretrain.lr` \({value}\) must be a finite number"):
+        load_config(None, [f"pretrain.lr={value}"])
+
+
 def test_toml_round_trip(tmp_path):
     cfg = load_config(
         None, ['data.source=we"ird \\ path.txt', "data.block_size=64", "data.val_fraction=0.25"]

@@ -1,6 +1,7 @@
 """eval: lm-eval prompts on known rows, full row counts, exact scoring, CoCoMix/pause models, caching."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -407,6 +408,28 @@ def test_missing_data_says_where_to_put_it(trained, cocomix, monkeypatch):
     assert "--data hellaswag=PATH" in result.stderr
     result = cocomix("--set", f"run.dir={trained / 'run'}", "eval", "--tasks", "mmlu")
     assert result.exit_code == 2 and "Unknown eval task(s) mmlu" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "prompt, options, message",
+    [
+        ("Q: {question", ["x", "y"], "prompt 'Q: {question' is not a format string over the row's fields"),
+        ("Q: {}", ["x", "y"], "prompt 'Q: {}' is not a format string over the row's fields"),
+        ("Q: {question}", ["x", ""], "a choice is empty; every choice needs at least one character"),
+    ],
+)
+def test_a_declared_task_with_a_bad_prompt_or_an_empty_choice_is_one_clear_error(prompt, options, message):
+    from pipelines.config import CustomTaskConfig
+    from pipelines.eval_tasks import custom_task
+
+    spec = CustomTaskConfig(data="mini.jsonl", prompt=prompt, choices="options", gold="answer")
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        custom_task("mini", spec).build({"question": "Why?", "options": options, "answer": "x"})
+    assert str(caught.value).startswith("`[eval.task.mini]`")
+    literal = CustomTaskConfig(data="mini.jsonl", prompt="{{Q}} {question}", choices="options", gold="answer")
+    assert custom_task("mini", literal).build(
+        {"question": "Why?", "options": ["x"], "answer": "x"}
+    ).contexts == ("{Q} Why?",)
 
 
 def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
