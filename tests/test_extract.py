@@ -1,6 +1,7 @@
 """extract-concepts: exact attributions, formats, resume after SIGKILL, shards, torchrun ranks, bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def extract_overrides(tmp_path, sae_path=None, **extra):
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """The `--set KEY=VALUE` command-line arguments of these overrides."""
+    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def run_extract(directory: Path, overrides: list[str], **kwargs):
@@ -171,7 +177,7 @@ def test_optional_arrays_and_attributes(tmp_path, models):
 def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chunk(tmp_path, models):
     prepared_run(tmp_path, documents=100)
     overrides = extract_overrides(tmp_path)
-    args = [arg for override in overrides for arg in ("--set", override)]
+    args = set_args(overrides)
     chunks = tmp_path / "run" / "extract-concepts" / "chunks"
     process = cocomix_subprocess([*args, "extract-concepts"], cwd=tmp_path)
     deadline = time.monotonic() + 120
@@ -200,11 +206,9 @@ def test_sigkill_then_resume_gives_identical_arrays_and_recomputes_a_corrupt_chu
 
 @pytest.mark.slow
 def test_a_kill_at_each_step_of_the_store_creation_then_a_rerun_gives_the_same_store(tmp_path, models):
-    import os
-
     prepared_run(tmp_path, documents=20)
     overrides = extract_overrides(tmp_path)
-    args = [arg for override in overrides for arg in ("--set", override)]
+    args = set_args(overrides)
     instants = [
         f"create:concepts.zarr:{split}{suffix}"
         for split in ("train", "val")
@@ -250,7 +254,7 @@ def test_a_store_left_half_created_by_a_kill_is_created_again(tmp_path, models):
 def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
     prepared_run(tmp_path, documents=20)
     overrides = extract_overrides(tmp_path)
-    args = [arg for override in overrides for arg in ("--set", override)]
+    args = set_args(overrides)
     first = cocomix_subprocess(
         [*args, "extract-concepts", "--shard", "0/2"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
     )
@@ -270,7 +274,7 @@ def test_two_shards_as_separate_processes_equal_one_process(tmp_path, models):
 def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, models):
     prepared_run(tmp_path, documents=20)
     overrides = extract_overrides(tmp_path)
-    args = [arg for override in overrides for arg in ("--set", override)]
+    args = set_args(overrides)
     command = [
         sys.executable,
         "-m",

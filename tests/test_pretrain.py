@@ -171,31 +171,32 @@ def test_sigkill_then_resume_ends_with_bitwise_equal_weights(run):
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
 
 
-@pytest.mark.slow
-def test_a_kill_between_a_checkpoint_and_its_pointer_resumes_from_that_checkpoint(run):
+def ntp_reference(run: Path) -> tuple[Path, dict[str, torch.Tensor], list[str]]:
+    """An uninterrupted NTP run's final weights, its folder emptied again, and the command that makes it."""
     settings = {"pretrain.objective": "ntp"}
     straight = run_in(run, pretrain.run, overrides(run, **settings))
     reference = weights(straight.dir)
     shutil.rmtree(straight.dir)
-    args = [*cli_args(run, **settings), "pretrain"]
+    return straight.dir, reference, [*cli_args(run, **settings), "pretrain"]
+
+
+@pytest.mark.slow
+def test_a_kill_between_a_checkpoint_and_its_pointer_resumes_from_that_checkpoint(run):
+    stage_dir, reference, args = ntp_reference(run)
     killed_at(run, args, "checkpoint:step-000008:renamed")
-    checkpoints = straight.dir / "checkpoints"
+    checkpoints = stage_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-000004"  # the pointer was not moved yet
     log = resumed(run, args)
     assert "resuming pretrain-ntp at step 8 of 12" in log
-    assert_bitwise_equal(weights(straight.dir), reference)
+    assert_bitwise_equal(weights(stage_dir), reference)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped weights and a garbage pointer", "truncated trainer state"])
 def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(run, damage):
-    settings = {"pretrain.objective": "ntp"}
-    straight = run_in(run, pretrain.run, overrides(run, **settings))
-    reference = weights(straight.dir)
-    shutil.rmtree(straight.dir)
-    args = [*cli_args(run, **settings), "pretrain"]
+    stage_dir, reference, args = ntp_reference(run)
     killed_at(run, args, "checkpoint:step-000008:latest")
-    newest = straight.dir / "checkpoints" / "step-000008"
+    newest = stage_dir / "checkpoints" / "step-000008"
     if damage == "truncated trainer state":
         state = newest / "trainer.pt"
         state.write_bytes(state.read_bytes()[:1000])
@@ -205,15 +206,15 @@ def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_b
         data = bytearray(weights_file.read_bytes())
         data[-64:-60] = bytes(255 - b for b in data[-64:-60])  # four bytes inside the last tensor
         weights_file.write_bytes(bytes(data))
-        (straight.dir / "checkpoints" / "latest").write_text("garbage\n")
+        (stage_dir / "checkpoints" / "latest").write_text("garbage\n")
         named = "model.safetensors does not match its digest"
     log = resumed(run, args)
     assert (
         f"checkpoint {newest.relative_to(run)} is damaged: {named}; falling back to the one before it" in log
     )
     assert "resuming pretrain-ntp at step 4 of 12" in log
-    assert_bitwise_equal(weights(straight.dir), reference)
-    kept = sorted(p.name for p in (straight.dir / "checkpoints").iterdir())
+    assert_bitwise_equal(weights(stage_dir), reference)
+    kept = sorted(p.name for p in (stage_dir / "checkpoints").iterdir())
     assert kept == ["latest", "step-000004", "step-000008"]  # step 8 written again, nothing intact pruned
 
 
