@@ -1,19 +1,21 @@
 """Root of the `cocomix` CLI: global options, the command list, and how errors reach the user.
 
 A `CocomixError` (a user mistake or unusable input) becomes one red line on stderr and exit code 2; an
-interrupt exits 130 and leaves the stage resumable; anything else is a bug and keeps its traceback.
+interrupt (Ctrl-C, or SIGTERM) exits 130, leaves the stage resumable and names the command that resumes it;
+anything else is a bug and keeps its traceback.
 Commands import torch, transformers and zarr only when they run, so `cocomix --help` is instant.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from cocomix_cli.commands import (
     concepts_cmd,
@@ -28,7 +30,13 @@ from cocomix_cli.commands import (
     train_sae_cmd,
 )
 from cocomix_cli.console import err_console
-from cocomix_cli.context import GlobalOptions
+from cocomix_cli.context import INVOCATION, GlobalOptions
+from cocomix_cli.interrupts import (
+    Invocation,
+    full_disk_message,
+    interrupted_message,
+    sigterm_as_interrupt,
+)
 from pipelines import __version__
 from pipelines.errors import CocomixError
 
@@ -36,44 +44,89 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-GLOBAL_OPTIONS_WITH_VALUE = ("--config", "--set")
-GLOBAL_FLAGS = ("--verbose", "--no-progress")
+GLOBAL_OPTIONS_WITH_VALUE = ("--config", "-c", "--set")
+GLOBAL_FLAGS = ("--verbose", "-v", "--no-progress")
 
 
 class CocomixGroup(TyperGroup):
     def parse_args(self, ctx, args):
-        """Accept the global options after the command too (`cocomix prepare --set data.x=1`)."""
+        """Accept the global options after the command too (`cocomix prepare -v --set data.x=1`).
+
+        An option that the command (or its subcommand) declares itself stays the command's, so a command
+        may use a global option's letter for its own option.
+        """
         hoisted, rest = [], []
+        own: set[str] = set()  # option names of the commands named so far
+        group: TyperGroup | None = self  # where the next word may name a (sub)command
         position = 0
         while position < len(args):
             arg = args[position]
             if arg == "--":
                 rest += args[position:]
                 break
-            if arg in GLOBAL_OPTIONS_WITH_VALUE:
-                hoisted += args[position : position + 2]
-                position += 2
+            option = _global_option(arg)
+            if option is not None and option not in own:
+                width = 2 if arg in GLOBAL_OPTIONS_WITH_VALUE else 1  # `--set X`, not `--set=X` or `-cX`
+                hoisted += args[position : position + width]
+                position += width
                 continue
-            if arg in GLOBAL_FLAGS or arg.split("=", 1)[0] in GLOBAL_OPTIONS_WITH_VALUE:
-                hoisted.append(arg)
-            else:
-                rest.append(arg)
+            if group is not None and not arg.startswith("-"):
+                command = group.get_command(ctx, arg)
+                if command is not None:
+                    own |= _option_names(command)
+                    group = command if isinstance(command, TyperGroup) else None
+            rest.append(arg)
             position += 1
+        ctx.meta[INVOCATION] = Invocation(tuple(hoisted), tuple(rest))
         return super().parse_args(ctx, hoisted + rest)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except CocomixError as exc:
             err_console.print(
                 f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True
             )
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             err_console.print(
-                "interrupted: run the same command again to resume.", style="yellow", markup=False
+                full_disk_message(ctx.meta.get(INVOCATION), exc),
+                style="bold red",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt as interrupt:
+            err_console.print(
+                interrupted_message(ctx.meta.get(INVOCATION), interrupt),
+                style="yellow",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _global_option(arg: str) -> str | None:
+    """The global option that `arg` is or starts with (`--set=X`, `-cPATH`), or None."""
+    if arg in GLOBAL_OPTIONS_WITH_VALUE or arg in GLOBAL_FLAGS:
+        return arg
+    name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+    return name if name in GLOBAL_OPTIONS_WITH_VALUE else None
+
+
+def _option_names(command: TyperCommand | TyperGroup) -> set[str]:
+    # Typer builds commands with its own copy of click, so these are read by name, not by class.
+    return {
+        name
+        for param in command.params
+        for name in (*param.opts, *param.secondary_opts)
+        if name.startswith("-")
+    }
 
 
 app = typer.Typer(

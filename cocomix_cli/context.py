@@ -11,6 +11,9 @@ import typer
 
 from pipelines.config import Config, load_config
 
+# The `ctx.meta` key of what was typed (an `interrupts.Invocation`); every command's context shares it.
+INVOCATION = "cocomix.invocation"
+
 
 @dataclass(frozen=True)
 class GlobalOptions:

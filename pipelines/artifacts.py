@@ -10,28 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import __version__
+from pipelines import __version__, integrity
 from pipelines.errors import CocomixError, StageError
+from pipelines.locks import (
+    LOCK_FILE,
+    MANIFEST_LOCK,
+    READER_PREFIX,
+    ReadLock,
+    StageLock,
+    refuse_while_read,
+    writer_holders,
+)
 
 log = logging.getLogger(__name__)
 
 RUN_MARKER = "run.json"
 MANIFEST = "manifest.json"
-LOCK_FILE = ".lock"
 TOKENS_STORE = "tokens.zarr"
 TRAINED_SAE = "sae"  # the SAELens folder inside the train-sae stage
 CHUNKS_DIR = "chunks"
@@ -48,21 +55,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that readers see the old or the new content, never a torn file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave half a file behind
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, with a full disk raised as the `OSError` it is.
+
+    safetensors reports I/O failures as its own `SafetensorError`; as an `OSError(ENOSPC)` the CLI tells the
+    user the disk is full and how to continue, instead of printing a traceback.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        if "os error 28" in str(exc) or "No space left" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a parent (say `run.dir`) is a file
         return None
 
 
@@ -88,8 +116,10 @@ def sha256_file(path: Path) -> str:
     return sha.hexdigest()
 
 
-def file_identity(path: Path, known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Path, size, mtime and content hash of a file.
+def file_identity(
+    path: Path, known: Mapping[str, Mapping[str, Any]] | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """Path, size, mtime and content hash of a file, and the `name` it has in a fingerprint.
 
     The hash of a file whose size and mtime match an entry in `known` (the last manifest) is reused, as
     git's index does, so an up-to-date check over a large corpus costs a `stat`, not a read.
@@ -101,7 +131,29 @@ def file_identity(path: Path, known: Mapping[str, Mapping[str, Any]] | None = No
         digest = previous["sha256"]
     else:
         digest = sha256_file(path)
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    identity = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return {**identity, "name": name or path.name}
+
+
+def input_files(
+    roles: Mapping[str, Sequence[Path] | str], known: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Identities of a stage's input files, named by role and by place below their common folder.
+
+    `roles` maps a setting (`data.source`) to its files or to a spec (a file, a folder, or a hub id with no
+    local files). Fingerprints use these names, never absolute paths: the same files elsewhere (a moved
+    corpus, another copy of a tokenizer, a run folder copied to another machine) give the same fingerprint.
+    """
+    identities = []
+    for role, files in roles.items():
+        paths = local_files(files) if isinstance(files, str) else sorted(Path(f) for f in files)
+        if not paths:
+            continue
+        resolved = [p.resolve() for p in paths]
+        root = Path(os.path.commonpath([p.parent for p in resolved]))
+        for path in resolved:
+            identities.append(file_identity(path, known, f"{role}/{path.relative_to(root).as_posix()}"))
+    return identities
 
 
 def local_files(*specs: str) -> list[Path]:
@@ -146,9 +198,20 @@ def ensure_run_dir(root: Path) -> Path:
             f"`run.dir` ({root}) holds files that are not a cocomix run (no {RUN_MARKER}). "
             "Set `run.dir` to a new or empty folder."
         )
-    if not marker.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"tool": "cocomix", "created_at": now_iso(), "version": __version__})
+    try:
+        if not marker.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(marker, {"tool": "cocomix", "created_at": now_iso(), "version": __version__})
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise StageError(
+            f"`run.dir` ({root}) cannot be written to ({exc.strerror}). Set `run.dir` to a folder you can "
+            "write to."
+        ) from None
     return root
 
 
@@ -161,50 +224,6 @@ class StageResult:
     up_to_date: bool
     summary: dict[str, Any]
     fingerprint: str
-
-
-class StageLock:
-    """An exclusive `flock` on the stage folder; the kernel drops it if the holder dies, even by SIGKILL."""
-
-    def __init__(self, stage_dir: Path, stage: str, name: str = LOCK_FILE):
-        self.path = Path(stage_dir) / name
-        self.stage = stage
-        self._fh = None
-
-    def acquire(self, wait: bool = False) -> None:
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StageError(
-                f"Stage `{self.stage}` is being written by {holder} (lock {self.path}). "
-                "Wait for it to finish or stop it, then run again."
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-    def is_held_elsewhere(self) -> bool:
-        if not self.path.exists():
-            return False
-        with open(self.path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
 
 
 class StageSession:
@@ -231,7 +250,7 @@ class StageSession:
         self.dir = self.run_dir / stage
         self.inputs = dict(inputs)
         for identity in files or []:
-            self.inputs[f"file:{identity['path']}"] = identity["sha256"]
+            self.inputs[f"file:{identity.get('name', identity['path'])}"] = identity["sha256"]
         self.files = files or []
         self.input_artifacts = dict(input_artifacts or {})
         self.fingerprint = fingerprint(
@@ -266,7 +285,7 @@ class StageSession:
         if self.worker is None:
             yield
             return
-        lock = StageLock(self.dir, self.stage, f"{LOCK_FILE}-manifest")
+        lock = StageLock(self.dir, self.stage, MANIFEST_LOCK)
         lock.acquire(wait=True)
         try:
             yield
@@ -279,6 +298,12 @@ class StageSession:
         return self._manifest
 
     def _decide(self, previous: dict[str, Any] | None) -> None:
+        if previous is None and holds_orphan_outputs(self.dir) and not self.force:
+            raise StageError(
+                f"{self.dir} holds outputs but no {MANIFEST}, so nothing says which run they belong to or "
+                "whether they are finished. Pass --force to delete them and run the stage again, or set "
+                "`run.dir` to a new folder."
+            )
         if previous and previous.get("fingerprint") == self.fingerprint and not self.force:
             if previous.get("status") == "complete":
                 self.up_to_date, self.summary, self._manifest = True, previous.get("summary", {}), previous
@@ -319,16 +344,26 @@ class StageSession:
         }
         self._write()
 
+    def _outputs(self) -> list[Path]:
+        """What the stage wrote: everything in its folder but the manifest and the lock files."""
+        return [
+            child
+            for child in sorted(self.dir.iterdir())
+            if child.name != MANIFEST and not child.name.startswith((LOCK_FILE, READER_PREFIX))
+        ]
+
     def _clear_outputs(self) -> None:
         from pipelines.failpoints import kill_point
 
-        # The manifest goes first: a kill in the middle of the clear leaves a stage that reads as not
-        # started (and starts afresh), never one that says complete over half-deleted outputs.
-        (self.dir / MANIFEST).unlink(missing_ok=True)
+        refuse_while_read(self.dir, self.stage)
+        # The stage is marked `clearing` first: a kill in the middle of the clear leaves a stage that reads
+        # as unfinished (and whose rerun finishes the clear), never one that says complete over
+        # half-deleted outputs, nor outputs without a manifest.
+        if self._outputs() or (self.dir / MANIFEST).exists():
+            self._manifest = {"stage": self.stage, "status": "clearing", "started_at": now_iso()}
+            self._write()
         kill_point(f"clear:{self.stage}:{MANIFEST}")
-        for child in sorted(self.dir.iterdir()):
-            if child.name.startswith(LOCK_FILE):
-                continue
+        for child in self._outputs():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
             kill_point(f"clear:{self.stage}:{child.name}")
 
@@ -336,13 +371,16 @@ class StageSession:
         self._manifest["progress"] = progress
         self._write()
 
-    def complete(self, summary: Mapping[str, Any]) -> None:
+    def complete(self, summary: Mapping[str, Any], outputs: Sequence[str] = ()) -> None:
+        """Mark the stage complete; the digests of `outputs` (names in the stage folder) are recorded for
+        the stages that read them (`finished_upstream` checks them)."""
         self.summary = dict(summary)
         self._manifest.update(
             status="complete",
             completed_at=now_iso(),
             elapsed_s=round(time.monotonic() - self._started, 3),
             summary=self.summary,
+            outputs={name: integrity.tree_digests(self.dir / name) for name in outputs},
         )
         self._write()
 
@@ -367,10 +405,9 @@ class StageSession:
         return self._manifest
 
 
-def _any_lock_held(stage_dir: Path, stage: str) -> bool:
+def _any_lock_held(stage_dir: Path) -> bool:
     """A stage is being written while any of its writers (one, or one per shard or rank) holds its lock."""
-    names = [p.name for p in stage_dir.glob(f"{LOCK_FILE}*") if p.name != f"{LOCK_FILE}-manifest"]
-    return any(StageLock(stage_dir, stage, name).is_held_elsewhere() for name in names)
+    return bool(writer_holders(stage_dir))
 
 
 def finished_output(run_dir: Path, stage: str, name: str) -> tuple[Path, str] | None:
@@ -381,10 +418,92 @@ def finished_output(run_dir: Path, stage: str, name: str) -> tuple[Path, str] | 
     return Path(run_dir) / stage / name, manifest["fingerprint"]
 
 
+def stage_command(stage: str) -> str:
+    """The command that (re)makes a stage folder: `pretrain-kd` is `cocomix pretrain --objective kd`."""
+    if stage.startswith("pretrain-"):
+        objective, _, online = stage.removeprefix("pretrain-").partition("-")
+        return f"cocomix pretrain --objective {objective}" + (" --online-teacher" if online else "")
+    return f"cocomix {stage}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A finished output another stage reads: its path, its stage's fingerprint and manifest."""
+
+    path: Path
+    fingerprint: str
+    manifest: dict[str, Any]
+
+
+@contextlib.contextmanager
+def finished_upstream(
+    run_dir: Path,
+    stage: str,
+    name: str,
+    *,
+    expected: Mapping[str, Any] | None = None,
+    missing: str | None = None,
+) -> Iterator[Upstream]:
+    """Read `run_dir/stage/name` of a complete stage, holding it against writers for the whole block.
+
+    Refuses (`StageError`, exit 2) when the stage is not finished (`missing` says what to run), when it was
+    made with settings that differ from `expected` (the config values the stage depends on, as now set),
+    or when a file differs from the digest recorded at completion (`InputError`, naming the file).
+    """
+    stage_dir = Path(run_dir) / stage
+    missing = missing or f"{run_dir} has no finished `{stage}`. Run `{stage_command(stage)}` first."
+    if not stage_dir.is_dir():
+        raise StageError(missing)
+    with ReadLock(stage_dir, stage):
+        manifest = read_json(stage_dir / MANIFEST) or {}
+        if manifest.get("status") != "complete":
+            raise StageError(missing)
+        _refuse_changed_upstream(run_dir, stage, manifest.get("inputs", {}), expected or {})
+        recorded = manifest.get("outputs", {}).get(name)
+        if recorded is not None:
+            integrity.verify(stage_dir / name, recorded, f"{stage_command(stage)} --force")
+        yield Upstream(stage_dir / name, manifest["fingerprint"], manifest)
+
+
+def refuse_changed_upstream(run_dir: Path, stage: str, expected: Mapping[str, Any]) -> None:
+    """Refuse when the last run of `stage` used other values of `expected` than the config has now."""
+    manifest = read_json(Path(run_dir) / stage / MANIFEST)
+    if manifest is not None:
+        _refuse_changed_upstream(run_dir, stage, manifest.get("inputs", {}), expected)
+
+
+def _refuse_changed_upstream(
+    run_dir: Path, stage: str, recorded: Mapping[str, Any], expected: Mapping[str, Any]
+) -> None:
+    changed = [k for k, v in expected.items() if k in recorded and recorded[k] != v]
+    if changed:
+        what = ", ".join(f"{k} = {_short(recorded[k])}" for k in changed[:3])
+        now = ", ".join(f"{k} = {_short(expected[k])}" for k in changed[:3])
+        raise StageError(
+            f"`{stage}` in {run_dir} was made with {what}, but the config now has {now}. Rerun it with "
+            f"`{stage_command(stage)} --force` (then the stages after it), or set `run.dir` to a new folder."
+        )
+
+
 def known_files(run_dir: Path, stage: str) -> dict[str, dict[str, Any]]:
     """File identities recorded by the last attempt at `stage`, keyed by path, for `file_identity`."""
     manifest = read_json(Path(run_dir) / stage / MANIFEST) or {}
     return {entry["path"]: entry for entry in manifest.get("files", [])}
+
+
+ORPHAN_OUTPUTS = "outputs without a manifest"
+
+
+def holds_orphan_outputs(stage_dir: Path) -> bool:
+    """Files in a stage folder that has no manifest: nothing says whose or how finished they are."""
+    stage_dir = Path(stage_dir)
+    return (
+        stage_dir.is_dir()
+        and not (stage_dir / MANIFEST).exists()
+        and any(
+            not p.name.startswith((LOCK_FILE, READER_PREFIX, f".{MANIFEST}.tmp")) for p in stage_dir.iterdir()
+        )
+    )
 
 
 def stage_states(run_dir: Path) -> list[dict[str, Any]]:
@@ -392,16 +511,22 @@ def stage_states(run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     names = list(STAGES)
     if run_dir.is_dir():
-        names += sorted(p.name for p in run_dir.iterdir() if (p / MANIFEST).exists() and p.name not in STAGES)
+        names += sorted(
+            p.name
+            for p in run_dir.iterdir()
+            if p.name not in STAGES
+            and ((p / MANIFEST).exists() or (p.name.startswith("pretrain-") and holds_orphan_outputs(p)))
+        )
     states = []
     for name in names:
         stage_dir = run_dir / name
         manifest = read_json(stage_dir / MANIFEST) if stage_dir.is_dir() else None
         if manifest is None:
-            states.append({"stage": name, "status": "not started"})
+            status = ORPHAN_OUTPUTS if holds_orphan_outputs(stage_dir) else "not started"
+            states.append({"stage": name, "status": status})
             continue
         status = manifest.get("status", "running")
-        if status == "running" and not _any_lock_held(stage_dir, name):
+        if status in ("running", "clearing") and not _any_lock_held(stage_dir):
             status = "interrupted"
         progress = dict(manifest.get("progress", {}))
         if (stage_dir / CHUNKS_DIR).is_dir():  # chunked stages: their markers are the progress
@@ -422,7 +547,26 @@ def stage_states(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:
-    """Drop rows of a metrics file logged after `step` (a resumed run logs them again)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write_bytes(path, "".join(row + "\n" for row in rows).encode())
+    """Drop rows of a metrics file logged after `step` (a resumed run logs them again).
+
+    A last line cut short by a kill is dropped with them; a damaged line before it is an error, since
+    dropping it would lose a row that the resumed run does not log again.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise StageError(
+                f"{path}:{number} is not a JSON row. Delete that line (the run logs every step after "
+                f"{step} again), then resume."
+            ) from None
+        if row["step"] <= step:
+            rows.append(line)
+    atomic_write_bytes(path, "".join(row + "\n" for row in rows).encode())

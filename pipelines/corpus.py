@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipelines.config import DataConfig
 from pipelines.errors import CocomixError, ConfigError, InputError
@@ -68,7 +68,9 @@ class Corpus:
                 start, seen = seen, seen + len(texts)
                 if limit is not None and start >= limit:
                     return
-                texts = texts[max(0, skip_documents - start) : (limit - start) if limit is not None else None]
+                offset = max(0, skip_documents - start)
+                texts = texts[offset : (limit - start) if limit is not None else None]
+                self._check_texts(texts, start + offset)
                 if texts:
                     yield texts
         except CocomixError:
@@ -110,17 +112,42 @@ class Corpus:
             f"{', '.join(fields)}. Set `data.text_field` to one of them."
         )
 
+    def _check_texts(self, texts: list[Any], first_document: int) -> None:
+        """Refuse a document whose text is not a string: `prepare` would count a number, a list or a null as
+        an empty document and go on, so a wrong `data.text_field` or a broken export would pass unseen."""
+        for index, value in enumerate(texts):
+            # A hub dataset's nulls stay empty documents: its user cannot edit the rows.
+            if not isinstance(value, str) and (self.is_local or value is not None):
+                raise self._not_text_error(first_document + index, value)
+
+    def _not_text_error(self, document: int, value: Any) -> CocomixError:
+        bad = self._first_bad_record()
+        if bad is not None:
+            return bad
+        where = ", ".join(str(f) for f in self.files[:3]) if self.is_local else self.hub_id
+        return InputError(
+            f"Document {document + 1} of {where}: `data.text_field` {self.text_field!r} holds "
+            f"{_json_kind(value)}, not text. Make it a string, or set `data.text_field` to the field that "
+            "holds the text."
+        )
+
     def _explain_read_error(self, exc: Exception) -> CocomixError:
-        if self.builder == "json":
-            for path in self.files:
-                bad = _first_bad_json_line(path)
-                if bad:
-                    line_no, message = bad
-                    return InputError(
-                        f"{path}:{line_no}: not valid JSON ({message}). Fix or remove that line."
-                    )
+        bad = self._first_bad_record()
+        if bad is not None:
+            return bad
         where = ", ".join(str(f) for f in self.files[:3]) if self.is_local else self.hub_id
         return InputError(f"Cannot read corpus {where}: {_first_line(exc)}.")
+
+    def _first_bad_record(self) -> InputError | None:
+        """The first line of the JSON-lines files that is not a record with a text, as `file:line: why`."""
+        if self.builder != "json":
+            return None
+        for path in self.files:
+            bad = _first_bad_json_line(path, self.text_field)
+            if bad:
+                line_no, problem = bad
+                return InputError(f"{path}:{line_no}: {problem}")
+        return None
 
 
 def resolve_corpus(cfg: DataConfig) -> Corpus:
@@ -183,23 +210,93 @@ def _builder_for(path: Path) -> str:
     return BUILDERS[suffix]
 
 
-def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
-    """Line number and message of the first line of a JSON-lines file that is not JSON."""
-    opener = gzip.open if path.suffix == ".gz" else open
+def _first_bad_json_line(path: Path, text_field: str) -> tuple[int, str] | None:
+    """Line number (1-based) and problem, with its fix, of the first line of a JSON-lines file that is not
+    UTF-8, not JSON, not an object, or whose `text_field` is missing or not a string. Read as bytes, so
+    that a line that is not UTF-8 has its number too."""
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                if line_no == 1 and line.lstrip().startswith("["):
-                    return None  # one JSON document, not JSON lines: no line to point at
-                try:
-                    json.loads(line.strip())
-                except json.JSONDecodeError as exc:
-                    return line_no, exc.msg
-    except (OSError, UnicodeDecodeError) as exc:
-        return 0, _first_line(exc)
+        if _strip_compression(path).suffix == ".json" and _starts_with_bracket(path):
+            return None  # one JSON document, not JSON lines: no line to point at
+        with _open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                problem = _json_line_problem(raw, text_field)
+                if problem:
+                    return line_no, problem
+    except (OSError, EOFError, ImportError, ValueError):  # unreadable archive: the caller's message says so
+        return None
     return None
+
+
+def _json_line_problem(raw: bytes, text_field: str) -> str | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (
+            f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}). "
+            "Save the file as UTF-8, or fix or remove that line."
+        )
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg}). Fix or remove that line."
+    example = json.dumps({text_field: "..."})
+    if not isinstance(record, dict):
+        return (
+            f"{_json_kind(record)}, not an object. Each line must be one JSON object holding the text "
+            f"under `data.text_field` {text_field!r}, e.g. {example}."
+        )
+    if text_field not in record:
+        fields = ", ".join(record) or "none"
+        return (
+            f"no field {text_field!r} (`data.text_field`; this line's fields: {fields}). "
+            f"Add the text as {example}, or remove that line."
+        )
+    value = record[text_field]
+    if not isinstance(value, str):
+        shown = "" if value is None else f" ({_shorten(json.dumps(value), 40)})"
+        return (
+            f"field {text_field!r} (`data.text_field`) is {_json_kind(value)}{shown}, not a string. Make it "
+            f"a string, e.g. {example}, or set `data.text_field` to the field that holds the text."
+        )
+    return None
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with _open_binary(path) as fh:
+        return fh.read(4096).lstrip().startswith(b"[")
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """A compressed file as its uncompressed bytes, like `datasets` reads it."""
+    import bz2
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    if path.suffix == ".zst":
+        import zstandard  # an ImportError where it is missing: then no line is pointed at
+
+        return zstandard.open(path, "rb")
+    return openers.get(path.suffix, open)(path, "rb")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else type(value).__name__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ label is its top tokens. Stored as `<run.dir>/concepts/dictionary.json`; `cocomi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,31 @@ def build(
     import zarr
 
     from pipelines.stores import open_prepared_tokens
-    from pipelines.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
-    finished = artifacts.finished_output(run_dir, "extract-concepts", "concepts.zarr")
-    if finished is None:
-        raise StageError(
-            f"{run_dir} has no finished concept store. Run `cocomix extract-concepts --store-sae-topk`."
+    with contextlib.ExitStack() as reading:
+        finished = reading.enter_context(
+            artifacts.finished_upstream(
+                run_dir,
+                "extract-concepts",
+                "concepts.zarr",
+                missing=f"{run_dir} has no finished concept store. Run `cocomix extract-concepts "
+                "--store-sae-topk`.",
+            )
         )
-    store = zarr.open_group(str(finished[0]), mode="r")
-    if "sae_ids" not in store.attrs.get("arrays", []):
-        raise StageError(
-            f"{finished[0]} has no SAE activations; run `cocomix extract-concepts --store-sae-topk --force`."
-        )
-    tokens, _ = open_prepared_tokens(run_dir)
+        store = zarr.open_group(str(finished.path), mode="r")
+        if "sae_ids" not in store.attrs.get("arrays", []):
+            raise StageError(
+                f"{finished.path} has no SAE activations; run `cocomix extract-concepts --store-sae-topk "
+                "--force`."
+            )
+        tokens, _ = open_prepared_tokens(reading, run_dir)
+        return _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits)
+
+
+def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> dict[str, Any]:
+    from pipelines.tokenizer import load_tokenizer
+
     n_latents = int(store.attrs["sae"]["d_sae"])
     active = np.zeros(n_latents, np.int64)
     targeted = np.zeros(n_latents, np.int64)

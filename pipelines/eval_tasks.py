@@ -321,10 +321,7 @@ def custom_task(name: str, spec) -> Task:
         where = f"`[eval.task.{name}]` row {row}"[:300]
         try:
             context = spec.prompt.replace("\\n", "\n").format(**row)
-            fields = [f.strip() for f in spec.choices.split(",")]
-            choices = (
-                tuple(str(row[f]) for f in fields) if len(fields) > 1 else tuple(map(str, row[fields[0]]))
-            )
+            choices = _declared_choices(name, spec.choices, row)
             gold_value = row[spec.gold]
         except KeyError as exc:
             raise InputError(f"{where}: no field {exc}; fields are {', '.join(row)}.") from None
@@ -335,19 +332,42 @@ def custom_task(name: str, spec) -> Task:
             ) from None
         if any(not choice for choice in choices):  # acc_norm divides by each choice's length
             raise InputError(f"{where}: a choice is empty; every choice needs at least one character.")
-        if isinstance(gold_value, str) and gold_value in choices:
-            gold = choices.index(gold_value)
-        else:
-            try:
-                gold = int(gold_value) - spec.gold_base
-            except (TypeError, ValueError):
-                raise InputError(
-                    f"{where}: gold {gold_value!r} is neither an index nor one of the choices."
-                ) from None
+        gold = _declared_gold(gold_value, choices, spec.gold_base, where)
+        return Example((context,), tuple(spec.delimiter + c for c in choices), gold, choices)
+
+    return Task(name, "multiple_choice", ("acc", "acc_norm"), spec.data, ("", None, ""), read, build)
+
+
+def _declared_choices(name: str, choices: str, row: dict) -> tuple[str, ...]:
+    """The choice texts of one row: the values of several fields (`"a,b,c"`), or one field's list."""
+    fields = [f.strip() for f in choices.split(",")]
+    if len(fields) > 1:
+        return tuple(str(row[f]) for f in fields)
+    value = row[fields[0]]
+    if not isinstance(value, list):  # a string would make each of its characters a choice
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise InputError(
+            f"`[eval.task.{name}]` choices = {choices!r}: field `{fields[0]}` holds {shown}, not a list. "
+            "Name a field that holds the list of choices, or the fields that hold one choice each, separated "
+            'by commas (choices = "option1,option2").'
+        )
+    return tuple(map(str, value))
+
+
+def _declared_gold(value: Any, choices: tuple[str, ...], gold_base: int, where: str) -> int:
+    """The gold index as lm-eval reads a template target (`doc_to_target: "{{gold}}"`) of a multiple-choice
+    task: a number, or a string of digits, is an index, even where it is also the text of a choice ("2"
+    among the choices "1", "2", "3" is the third); any other string is the text of a choice."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{where}: gold {value!r} is neither an index nor one of the choices.")
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
+        gold = int(value) - gold_base
         if not 0 <= gold < len(choices):
             raise InputError(
                 f"{where}: gold index {gold} is outside the {len(choices)} choices (see `gold_base`)."
             )
-        return Example((context,), tuple(spec.delimiter + c for c in choices), gold, choices)
-
-    return Task(name, "multiple_choice", ("acc", "acc_norm"), spec.data, ("", None, ""), read, build)
+        return gold
+    if value not in choices:
+        raise InputError(f"{where}: gold {value!r} is neither an index nor one of the choices.")
+    return choices.index(value)

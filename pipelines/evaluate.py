@@ -3,7 +3,9 @@
 Writes `<run.dir>/eval/results.json` (every model x task with its metrics and standard errors), one cache
 file per (model weights, task, data, limit) under `eval/cache/` (so a rerun is instant and an interrupted
 eval resumes at task granularity), and with `log_samples` one JSONL per model and task under
-`eval/samples/`. Task semantics: `pipelines.eval_tasks`; scoring: `pipelines.lm_scoring`.
+`eval/samples/`. Task semantics: `pipelines.eval_tasks`; scoring: `pipelines.lm_scoring`. The `lm-eval`
+backend writes `eval/results-lm-eval.json` instead, so that its numbers never replace the native ones
+that the report reads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pipelines.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 STAGE = "eval"
-RESULTS = "results.json"
+RESULTS = "results.json"  # the native backend's, which `pipelines.report` reads
+RESULTS_BY_BACKEND = {"cocomix": RESULTS, "lm-eval": "results-lm-eval.json"}
 PPL_TASK = "ppl"
 # The metrics shown for each task in tables (all of them are in results.json).
 MAIN_METRICS = {
@@ -52,7 +55,7 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
     e = cfg.eval
     run_dir = Path(cfg.run.dir)
     if e.backend == "lm-eval":
-        return _run_lm_eval(cfg)
+        return _run_lm_eval(cfg, progress)
     tasks = task_specs(cfg)
     unknown = [t for t in e.tasks if t not in tasks and t != PPL_TASK]
     if unknown:
@@ -121,31 +124,31 @@ def _same_results(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
-def _run_lm_eval(cfg: Config) -> dict[str, Any]:
-    """Any lm-eval task on our models via `pipelines.lmeval_adapter` (no cache: lm-eval owns the tasks)."""
+def results_path(cfg: Config) -> Path:
+    """The results file of `cfg.eval.backend`: each backend keeps its own."""
+    return Path(cfg.run.dir) / STAGE / RESULTS_BY_BACKEND[cfg.eval.backend]
+
+
+def _run_lm_eval(cfg: Config, progress: bool) -> dict[str, Any]:
+    """Any lm-eval task, and the tasks declared in `[eval.task.NAME]`, on our models via
+    `pipelines.lmeval_adapter` (no cache: lm-eval owns the tasks). One `simple_evaluate` per model and task,
+    so that the progress bar can say which task it is scoring."""
     from pipelines.devices import resolve_device
-    from pipelines.lmeval_adapter import cocomix_lm
+    from pipelines.lmeval_adapter import cocomix_lm, task_manager
 
     e = cfg.eval
+    declared = _declared_examples(cfg)
     models = _models(cfg)
+    manager = task_manager(e.lmeval_include)
     started = time.monotonic()
     table: dict[str, dict[str, Any]] = {}
     for model in models:
-        lm = cocomix_lm(model.spec, resolve_device(e.device), e.batch_size)
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=e.lmeval_include or None)
-        try:
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=list(e.tasks), limit=e.limit or None, task_manager=manager
-            )
-        except KeyError as exc:  # lm-eval's error for a task it does not know
-            raise ConfigError(f"lm-eval does not know task {exc}; see `lm_eval --tasks list`.") from None
-        for task, metrics in output["results"].items():
-            table.setdefault(model.label, {})[task] = {
-                k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"
-            }
+        lm = cocomix_lm(model.spec, resolve_device(e.device), e.batch_size, progress=progress)
+        for task in e.tasks:
+            lm.scorer.progress_label = f"{model.label} {task}"
+            reported = _lm_eval_task(cfg, lm, task, declared.get(task), manager)
+            log.info("eval (lm-eval) %s %s: %s", model.label, task, reported)
+            table.setdefault(model.label, {}).update(reported)
     results = {
         "backend": "lm-eval",
         "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
@@ -155,9 +158,52 @@ def _run_lm_eval(cfg: Config) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 3),
     }
     artifacts.ensure_run_dir(Path(cfg.run.dir))
-    (Path(cfg.run.dir) / STAGE).mkdir(exist_ok=True)
-    artifacts.atomic_write_json(Path(cfg.run.dir) / STAGE / RESULTS, results)
+    results_path(cfg).parent.mkdir(exist_ok=True)
+    artifacts.atomic_write_json(results_path(cfg), results)
     return results
+
+
+def _declared_examples(cfg: Config) -> dict[str, list]:
+    """The examples of each declared task that runs, built as the native backend builds them (its errors
+    come before lm-eval starts)."""
+    tasks = task_specs(cfg)
+    return {
+        name: _examples(tasks[name], path, cfg.eval.limit) for name, path in _declared_data_files(cfg).items()
+    }
+
+
+def _lm_eval_task(
+    cfg: Config, lm: Any, task: str, examples: list | None, manager: Any
+) -> dict[str, dict[str, Any]]:
+    """One task through `lm_eval.simple_evaluate`: the metrics of each task lm-eval reports (a group's
+    subtasks too), without lm-eval's `,filter` suffixes, with the number of examples scored."""
+    import lm_eval
+
+    from pipelines.lmeval_adapter import declared_task
+
+    if examples is not None:
+        spec: Any = declared_task(task, examples, cfg.eval.task[task].delimiter)
+    else:
+        spec = task
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=[spec], limit=cfg.eval.limit or None, task_manager=manager
+        )
+    except KeyError as exc:  # lm-eval's error for a task it does not know
+        raise ConfigError(
+            f"lm-eval does not know task {exc}; see `lm_eval --tasks list`, or declare it in "
+            "`[eval.task.NAME]`."
+        ) from None
+    counts = output.get("n-samples", {})
+    reported = {}
+    for name, values in output["results"].items():
+        metrics = {
+            k.split(",")[0]: v for k, v in values.items() if isinstance(v, (int, float)) and k != "alias"
+        }
+        if name in counts:
+            metrics["examples"] = counts[name]["effective"]
+        reported[name] = metrics
+    return reported
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -200,8 +246,9 @@ def _model_fingerprint(spec: str) -> str:
         if spec.startswith("hf:"):
             return artifacts.fingerprint({"hub": spec})
         raise InputError(f"Model `{spec}` does not exist. Pass a model folder or `hf:PATH_OR_ID`.")
-    files = [artifacts.file_identity(p) for p in artifacts.local_files(str(local))]
-    return artifacts.fingerprint({f["path"]: f["sha256"] for f in files})
+    # By content and place in the folder, not by path: a run folder moved elsewhere keeps its eval cache.
+    files = artifacts.input_files({"model": str(local)})
+    return artifacts.fingerprint({f["name"]: f["sha256"] for f in files})
 
 
 def task_specs(cfg: Config) -> dict:
@@ -214,14 +261,26 @@ def task_specs(cfg: Config) -> dict:
     return {**TASKS, **{name: custom_task(name, spec) for name, spec in cfg.eval.task.items()}}
 
 
+def _declared_data_files(cfg: Config) -> dict[str, Path]:
+    """The data file of each declared task that runs; the others may point anywhere (a declared task whose
+    file is missing must not block `--tasks other`)."""
+    files: dict[str, Path] = {}
+    for name, spec in cfg.eval.task.items():
+        if name not in cfg.eval.tasks:
+            continue
+        if not Path(spec.data).is_file():
+            raise InputError(
+                f"`[eval.task.{name}]` data file {spec.data} does not exist. Point `data` at the task's "
+                "jsonl/json file (a relative path is read next to the config file)."
+            )
+        files[name] = Path(spec.data)
+    return files
+
+
 def _data_files(cfg: Config) -> dict[str, Path]:
     from pipelines.eval_tasks import TASKS
 
-    files: dict[str, Path] = {}
-    for name, spec in cfg.eval.task.items():
-        if not Path(spec.data).is_file():
-            raise InputError(f"`[eval.task.{name}]` data file {spec.data} does not exist.")
-        files[name] = Path(spec.data)
+    files = _declared_data_files(cfg)
     if cfg.eval.data_dir:
         root = Path(cfg.eval.data_dir)
         if not root.is_dir() and cfg.eval.missing_data == "hub":
@@ -282,7 +341,7 @@ def _data_identity(cfg: Config, task: str, path: Path | None) -> Any:
     paths = [path]
     if task in ("piqa", "social_iqa"):
         paths += sorted(path.parent.glob("*.lst"))
-    return {str(p): artifacts.file_identity(p)["sha256"] for p in paths}
+    return {p.name: artifacts.file_identity(p)["sha256"] for p in paths}
 
 
 # --- tasks ----------------------------------------------------------------------------------------------
@@ -297,6 +356,13 @@ def _rows(task, path: Path | None, limit: int) -> list[dict]:
         if limit and len(rows) >= limit:
             break
     return rows
+
+
+def _examples(task, path: Path | None, limit: int) -> list:
+    examples = [task.build(row) for row in _rows(task, path, limit)]
+    if not examples:
+        raise InputError(f"Task `{task.name}` has no examples in {path or task.hub[0]}.")
+    return examples
 
 
 def _hub_rows(task, limit: int) -> list[dict]:
@@ -336,9 +402,7 @@ def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -
 
     if task is None:
         return _perplexity_on_val_blocks(cfg, scorer)
-    examples = [task.build(row) for row in _rows(task, path, cfg.eval.limit)]
-    if not examples:
-        raise InputError(f"Task `{task.name}` has no examples in {path or task.hub[0]}.")
+    examples = _examples(task, path, cfg.eval.limit)
     samples: list[dict] = []
     if task.kind == "rolling":
         lls = scorer.loglikelihood_rolling([ex["text"] for ex in examples])
@@ -389,17 +453,20 @@ def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -
 
 
 def _perplexity_on_val_blocks(cfg: Config, scorer) -> dict:
+    import contextlib
+
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from pipelines.stores import open_prepared_tokens
 
-    token_store, _ = open_prepared_tokens(Path(cfg.run.dir))
-    val = token_store.split("val")
-    blocks = val.shape[0] if not cfg.eval.limit else min(cfg.eval.limit, val.shape[0])
-    total, count = 0.0, 0
-    with torch.no_grad():
+    # The store is held against `prepare --force` while its blocks are read.
+    with contextlib.ExitStack() as reading, torch.no_grad():
+        token_store, _ = open_prepared_tokens(reading, Path(cfg.run.dir))
+        val = token_store.split("val")
+        blocks = val.shape[0] if not cfg.eval.limit else min(cfg.eval.limit, val.shape[0])
+        total, count = 0.0, 0
         for start in range(0, blocks, scorer.batch_size):
             ids = torch.from_numpy(val[start : min(start + scorer.batch_size, blocks)].astype(np.int64))
             ids = ids[:, : scorer.max_length].to(scorer.device)

@@ -12,6 +12,7 @@ Run it with `cocomix extract-concepts` (see its `--help`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -23,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import artifacts
+from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
-from pipelines.config import Config, fingerprint_fields
+from pipelines.config import Config, fingerprint_path
 from pipelines.devices import resolve_device
 from pipelines.errors import ConfigError, InputError
 from pipelines.stores import TOKEN_SPLITS, TokenStore, open_prepared_tokens
@@ -69,8 +70,15 @@ def run(
     cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()
 ) -> artifacts.StageResult:
     cfg = resolve_assets(cfg)
+    with contextlib.ExitStack() as reading:
+        return _extract(cfg, reading, force, progress, shard)
+
+
+def _extract(
+    cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bool, shard: Shard
+) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
-    token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
+    token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))
     if not cfg.teacher.model and not cfg.extract.hidden_from:
         raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
     if cfg.extract.hidden_from and cfg.extract.store_teacher_topk:
@@ -84,18 +92,16 @@ def run(
         raise ConfigError(
             "`--force` cannot be combined with `--shard`: clear the stage with one unsharded run."
         )
-    cfg, trained_sae = resolve_sae_path(cfg)
+    cfg, trained_sae = resolve_sae_path(cfg, reading)
     source_artifacts = {"prepare": prepare_fingerprint, **trained_sae}
-    known = artifacts.known_files(run_dir, STAGE)
-    files = [
-        artifacts.file_identity(p, known)
-        for p in artifacts.local_files(cfg.teacher.model, cfg.teacher.tokenizer, cfg.sae.path)
-    ]
+    roles = {"teacher.model": cfg.teacher.model, "teacher.tokenizer": cfg.teacher.tokenizer}
+    files = artifacts.input_files({**roles, "sae.path": cfg.sae.path}, artifacts.known_files(run_dir, STAGE))
     if cfg.extract.hidden_from:
         source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
     inputs = {
-        **config_inputs(cfg),
-        "sae.path": cfg.sae.path,  # a trained SAE enters through its stage's fingerprint and file hashes
+        **stage_inputs.extract_concepts(cfg),
+        # a trained SAE enters through its stage's fingerprint and file hashes, a local one by its files
+        "sae.path": fingerprint_path(cfg.sae.path),
     }
     if workers.rank != 0:
         workers.barrier()  # rank 0 decides (and clears, with --force) first
@@ -129,30 +135,32 @@ def run(
             with session.manifest_lock():
                 if writer.all_done() and session.reload().get("status") != "complete":
                     writer.finalize(teacher, sae, prepare_fingerprint)
-                    session.complete(summary)
+                    session.complete(summary, outputs=[CONCEPTS_STORE])
         return artifacts.StageResult(STAGE, session.dir, False, summary, session.fingerprint)
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
 
 
-def config_inputs(cfg: Config) -> dict[str, Any]:
-    """The teacher and extraction settings that determine the targets (`cocomix run` compares them too)."""
-    return {**fingerprint_fields(cfg.teacher, "teacher"), **fingerprint_fields(cfg.extract, "extract")}
+def resolve_sae_path(cfg: Config, reading: contextlib.ExitStack) -> tuple[Config, dict[str, str]]:
+    """`cfg` with `sae.path` pointing at the SAE to use, and the `train-sae` fingerprint when it is ours.
 
-
-def resolve_sae_path(cfg: Config) -> tuple[Config, dict[str, str]]:
-    """`cfg` with `sae.path` pointing at the SAE to use, and the `train-sae` fingerprint when it is ours."""
+    This run's trained SAE stays held against `train-sae --force` until `reading` closes.
+    """
     if cfg.sae.path:
         return cfg, {}
-    trained = artifacts.finished_output(Path(cfg.run.dir), "train-sae", artifacts.TRAINED_SAE)
-    if trained is None:
-        raise ConfigError(
-            "`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
-            "`sae.path` to an SAE (OpenAI .pt or SAELens folder)."
+    trained = reading.enter_context(
+        artifacts.finished_upstream(
+            Path(cfg.run.dir),
+            "train-sae",
+            artifacts.TRAINED_SAE,
+            expected=stage_inputs.train_sae(cfg),
+            missing="`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
+            "`sae.path` to an SAE (OpenAI .pt or SAELens folder).",
         )
-    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained[0])))
-    return cfg, {"train-sae": trained[1]}
+    )
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained.path)))
+    return cfg, {"train-sae": trained.fingerprint}
 
 
 def load_teacher_and_sae(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):

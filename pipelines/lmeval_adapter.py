@@ -2,31 +2,79 @@
 
 Used by `cocomix eval --backend lm-eval` (needs the `lmeval` extra). Log-likelihoods go through
 `pipelines.lm_scoring` (lm-eval's own semantics, so the native tasks and this path agree); generation is
-greedy or sampled through `pipelines.generation` with the KV cache, stopping at any `until` string.
+greedy or sampled through `pipelines.generation` with the KV cache, stopping at any `until` string. The
+tasks declared in `[eval.task.NAME]` become lm-eval multiple-choice tasks (`declared_task`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pipelines.eval_tasks import Example
 
-def cocomix_lm(spec: str, device, batch_size: int):
-    """An instance of lm-eval's `LM` wrapping the model at `spec` (a folder or `hf:...`)."""
+NEEDS_LM_EVAL = '`--backend lm-eval` needs lm-evaluation-harness: pip install -e ".[lmeval]".'
+
+
+def task_manager(include: str):
+    """lm-eval's task index, with the task configs of `eval.lmeval_include` when set."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError(NEEDS_LM_EVAL) from None
+    return TaskManager(include_path=include or None)
+
+
+def declared_task(name: str, examples: list[Example], delimiter: str):
+    """A task declared in `[eval.task.NAME]` as an lm-eval multiple-choice task over `examples` (built by
+    `pipelines.eval_tasks.custom_task`): lm-eval joins each context and `delimiter + choice`, scores them
+    and computes acc and acc_norm itself. The prompt is a Python format string and `gold_base` has no
+    template twin, so the config's functions return the examples' fields instead of Jinja templates."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    class DeclaredTask(ConfigurableTask):
+        def download(self, dataset_kwargs=None, **kwargs) -> None:
+            # The examples are read already; lm-eval's `custom_dataset` would do the same with a warning.
+            self.dataset = {"test": datasets.Dataset.from_dict({"example": list(range(len(examples)))})}
+
+    def example(doc: dict) -> Example:
+        return examples[doc["example"]]
+
+    return DeclaredTask(
+        config={
+            "task": name,
+            "output_type": "multiple_choice",
+            "test_split": "test",
+            "doc_to_text": lambda doc: example(doc).contexts[0],
+            "doc_to_choice": lambda doc: list(example(doc).choices_text),
+            "doc_to_target": lambda doc: example(doc).gold,
+            "target_delimiter": delimiter,
+            "metric_list": [
+                {"metric": metric, "aggregation": "mean", "higher_is_better": True}
+                for metric in ("acc", "acc_norm")
+            ],
+            "metadata": {"version": 1.0},
+        }
+    )
+
+
+def cocomix_lm(spec: str, device, batch_size: int, progress: bool = False):
+    """An instance of lm-eval's `LM` wrapping the model at `spec` (a folder or `hf:...`); with `progress`, a
+    bar per call labelled with `lm.scorer.progress_label`."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
-        raise ConfigError(
-            '`--backend lm-eval` needs lm-evaluation-harness: pip install -e ".[lmeval]".'
-        ) from None
+        raise ConfigError(NEEDS_LM_EVAL) from None
 
     from pipelines.lm_scoring import ScoringModel
 
     class CocomixLM(LM):
         def __init__(self) -> None:
             super().__init__()
-            self.scorer = ScoringModel(spec, device, batch_size)
+            self.scorer = ScoringModel(spec, device, batch_size, progress=progress)
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             scored = self.scorer.loglikelihood([tuple(r.args) for r in requests])
@@ -36,7 +84,12 @@ def cocomix_lm(spec: str, device, batch_size: int):
             return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
 
         def generate_until(self, requests) -> list[str]:
-            return [self._generate(*r.args) for r in requests]
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                requests, unit="req", desc=self.scorer.progress_label, disable=not progress, leave=False
+            )
+            return [self._generate(*r.args) for r in bar]
 
         def _generate(self, context: str, options: dict[str, Any]) -> str:
             import torch

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import artifacts
+from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
-from pipelines.config import Config, DataConfig, fingerprint_fields
+from pipelines.config import Config, DataConfig
 from pipelines.corpus import Corpus, resolve_corpus
 from pipelines.errors import InputError
 from pipelines.stores import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
@@ -39,13 +39,15 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
     cfg = resolve_assets(cfg)
     run_dir = Path(cfg.run.dir)
     corpus = resolve_corpus(cfg.data)
-    known = artifacts.known_files(run_dir, STAGE)
-    files = [artifacts.file_identity(p, known) for p in (*corpus.files, *tokenizer_files(cfg.data.tokenizer))]
-    inputs = fingerprint_fields(cfg.data, "data")
+    files = artifacts.input_files(
+        {"data.source": corpus.files, "data.tokenizer": tokenizer_files(cfg.data.tokenizer)},
+        artifacts.known_files(run_dir, STAGE),
+    )
+    inputs = stage_inputs.prepare(cfg)
     with artifacts.StageSession(run_dir, STAGE, inputs, files=files, force=force) as session:
         if not session.up_to_date:
             summary = _tokenize_corpus(cfg, corpus, session, progress)
-            session.complete(summary)
+            session.complete(summary, outputs=[artifacts.TOKENS_STORE])
         return artifacts.StageResult(
             STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint
         )
@@ -224,17 +226,16 @@ class _StoreWriter:
     def open(self, resume: bool) -> _Progress:
         import zarr
 
-        point = artifacts.read_json(self.stage_dir / RESUME_FILE) if resume else None
+        point = self._resume_point() if resume else None
         if point is None:
             self.group = create_token_store(self.path, self.block_size, self.dtype)
             return _Progress()
         self.group = zarr.open_group(str(self.path), mode="r+")
-        with np.load(self.stage_dir / point["pending_file"]) as pending:
-            for split in TOKEN_SPLITS:
-                self.rows[split] = point["rows_written"][split]
-                # Drop whatever a killed run wrote after its last resume point; it is written again.
-                self.group[split].resize((self.rows[split], self.block_size))
-                self.pending[split] = [pending[split].astype(self.dtype)]
+        for split in TOKEN_SPLITS:
+            self.rows[split] = point["rows_written"][split]
+            # Drop whatever a killed run wrote after its last resume point; it is written again.
+            self.group[split].resize((self.rows[split], self.block_size))
+            self.pending[split] = [point["pending"][split].astype(self.dtype)]
         self.tokens_seen = point["tokens_seen"]
         progress = _Progress(**{k: point[k] for k in _Progress.__dataclass_fields__})
         return progress
@@ -277,6 +278,26 @@ class _StoreWriter:
     def _pending_stream(self, split: str) -> np.ndarray:
         parts = self.pending[split]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def _resume_point(self) -> dict[str, Any] | None:
+        """The last resume point with its pending tokens, or None when there is none or it is damaged
+        (then the stream starts over: the store is a pure function of the corpus, so the result is the
+        same)."""
+        path = self.stage_dir / RESUME_FILE
+        try:
+            point = artifacts.read_json(path)
+            if point is None:
+                return None
+            needed = {*_Progress.__dataclass_fields__, "rows_written", "tokens_seen", "pending_file"}
+            if not needed <= set(point):
+                raise KeyError(f"no {', '.join(sorted(needed - set(point)))}")
+            with np.load(self.stage_dir / point["pending_file"]) as pending:
+                point["pending"] = {split: pending[split] for split in TOKEN_SPLITS}
+            return point
+        except Exception as exc:  # torn JSON, a missing or torn .npz (zipfile, OSError, KeyError, ...)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("the resume point %s is damaged (%s); tokenizing from the start", path, first)
+            return None
 
     def finish(self) -> int:
         """Write the last rows of each split; returns how many tail tokens did not fill a block."""

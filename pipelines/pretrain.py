@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import artifacts, distributed
+from pipelines import artifacts, distributed, stage_inputs
 from pipelines.assets import resolve_assets
 from pipelines.batches import BatchOrder, BatchReader, SplitArrays
-from pipelines.config import Config, fingerprint_fields
+from pipelines.config import Config, fingerprint_fields, fingerprint_path
 from pipelines.devices import resolve_device
 from pipelines.errors import CocomixError, ConfigError, InputError, StageError
 from pipelines.stores import TokenStore, open_prepared_tokens
@@ -74,14 +74,29 @@ def run(
 ) -> artifacts.StageResult:
     cfg = resolve_assets(cfg)
     p = cfg.pretrain
-    run_dir = Path(cfg.run.dir)
     device = resolve_device(p.device)
     ranks = distributed.start(device)
     device = distributed.rank_device(device, ranks)
     if online_teacher and p.objective != "cocomix":
         raise ConfigError(f"--online-teacher computes CoCoMix targets; objective `{p.objective}` has none.")
-    token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
-    data = _training_data(cfg, token_store, prepare_fingerprint, online_teacher, device)
+    with contextlib.ExitStack() as reading:
+        return _pretrain(cfg, reading, ranks, device, online_teacher, resume, force, progress)
+
+
+def _pretrain(
+    cfg: Config,
+    reading: contextlib.ExitStack,
+    ranks,
+    device,
+    online_teacher: bool,
+    resume: bool,
+    force: bool,
+    progress: bool,
+) -> artifacts.StageResult:
+    p = cfg.pretrain
+    run_dir = Path(cfg.run.dir)
+    token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))
+    data = _training_data(cfg, reading, token_store, prepare_fingerprint, online_teacher, device)
     model_config = _model_config(cfg, token_store, data.n_concepts)
     per_rank = _per_rank_batch(p, ranks.world)
     stage = stage_name(p.objective, online_teacher)
@@ -114,7 +129,7 @@ def run(
             return artifacts.StageResult(stage, run_dir / stage, False, stopped, decision["fingerprint"])
         summary = trainer.finish()
         if session is not None:
-            session.complete(summary)
+            session.complete(summary, outputs=[FINAL_MODEL])
         ranks.barrier()
         return artifacts.StageResult(stage, run_dir / stage, False, summary, decision["fingerprint"])
 
@@ -154,18 +169,25 @@ def _open_session(stack, ranks, run_dir, stage, inputs, input_artifacts, force, 
 # --- inputs ---------------------------------------------------------------------------------------------
 
 
-def _training_data(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, online: bool, device):
+def _training_data(
+    cfg: Config,
+    reading: contextlib.ExitStack,
+    token_store: TokenStore,
+    prepare_fingerprint: str,
+    online: bool,
+    device,
+):
     p = cfg.pretrain
     splits = {split: {"tokens": token_store.split(split)} for split in ("train", "val")}
     input_artifacts = {"prepare": prepare_fingerprint}
     n_concepts, online_models, inputs = 0, None, {}
     if p.objective == "cocomix" and online:
         online_models, n_concepts, inputs, more = _online_teacher(
-            cfg, token_store, prepare_fingerprint, device
+            cfg, reading, token_store, prepare_fingerprint, device
         )
         input_artifacts.update(more)
     elif p.objective in ("cocomix", "kd"):
-        store, store_fingerprint = _concept_store(cfg, prepare_fingerprint, token_store)
+        store, store_fingerprint = _concept_store(cfg, reading, prepare_fingerprint, token_store)
         input_artifacts["extract-concepts"] = store_fingerprint
         if p.objective == "cocomix":
             n_concepts = int(store.attrs["sae"]["d_sae"])
@@ -195,23 +217,32 @@ def _training_data(cfg: Config, token_store: TokenStore, prepare_fingerprint: st
     )
 
 
-def _concept_store(cfg: Config, prepare_fingerprint: str, token_store: TokenStore):
+def _concept_store(
+    cfg: Config, reading: contextlib.ExitStack, prepare_fingerprint: str, token_store: TokenStore
+):
     import zarr
 
     from pipelines.extract import CONCEPTS_STORE, STAGE
 
-    finished = artifacts.finished_output(Path(cfg.run.dir), STAGE, CONCEPTS_STORE)
-    if finished is None:
-        hint = (
-            "run `cocomix extract-concepts` first, or pass --online-teacher to compute targets in the loop"
-            if cfg.pretrain.objective == "cocomix"
-            else "run `cocomix extract-concepts --store-teacher-topk N` first"
+    hint = (
+        "run `cocomix extract-concepts` first, or pass --online-teacher to compute targets in the loop"
+        if cfg.pretrain.objective == "cocomix"
+        else "run `cocomix extract-concepts --store-teacher-topk N` first"
+    )
+    run_dir = Path(cfg.run.dir)
+    if not cfg.sae.path:  # the targets come from this run's SAE: its settings must still be the config's
+        artifacts.refuse_changed_upstream(run_dir, "train-sae", stage_inputs.train_sae(cfg))
+    finished = reading.enter_context(
+        artifacts.finished_upstream(
+            run_dir,
+            STAGE,
+            CONCEPTS_STORE,
+            expected=stage_inputs.extract_concepts(cfg),
+            missing=f"Objective `{cfg.pretrain.objective}` reads cached teacher outputs, but {cfg.run.dir} "
+            f"has no finished concept store: {hint}.",
         )
-        raise StageError(
-            f"Objective `{cfg.pretrain.objective}` reads cached teacher outputs, but {cfg.run.dir} has no "
-            f"finished concept store: {hint}."
-        )
-    path, fingerprint = finished
+    )
+    path, fingerprint = finished.path, finished.fingerprint
     store = zarr.open_group(str(path), mode="r")
     if store.attrs.get("token_store_fingerprint") != prepare_fingerprint:
         raise InputError(
@@ -242,14 +273,16 @@ def _check_kd(store, token_store: TokenStore) -> None:
         )
 
 
-def _online_teacher(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
+def _online_teacher(
+    cfg: Config, reading: contextlib.ExitStack, token_store: TokenStore, prepare_fingerprint: str, device
+):
     from pipelines.extract import load_teacher_and_sae, resolve_sae_path
 
-    cfg, more = resolve_sae_path(cfg)
+    cfg, more = resolve_sae_path(cfg, reading)
     teacher, sae = load_teacher_and_sae(cfg, token_store, prepare_fingerprint, device)
     inputs = {
         **fingerprint_fields(cfg.teacher, "teacher"),
-        "sae.path": cfg.sae.path,
+        "sae.path": fingerprint_path(cfg.sae.path),
         "extract.concepts_per_token": cfg.extract.concepts_per_token,
         "extract.attribution": cfg.extract.attribution,
     }

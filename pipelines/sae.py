@@ -115,12 +115,12 @@ def load_sae(spec: str) -> LoadedSAE:
 
 def save_saelens(sae: TopKSAE, folder: Path, extra_config: dict | None = None) -> Path:
     """Write `sae` as a SAELens folder that `load_sae` (and SAELens) read back."""
-    from safetensors.torch import save_file
+    from pipelines.artifacts import save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
-    save_file(tensors, str(folder / SAELENS_WEIGHTS))
+    save_safetensors(tensors, folder / SAELENS_WEIGHTS)
     config = {
         "architecture": "topk",
         "d_in": sae.d_in,

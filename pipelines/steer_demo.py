@@ -9,13 +9,13 @@ Written as the `steer` stage (`steer/demo.json` and its manifest), so a finished
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from pipelines import artifacts
 from pipelines.config import Config, fingerprint_fields
-from pipelines.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +26,34 @@ STUDENT_STAGE = "pretrain-cocomix"
 
 def run(cfg: Config) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
-    student = artifacts.finished_output(run_dir, STUDENT_STAGE, "model")
-    if student is None:
-        raise StageError(
-            f"{run_dir} has no finished `{STUDENT_STAGE}`. Run `cocomix pretrain --objective cocomix`."
+    with contextlib.ExitStack() as reading:
+        student = reading.enter_context(
+            artifacts.finished_upstream(
+                run_dir,
+                STUDENT_STAGE,
+                "model",
+                missing=f"{run_dir} has no finished `{STUDENT_STAGE}`. Run `cocomix pretrain --objective "
+                "cocomix`.",
+            )
         )
-    concepts = artifacts.finished_output(run_dir, "extract-concepts", "concepts.zarr")
-    input_artifacts = {STUDENT_STAGE: student[1], **({"extract-concepts": concepts[1]} if concepts else {})}
-    inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
-    with artifacts.StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:
-        if not session.up_to_date:
-            demo = _demo(cfg, student[0], run_dir, concepts[0] if concepts else None)
-            artifacts.atomic_write_json(session.dir / DEMO, demo)
-            session.complete({"demo": str(session.dir / DEMO), "prompts": demo["prompts"]})
-        return artifacts.StageResult(
-            STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint
-        )
+        concepts = None
+        if artifacts.finished_output(run_dir, "extract-concepts", "concepts.zarr"):  # optional: labels
+            concepts = reading.enter_context(
+                artifacts.finished_upstream(run_dir, "extract-concepts", "concepts.zarr")
+            )
+        input_artifacts = {
+            STUDENT_STAGE: student.fingerprint,
+            **({"extract-concepts": concepts.fingerprint} if concepts else {}),
+        }
+        inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
+        with artifacts.StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:
+            if not session.up_to_date:
+                demo = _demo(cfg, student.path, run_dir, concepts.path if concepts else None)
+                artifacts.atomic_write_json(session.dir / DEMO, demo)
+                session.complete({"demo": str(session.dir / DEMO), "prompts": demo["prompts"]})
+            return artifacts.StageResult(
+                STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint
+            )
 
 
 def _demo(cfg: Config, model_dir: Path, run_dir: Path, concept_store: Path | None) -> dict[str, Any]:

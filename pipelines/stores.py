@@ -7,6 +7,8 @@ the smallest unsigned dtype that holds the vocabulary, and group attributes that
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,15 +73,28 @@ class TokenStore:
         return self.group[name]
 
 
-def open_prepared_tokens(run_dir: Path) -> tuple[TokenStore, str]:
-    """The finished token store of a run and the `prepare` fingerprint that later stages depend on."""
+def open_prepared_tokens(
+    reading: contextlib.ExitStack, run_dir: Path, expected: Mapping[str, Any] | None = None
+) -> tuple[TokenStore, str]:
+    """The finished token store of a run and the `prepare` fingerprint that later stages depend on.
+
+    The store stays held against `prepare --force` until `reading` closes. It is refused when a file of
+    it is damaged, and when it was prepared with other values of the `expected` settings (the `data`
+    settings as the config has them now).
+    """
     from pipelines import artifacts
 
     stage_dir = Path(run_dir) / "prepare"
-    manifest = artifacts.read_json(stage_dir / artifacts.MANIFEST) or {}
-    if manifest.get("status") != "complete":
-        raise StageError(f"No finished token store in {stage_dir}. Run `cocomix prepare` first.")
-    return open_token_store(stage_dir / artifacts.TOKENS_STORE), manifest["fingerprint"]
+    prepared = reading.enter_context(
+        artifacts.finished_upstream(
+            stage_dir.parent,
+            stage_dir.name,
+            artifacts.TOKENS_STORE,
+            expected=expected,
+            missing=f"No finished token store in {stage_dir}. Run `cocomix prepare` first.",
+        )
+    )
+    return open_token_store(prepared.path), prepared.fingerprint
 
 
 def open_token_store(path: Path) -> TokenStore:

@@ -43,6 +43,8 @@ class Teacher:
         self.n_layers = model.config.num_hidden_layers
         self.d_model = model.config.hidden_size
         self.vocab_size = model.config.vocab_size
+        # GPT-2 calls it n_positions (mapped to this name by transformers), Llama max_position_embeddings.
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         if hook not in HOOKS:
             raise InputError(f"`teacher.hook` {hook!r} is not one of {', '.join(HOOKS)}.")
         if not 0 <= layer < self.n_layers:
@@ -63,6 +65,15 @@ class Teacher:
                 f"Teacher `{self.spec}` uses a different tokenizer than the token store "
                 f"(`{store_tokenizer['spec']}`; vocabulary hashes differ). Prepare the corpus with the "
                 "teacher's tokenizer: set `data.tokenizer` to it and run `cocomix prepare --force`."
+            )
+
+    def check_block_size(self, block_size: int) -> None:
+        """Blocks longer than the teacher's context would index past its position embeddings."""
+        if self.context_length and block_size > self.context_length:
+            raise InputError(
+                f"`data.block_size` ({block_size}) is longer than the context of teacher `{self.spec}` "
+                f"({self.context_length} tokens). Set `data.block_size` to at most {self.context_length} "
+                "and run `cocomix prepare --force`."
             )
 
     @property
@@ -187,6 +198,7 @@ def load_teacher_for(config, device, token_store_attrs: dict) -> Teacher:
         config.model, config.layer, config.hook, str(device), config.dtype, config.tokenizer
     )
     teacher.check_tokenizer(token_store_attrs)
+    teacher.check_block_size(int(token_store_attrs["block_size"]))
     return teacher
 
 

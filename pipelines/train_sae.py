@@ -14,6 +14,7 @@ Run it with `cocomix train-sae` (see its `--help`). Output: `train-sae/sae/`, a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import artifacts
+from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
-from pipelines.config import Config, fingerprint_fields
+from pipelines.config import Config
 from pipelines.devices import resolve_device
 from pipelines.errors import ConfigError, InputError
 from pipelines.stores import TokenStore, open_prepared_tokens
@@ -40,17 +41,21 @@ METRICS = "metrics.jsonl"
 
 def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts.StageResult:
     cfg = resolve_assets(cfg)
+    with contextlib.ExitStack() as reading:
+        return _train(cfg, reading, force, progress)
+
+
+def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bool) -> artifacts.StageResult:
     run_dir = Path(cfg.run.dir)
-    token_store, prepare_fingerprint = open_prepared_tokens(run_dir)
+    token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))
     if not cfg.teacher.model:
         raise ConfigError("`teacher.model` is not set. Set it to a hub id, a folder or a .gguf file.")
     _check_token_budget(cfg, token_store)
-    known = artifacts.known_files(run_dir, STAGE)
-    files = [artifacts.file_identity(p, known) for p in artifacts.local_files(cfg.teacher.model)]
+    files = artifacts.input_files({"teacher.model": cfg.teacher.model}, artifacts.known_files(run_dir, STAGE))
     with artifacts.StageSession(
         run_dir,
         STAGE,
-        config_inputs(cfg),
+        stage_inputs.train_sae(cfg),
         files=files,
         input_artifacts={"prepare": prepare_fingerprint},
         force=force,
@@ -65,20 +70,11 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> artifacts
         trainer.restore(resume=session.resuming)
         trainer.train(show_progress=progress)
         summary = trainer.finish()
-        session.complete(summary)
+        session.complete(summary, outputs=[artifacts.TRAINED_SAE])
         return artifacts.StageResult(STAGE, session.dir, False, summary, session.fingerprint)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-
-
-def config_inputs(cfg: Config) -> dict[str, Any]:
-    """The config values that determine the trained SAE (recorded in the manifest; `cocomix run` compares)."""
-    return {
-        **fingerprint_fields(cfg.teacher, "teacher"),
-        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
-        "run.seed": cfg.run.seed,
-    }
 
 
 def _check_token_budget(cfg: Config, token_store: TokenStore) -> None:
@@ -178,8 +174,8 @@ class SaeTrainer:
         import torch
 
         path = self.dir / CHECKPOINT
-        if resume and path.exists():
-            state = torch.load(path, map_location=self.device, weights_only=True)
+        state = self._read_checkpoint(path) if resume and path.exists() else None
+        if state is not None:
             self.sae.load_state_dict(state["sae"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.tokens_since_fired = state["tokens_since_fired"]
@@ -191,6 +187,21 @@ class SaeTrainer:
         with torch.no_grad():  # Gao et al.: the pre-bias starts at the data's centre
             self.sae.b_dec.copy_(self._batch(0).mean(0))
         self._log({"step": 0, "loss": None, "aux_loss": None, **self.evaluate(), "tokens_per_s": None})
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+        """The resume state, or None when the file is damaged: training is a pure function of the
+        settings, so starting over ends with the same weights, only later."""
+        import torch
+
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if not {"sae", "optimizer", "tokens_since_fired", "step"} <= set(state):
+                raise KeyError("missing entries")
+            return state
+        except Exception as exc:  # torch reports a torn zip or pickle with many exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("%s is damaged (%s); training from the start", path, first)
+            return None
 
     def train(self, show_progress: bool) -> None:
         from tqdm.auto import tqdm

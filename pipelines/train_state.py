@@ -80,27 +80,29 @@ class Checkpoints:
     def save(
         self, step: int, model_state: dict[str, torch.Tensor], model_config: dict, trainer_state: dict
     ) -> Checkpoint:
-        from safetensors.torch import save_file
-
         from pipelines.checkpoint import CONFIG_FILE, MODEL_FORMAT, WEIGHTS_FILE
 
         name = f"step-{step:06d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
-            str(tmp / WEIGHTS_FILE),
-            metadata={"format": MODEL_FORMAT},
-        )
-        artifacts.atomic_write_json(tmp / CONFIG_FILE, {"format": MODEL_FORMAT, "model": model_config})
-        buffer = io.BytesIO()
-        torch.save(trainer_state, buffer)
-        artifacts.atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
-        artifacts.atomic_write_json(
-            tmp / DIGESTS,
-            {f: artifacts.sha256_file(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE)},
-        )
+        try:
+            artifacts.save_safetensors(
+                {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
+                tmp / WEIGHTS_FILE,
+                metadata={"format": MODEL_FORMAT},
+            )
+            artifacts.atomic_write_json(tmp / CONFIG_FILE, {"format": MODEL_FORMAT, "model": model_config})
+            buffer = io.BytesIO()
+            torch.save(trainer_state, buffer)
+            artifacts.atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
+            artifacts.atomic_write_json(
+                tmp / DIGESTS,
+                {f: artifacts.sha256_file(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE)},
+            )
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what the half-written copy holds
+            raise
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         kill_point(f"checkpoint:{name}:renamed")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STEPS = ("prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer", "report")
 CONCEPT_OBJECTIVES = ("cocomix", "kd")  # objectives that read concepts.zarr
+BEING_WRITTEN = "being written by"  # the state of a stage another process writes, before its lock holders
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ def execute(
     refused = [r for r in rows if r.action == "refuse"]
     if refused:
         r = refused[0]
+        if r.state.startswith(BEING_WRITTEN):  # --force would fight the writer: wait for it instead
+            raise ConfigError(
+                f"{Path(cfg.run.dir) / r.stage} is {r.state}. Wait for it to finish or stop it, then run "
+                "this command again."
+            )
         raise ConfigError(
             f"{Path(cfg.run.dir) / r.stage} is {r.state}. Set `run.dir` to a new folder, or rerun that "
             f"stage alone with --force (`cocomix {_command(r)} --force`)."
@@ -85,7 +91,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
     Descriptions show `pypi:` specs as written; the inputs are compared with manifests, which record the local
     paths the specs resolve to.
     """
-    from pipelines import extract, train_sae
+    from pipelines import stage_inputs
     from pipelines.config import fingerprint_fields
 
     resolved = resolve_assets(cfg, fetch=False)
@@ -108,7 +114,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
             "prepare",
             f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks"
             + (f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""),
-            fingerprint_fields(resolved.data, "data"),
+            stage_inputs.prepare(resolved),
         )
     ]
     if needs_concepts and not s.path:
@@ -118,7 +124,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "train-sae",
                 f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
                 f"layer {cfg.teacher.layer}",
-                train_sae.config_inputs(resolved),
+                stage_inputs.train_sae(resolved),
             )
         )
     if needs_concepts:
@@ -128,7 +134,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "extract-concepts",
                 "extract-concepts",
                 f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}",
-                extract.config_inputs(resolved),
+                stage_inputs.extract_concepts(resolved),
             )
         )
     steps = f"{p.max_steps:,} steps of {_batch_text(p, d.block_size)}"
@@ -173,6 +179,8 @@ def _state(run_dir: Path, step: str, stage: str, inputs: dict[str, Any]) -> tupl
         return "cached per model and task", "run"  # only what the cache lacks is scored
     manifest = artifacts.read_json(run_dir / stage / artifacts.MANIFEST)
     if manifest is None:
+        if artifacts.holds_orphan_outputs(run_dir / stage):
+            return artifacts.ORPHAN_OUTPUTS, "refuse"
         return "not started", "run"
     recorded = manifest.get("inputs", {})
     changed = [k for k, v in inputs.items() if k in recorded and recorded[k] != v]
@@ -182,9 +190,9 @@ def _state(run_dir: Path, step: str, stage: str, inputs: dict[str, Any]) -> tupl
         return f"{status}, but {', '.join(changed[:2])}{more} changed", "refuse"
     if status == "complete":
         return "complete", "skip"
-    if status == "running":
-        held = artifacts.StageLock(run_dir / stage, stage).is_held_elsewhere()
-        return ("running elsewhere", "refuse") if held else ("interrupted", "resume")
+    if status in ("running", "clearing"):
+        holders = artifacts.writer_holders(run_dir / stage)  # its one writer, or its shards' and ranks'
+        return (f"{BEING_WRITTEN} {', '.join(holders)}", "refuse") if holders else ("interrupted", "resume")
     return status, "resume"
 
 

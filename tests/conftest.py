@@ -18,11 +18,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -368,3 +371,40 @@ def run_in(directory: Path, stage, args: list[str], **kwargs):
         return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
     finally:
         os.chdir(previous)
+
+
+# --- crash safety -----------------------------------------------------------------------------------------
+
+
+def stage_status(cwd: Path, stage: str) -> str:
+    """What `cocomix status --json` (run from `cwd`) says about `stage`."""
+    states = json.loads(Cocomix(cwd)("status", "--json").stdout)["stages"]
+    return next((s["status"] for s in states if s["stage"] == stage), "not listed")
+
+
+def assert_kills_during_the_force_clear_rerun_to_the_same_result(
+    cwd: Path, args: list[str], stage: str, result: Callable[[], Any], compare: Callable[[Any, Any], None]
+) -> None:
+    """`cocomix ARGS --force` SIGKILLed after each step of its clear (the manifest, then each output),
+    each followed by the documented rerun, `cocomix ARGS`: `status` says `interrupted` (never `complete`)
+    after the kill, and the rerun ends with the result and the fingerprint of the finished stage before."""
+    stage_dir = cwd / "run" / stage
+    manifest = stage_dir / "manifest.json"
+    reference, fingerprint = result(), json.loads(manifest.read_text())["fingerprint"]
+    outputs = sorted(p.name for p in stage_dir.iterdir() if not p.name.startswith((".", "manifest")))
+    assert outputs, stage
+    for instant in ["manifest.json", *outputs]:  # the clear marks the manifest, then removes each output
+        env = {**os.environ, "COCOMIX_KILL_AT": f"clear:{stage}:{instant}"}
+        killed = cocomix_subprocess([*args, "--force"], cwd=cwd, env=env)
+        assert killed.wait(timeout=300) == -signal.SIGKILL, instant
+        assert stage_status(cwd, stage) == "interrupted", instant
+        rerun = subprocess.run(
+            [sys.executable, "-m", "cocomix_cli", "--no-progress", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        assert rerun.returncode == 0 and "up to date" not in rerun.stdout, (instant, rerun.stderr[-2000:])
+        assert stage_status(cwd, stage) == "complete", instant
+        compare(result(), reference)
+        assert json.loads(manifest.read_text())["fingerprint"] == fingerprint, instant

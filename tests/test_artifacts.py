@@ -100,7 +100,7 @@ def test_lock_names_the_holder(tmp_path):
         with pytest.raises(StageError) as info:
             with session(tmp_path, {}):
                 pass
-        assert f"Stage `prepare` is being written by pid {holder.pid} on " in str(info.value)
+        assert f"Stage `prepare` is being written by pid {holder.pid} (`-c`) on " in str(info.value)
         assert stage_states(tmp_path / "run")[0]["status"] != "interrupted"
     finally:
         holder.kill()

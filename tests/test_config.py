@@ -90,7 +90,8 @@ def test_non_finite_numbers_are_refused(value):
         load_config(None, [f"pretrain.lr={value}"])
 
 
-def test_toml_round_trip(tmp_path):
+def test_toml_round_trip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # read back from the folder it was written for (its paths are relative to it)
     cfg = load_config(
         None, ['data.source=we"ird \\ path.txt', "data.block_size=64", "data.val_fraction=0.25"]
     )
@@ -104,3 +105,34 @@ def test_fingerprint_fields_leave_out_settings_that_do_not_change_output():
     fields = fingerprint_fields(DataConfig(), "data")
     assert "data.block_size" in fields and "data.source" in fields
     assert "data.batch_documents" not in fields and "data.commit_interval_s" not in fields
+
+
+def test_relative_paths_in_a_file_are_read_next_to_it_and_set_values_from_the_working_directory(
+    tmp_path, monkeypatch
+):
+    experiment = tmp_path / "exp"
+    (experiment / "tasks").mkdir(parents=True)
+    (experiment / "corpus.jsonl").write_text('{"text": "a"}\n')
+    (experiment / "tok").mkdir()
+    path = experiment / "cocomix.toml"
+    path.write_text(
+        "[run]\ndir = 'run'\n"
+        "[data]\nsource = 'corpus.jsonl'\ntokenizer = 'tok'\n"
+        "[teacher]\nmodel = 'HuggingFaceTB/SmolLM2-135M'\n"  # a hub id: nothing of that name beside the file
+        "[sae]\npath = 'hf:org/sae'\n"
+        "[eval]\ndata_dir = 'eval-data'\ndata = ['piqa=piqa/valid.jsonl']\nmodels = ['hf:gpt2', 'model']\n"
+        "[eval.task.capitals]\ndata = 'tasks/capitals.jsonl'\nprompt = '{q}'\nchoices = 'c'\ngold = 'g'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("exp/cocomix.toml")
+    assert cfg.run.dir == "exp/run"
+    assert (cfg.data.source, cfg.data.tokenizer) == ("exp/corpus.jsonl", "exp/tok")
+    assert cfg.teacher.model == "HuggingFaceTB/SmolLM2-135M" and cfg.sae.path == "hf:org/sae"
+    assert (cfg.eval.data_dir, cfg.eval.data) == ("exp/eval-data", ["piqa=exp/piqa/valid.jsonl"])
+    assert cfg.eval.models == ["hf:gpt2", "model"]  # no `exp/model`: left as written
+    assert cfg.eval.task["capitals"].data == "exp/tasks/capitals.jsonl"
+    assert load_config(path).run.dir == str(experiment / "run")  # a file named by its full path
+    from_the_command_line = load_config(path, ["run.dir=elsewhere", "data.source=corpus.jsonl"])
+    assert (from_the_command_line.run.dir, from_the_command_line.data.source) == ("elsewhere", "corpus.jsonl")
+    monkeypatch.chdir(experiment)  # beside the file: the values as written
+    assert load_config("cocomix.toml").run.dir == "run"

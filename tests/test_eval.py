@@ -464,3 +464,63 @@ def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
     assert (capitals["acc_stderr"], capitals["acc_norm_stderr"]) == pytest.approx(
         (mean_and_stderr(acc)[1], mean_and_stderr(acc_norm)[1])
     )
+
+
+def test_a_declared_task_whose_choices_field_holds_a_string_is_refused():
+    """`choices = "FIELD"` on a string would make each character a choice: one error naming the task, the
+    field and the two forms `choices` takes."""
+    from pipelines.config import CustomTaskConfig
+    from pipelines.eval_tasks import custom_task
+
+    spec = CustomTaskConfig(data="mini.jsonl", prompt="Q: {question}", choices="answer", gold="answer")
+    with pytest.raises(InputError) as caught:
+        custom_task("mini", spec).build({"question": "Capital of France?", "answer": "Paris"})
+    assert str(caught.value) == (
+        "`[eval.task.mini]` choices = 'answer': field `answer` holds \"Paris\", not a list. Name a field "
+        "that holds the list of choices, or the fields that hold one choice each, separated by commas "
+        '(choices = "option1,option2").'
+    )
+    fields = CustomTaskConfig(data="mini.jsonl", prompt="Q: {question}", choices="a, b", gold="answer")
+    assert custom_task("mini", fields).build(
+        {"question": "Capital of France?", "a": "Lyon", "b": "Paris", "answer": "Paris"}
+    ).continuations == (" Lyon", " Paris")
+
+
+def test_a_declared_task_with_a_missing_file_blocks_only_itself(trained, tmp_path):
+    from tests.conftest import Cocomix
+
+    run = tmp_path / "run-copy"
+    shutil.copytree(trained, run)
+    config = run / "cocomix.toml"
+    config.write_text(
+        config.read_text() + '[eval.task.broken]\ndata = "missing.jsonl"\nprompt = "Q: {q}"\n'
+        'choices = "options"\ngold = "answer"\n'
+    )
+    cocomix = Cocomix(run)
+    result = cocomix("eval", "--tasks", "ppl", "--limit", "2")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run / "run/eval/results.json").read_text())["tasks"] == ["ppl"]
+    result = cocomix("eval", "--tasks", "ppl,broken")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: `[eval.task.broken]` data file missing.jsonl does not exist.")
+
+
+def test_a_declared_task_with_a_relative_file_is_read_next_to_the_config_from_any_folder(trained, tmp_path):
+    from tests.conftest import Cocomix
+
+    run = tmp_path / "experiment"
+    shutil.copytree(trained, run)
+    shutil.copy(CAPITALS, run / "capitals.jsonl")
+    config = run / "cocomix.toml"
+    config.write_text(
+        config.read_text().replace(f'"{trained}/', '"')  # the corpus path relative to the config's folder
+        + '[eval.task.capitals]\ndata = "capitals.jsonl"\nprompt = "Question: {question}\\nAnswer:"\n'
+        'choices = "options"\ngold = "answer"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = Cocomix(elsewhere)("-c", str(config), "eval", "--tasks", "capitals", "--limit", "4")
+    assert result.exit_code == 0, result.stderr
+    scores = json.loads((run / "run/eval/results.json").read_text())["results"]["pretrain-ntp"]["capitals"]
+    assert scores["examples"] == 4
+    assert not (elsewhere / "run").exists()

@@ -7,6 +7,7 @@ cocomix reads the same files with its own loaders. Every test runs on the commit
 (tests/data/eval, all of their rows) and, marked `real_data`, on the shared benchmark files.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -345,3 +346,134 @@ def test_lambada_accuracy_counts_greedy_last_words_as_lm_eval_does(tmp_path, mon
     assert ours["acc"] == theirs["acc,none"]
     assert ours["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], rel=1e-9)
     assert ours["perplexity"] == pytest.approx(theirs["perplexity,none"], rel=1e-3)
+
+
+# --- tasks declared in cocomix.toml ---------------------------------------------------------------------
+
+DIGITS_PROMPT = "Question: How many stones are in bag {bag}?\\nAnswer:"
+
+
+def digits_task(folder: Path) -> Path:
+    """A declared task whose choices are digit strings in rotated order and whose gold is a digit string
+    that is the text of another choice ("1" among "1", "2", "0" is the second choice, not the first), plus
+    two rows whose gold is a word. Writes the data, lm-eval's config of it (its stock way: the choices
+    field, a template target) and the `[eval.task.digits]` table; returns the data file."""
+    rows = []
+    for bag in range(12):
+        shift = 1 + bag % 2
+        options = [str((i + shift) % 3) for i in range(3)]
+        rows.append({"bag": bag, "options": options, "answer": str(bag % 3)})
+    rows += [{"bag": 12, "options": ["one", "two", "three"], "answer": "two"},
+             {"bag": 13, "options": ["four", "five", "six"], "answer": "six"}]  # fmt: skip
+    data = folder / "digits.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "lmeval-tasks").mkdir()
+    (folder / "lmeval-tasks" / "local_digits.yaml").write_text(
+        "task: local_digits\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "Question: How many stones are in bag {{bag}}?\\nAnswer:"\n'
+        'doc_to_choice: options\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n"
+        + "".join(
+            f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+            for m in ("acc", "acc_norm")
+        )
+    )
+    config = folder / "cocomix.toml"
+    config.write_text(
+        config.read_text()
+        + f'[eval.task.digits]\ndata = "{data}"\nprompt = "{DIGITS_PROMPT}"\n'
+        + 'choices = "options"\ngold = "answer"\n'
+    )
+    return data
+
+
+def test_a_declared_task_reads_a_digit_gold_as_an_index_as_lm_eval_does(tmp_path):
+    """lm-eval reads a template target that renders to digits as the index of a choice, even where the
+    digits are also a choice's text: so does a declared task, row by row, and in acc and acc_norm."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from pipelines.config import load_config
+    from pipelines.model import GPT
+    from tests.conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=bpe_tokenizer().vocab_size, context_length=64))
+    folder, hf_dir = save_with_export(model, tmp_path)
+    data = digits_task(run_folder(tmp_path))
+    manager = TaskManager(include_path=str(tmp_path / "lmeval-tasks"), include_defaults=False)
+
+    theirs_task = manager.load(["local_digits"])["tasks"]["local_digits"]
+    theirs_task.build_all_requests(rank=0, world_size=1)
+    ours_task = evaluate.task_specs(load_config(tmp_path / "cocomix.toml"))["digits"]
+    ours = [ours_task.build(row) for row in ours_task.read(data)]
+    assert len(ours) == 14
+    for doc_id, example in enumerate(ours):
+        instances = sorted((i for i in theirs_task.instances if i.doc_id == doc_id), key=lambda i: i.idx)
+        assert [i.arguments for i in instances] == example.requests(), doc_id
+        target = theirs_task.doc_to_target(instances[0].doc)
+        if isinstance(target, str):  # a choice's text: its index, as lm-eval's `process_results` takes it
+            target = theirs_task.doc_to_choice(instances[0].doc).index(target)
+        assert target == example.gold, doc_id
+    assert ours[0].gold == 0 and ours[0].choices_text == ("1", "2", "0")  # "0" is the third choice's text
+
+    native = run_in(tmp_path, evaluate.run, [f'eval.models=["{folder}"]', 'eval.tasks=["digits"]'])
+    ours_metrics = native["results"]["ntp"]["digits"]
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32")
+    reference = lm_eval.simple_evaluate(model=lm, tasks=["local_digits"], task_manager=manager)["results"][
+        "local_digits"
+    ]
+    assert ours_metrics["examples"] == 14
+    for metric in ("acc", "acc_norm"):
+        assert ours_metrics[metric] == reference[f"{metric},none"], metric
+        assert ours_metrics[f"{metric}_stderr"] == pytest.approx(reference[f"{metric}_stderr,none"], rel=1e-9)
+
+
+def test_lm_eval_backend_runs_declared_tasks_with_progress_into_its_own_file(tmp_path, capsys):
+    """`--backend lm-eval` scores the declared tasks through lm-eval (the same acc as the native backend),
+    shows a bar per model and task, and writes eval/results-lm-eval.json beside the native results.json,
+    which it leaves as it was."""
+    import torch
+
+    from pipelines.config import load_config
+    from pipelines.model import GPT
+    from tests.conftest import FIXTURE_EVAL, tiny_model_config
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=bpe_tokenizer().vocab_size, context_length=64))
+    folder, _ = save_with_export(model, tmp_path)
+    digits_task(run_folder(tmp_path))
+    config = tmp_path / "cocomix.toml"
+    config.write_text(
+        config.read_text()
+        + f'[eval.task.capitals]\ndata = "{FIXTURE_EVAL / "custom" / "capitals.jsonl"}"\n'
+        + 'prompt = "Question: {question}\\nAnswer:"\nchoices = "options"\ngold = "answer"\n'
+    )
+    args = [f'eval.models=["{folder}"]', 'eval.tasks=["digits", "capitals"]']
+    native = run_in(tmp_path, evaluate.run, args)["results"]["ntp"]
+    native_file = tmp_path / "run" / "eval" / "results.json"
+    written = native_file.read_bytes()
+    capsys.readouterr()
+
+    cfg = load_config(config, [*args, "eval.backend=lm-eval"])
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        results = evaluate.run(cfg, progress=True)
+    finally:
+        os.chdir(previous)
+    shown = capsys.readouterr().err
+    assert "ntp digits" in shown and "ntp capitals" in shown
+
+    assert evaluate.results_path(cfg) == Path(cfg.run.dir) / "eval" / "results-lm-eval.json"
+    assert json.loads((tmp_path / "run" / "eval" / "results-lm-eval.json").read_text()) == results
+    assert native_file.read_bytes() == written
+    for task, rows in (("digits", 14), ("capitals", 12)):
+        theirs = results["results"]["ntp"][task]
+        assert theirs["examples"] == native[task]["examples"] == rows, task
+        for metric in ("acc", "acc_norm"):
+            assert theirs[metric] == native[task][metric], (task, metric)
+            assert theirs[f"{metric}_stderr"] == pytest.approx(native[task][f"{metric}_stderr"], rel=1e-9)

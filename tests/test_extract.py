@@ -17,7 +17,15 @@ from pipelines import artifacts, extract
 from pipelines.attribution import concept_targets, official_scores, paper_scores
 from pipelines.sae import load_sae, openai_state_dict, save_saelens
 from pipelines.teacher import load_teacher
-from tests.conftest import bpe_tokenizer, cocomix_subprocess, prepared_run, run_in, tiny_sae, tiny_teacher
+from tests.conftest import (
+    assert_kills_during_the_force_clear_rerun_to_the_same_result,
+    bpe_tokenizer,
+    cocomix_subprocess,
+    prepared_run,
+    run_in,
+    tiny_sae,
+    tiny_teacher,
+)
 
 
 @pytest.fixture
@@ -65,6 +73,13 @@ def assert_equal_to_one_process(tmp_path: Path, overrides: list[str], documents:
     prepared_run(tmp_path / "single", documents=documents)
     run_extract(tmp_path / "single", overrides)
     assert_same_arrays(store_arrays(tmp_path / "run"), store_arrays(tmp_path / "single" / "run"))
+    # The same fingerprint too, although the other run's corpus lies elsewhere: files enter by content.
+    manifests = [
+        json.loads((d / "run/extract-concepts/manifest.json").read_text())
+        for d in (tmp_path, tmp_path / "single")
+    ]
+    assert manifests[0]["status"] == manifests[1]["status"] == "complete"
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
 
 
 def assert_same_arrays(a: dict, b: dict):
@@ -225,6 +240,16 @@ def test_a_kill_at_each_step_of_the_store_creation_then_a_rerun_gives_the_same_s
     assert_equal_to_one_process(tmp_path, overrides, documents=20)
 
 
+@pytest.mark.slow
+def test_a_kill_at_each_step_of_the_force_clear_then_a_rerun_gives_the_same_store(tmp_path, models):
+    prepared_run(tmp_path, documents=20)
+    args = [*set_args(extract_overrides(tmp_path)), "extract-concepts"]
+    run_extract(tmp_path, extract_overrides(tmp_path))
+    assert_kills_during_the_force_clear_rerun_to_the_same_result(
+        tmp_path, args, "extract-concepts", lambda: store_arrays(tmp_path / "run"), assert_same_arrays
+    )
+
+
 def test_a_store_left_half_created_by_a_kill_is_created_again(tmp_path, models):
     import shutil
 
@@ -350,6 +375,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, models, cocomix):
     assert (
         not json.loads((tmp_path / "run/extract-concepts/manifest.json").read_text())["status"] == "complete"
     )
+    long_blocks = ["--set", "data.block_size=256"]
+    assert cocomix(*long_blocks, "prepare", "--force").exit_code == 0  # the teacher reads 128 positions
+    message = error(*base, "data.block_size=256")
+    assert "`data.block_size` (256) is longer than the context of teacher" in message
+    assert "(128 tokens). Set `data.block_size` to at most 128 and run `cocomix prepare --force`." in message
+    assert cocomix("prepare", "--force").exit_code == 0
 
     assert cocomix(*[a for o in base for a in ("--set", o)], "extract-concepts").exit_code == 0
     changed = error(*base, "extract.concepts_per_token=2")

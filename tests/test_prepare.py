@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,11 +16,13 @@ from pipelines.prepare import is_validation_document
 from pipelines.stores import open_token_store
 from tests.conftest import (
     Cocomix,
+    assert_kills_during_the_force_clear_rerun_to_the_same_result,
     bpe_tokenizer,
     cocomix_subprocess,
     corpus_documents,
     corpus_jsonl,
     read_imdb_texts,
+    stage_status,
     write_jsonl,
 )
 
@@ -180,7 +183,8 @@ def test_local_formats_give_the_same_tokens(tmp_path, cocomix, tokenizer_path, f
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, tokenizer_path):
+@pytest.mark.parametrize("damage", [None, "truncated resume point"])
+def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, tokenizer_path, damage):
     settings = dict(
         block_size=128, val_fraction=0.01, max_documents=12000, batch_documents=200, commit_interval_s=0.0
     )
@@ -200,10 +204,17 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, token
     manifest = json.loads((stage_dir / "manifest.json").read_text())
     assert manifest["status"] == "running"
 
+    if damage:
+        point = stage_dir / "resume.json"
+        point.write_bytes(point.read_bytes()[:20])
     resumed = cocomix_subprocess(["--verbose", "prepare"], cwd=tmp_path, stderr=-1, text=True)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    assert f"resuming prepare after {killed_at} documents" in stderr
+    if damage:
+        assert "the resume point run/prepare/resume.json is damaged (" in stderr, stderr
+        assert "tokenizing from the start" in stderr
+    else:
+        assert f"resuming prepare after {killed_at} documents" in stderr
 
     (tmp_path / "clean").mkdir()
     write_config(tmp_path / "clean", plays, tokenizer_path, **settings)
@@ -226,20 +237,15 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, token
 def test_a_kill_at_any_step_of_the_force_clear_leaves_a_stage_that_reruns_clean(tmp_path, cocomix, plays):
     write_config(tmp_path, plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40)
     assert cocomix("prepare").exit_code == 0
-    reference = store_arrays(tmp_path / "run")
-    stage_dir = tmp_path / "run" / "prepare"
-    outputs = sorted(p.name for p in stage_dir.iterdir() if not p.name.startswith((".lock", "manifest")))
-    assert "tokens.zarr" in outputs
-    for instant in ["manifest.json", *outputs]:  # the clear removes the manifest, then each output in turn
-        env = {**os.environ, "COCOMIX_KILL_AT": f"clear:prepare:{instant}"}
-        killed = cocomix_subprocess(["prepare", "--force"], cwd=tmp_path, env=env)
-        assert killed.wait(timeout=120) == -signal.SIGKILL, instant
-        state = json.loads(cocomix("status", "--json").stdout)["stages"][0]
-        assert state == {"stage": "prepare", "status": "not started"}, instant  # not "complete"
-        rerun = cocomix("prepare")
-        assert rerun.exit_code == 0 and "up to date" not in rerun.stdout, instant
-        for split, array in store_arrays(tmp_path / "run").items():
+
+    def same_arrays(result, reference):
+        assert sorted(result) == sorted(reference)
+        for split, array in result.items():
             np.testing.assert_array_equal(array, reference[split])
+
+    assert_kills_during_the_force_clear_rerun_to_the_same_result(
+        tmp_path, ["prepare"], "prepare", lambda: store_arrays(tmp_path / "run"), same_arrays
+    )
 
 
 def test_a_kill_while_the_token_store_is_created_then_a_rerun_gives_the_same_store(tmp_path, cocomix, plays):
@@ -259,6 +265,34 @@ def test_a_kill_while_the_token_store_is_created_then_a_rerun_gives_the_same_sto
     clean = store_arrays(tmp_path / "clean" / "run")
     for split, array in store_arrays(tmp_path / "run").items():
         assert array.tobytes() == clean[split].tobytes() and len(array) > 0
+    assert stage_status(tmp_path, "prepare") == "complete"
+    fingerprints = [
+        json.loads((d / "run/prepare/manifest.json").read_text())["fingerprint"]
+        for d in (tmp_path, tmp_path / "clean")
+    ]
+    assert fingerprints[0] == fingerprints[1]
+
+
+def test_the_same_corpus_and_tokenizer_under_other_paths_leave_the_stage_up_to_date(tmp_path, cocomix, plays):
+    write_config(tmp_path, plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40)
+    assert cocomix("prepare").exit_code == 0
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(plays, moved / plays.name)
+    shutil.copy(bpe_tokenizer().json, moved / "tokenizer.json")
+    write_config(
+        tmp_path,
+        moved / plays.name,
+        moved / "tokenizer.json",
+        block_size=32,
+        val_fraction=0.1,
+        max_documents=40,
+    )
+    again = cocomix("prepare")
+    assert again.exit_code == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+    (moved / plays.name).write_text((moved / plays.name).read_text().replace("Caesar", "Pompey", 1))
+    changed = cocomix("prepare")
+    assert changed.exit_code == 2 and f"file:data.source/{plays.name}:" in changed.stderr, changed.stderr
 
 
 def _committed_documents(stage_dir: Path) -> int:

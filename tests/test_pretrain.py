@@ -24,9 +24,20 @@ from pipelines.objectives import kd_loss, online_concept_targets
 from pipelines.sae import load_sae, save_saelens
 from pipelines.teacher import load_teacher
 from tests import conftest
-from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
+from tests.conftest import (
+    assert_kills_during_the_force_clear_rerun_to_the_same_result,
+    cocomix_subprocess,
+    prepared_run,
+    tiny_sae,
+    tiny_teacher,
+)
 
-TEACHER = {"teacher.layer": 1, "extract.blocks_per_chunk": 8, "extract.tokens_per_batch": 256}
+TEACHER = {
+    "teacher.layer": 1,
+    "extract.blocks_per_chunk": 8,
+    "extract.tokens_per_batch": 256,
+    "extract.store_teacher_topk": 8,  # the fixture's store has them, for `kd`
+}
 STUDENT = {
     "pretrain.preset": "tiny",
     "pretrain.n_layer": 2,
@@ -53,7 +64,7 @@ def extracted(tmp_path_factory):
     peaked_next_token_distributions(base / "teacher")
     save_saelens(tiny_sae(), base / "sae")
     prepared_run(base, documents=100)
-    run_in(base, extract.run, overrides(base, **{"extract.store_teacher_topk": 8}))
+    run_in(base, extract.run, overrides(base))
     return base
 
 
@@ -171,36 +182,65 @@ def test_sigkill_then_resume_ends_with_bitwise_equal_weights(run):
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
 
 
-def ntp_reference(run: Path) -> tuple[Path, dict[str, torch.Tensor], list[str]]:
-    """An uninterrupted NTP run's final weights, its folder emptied again, and the command that makes it."""
-    settings = {"pretrain.objective": "ntp"}
+def uninterrupted_run(run: Path, objective: str = "ntp") -> tuple[Path, dict[str, torch.Tensor], list[str]]:
+    """An uninterrupted run's final weights, its folder emptied again, and the command that makes it.
+
+    Its fingerprint is kept in `REFERENCE_FINGERPRINTS[stage folder]`, for the tests that compare it."""
+    settings = {"pretrain.objective": objective}
     straight = run_in(run, pretrain.run, overrides(run, **settings))
     reference = weights(straight.dir)
+    REFERENCE_FINGERPRINTS[straight.dir] = straight.fingerprint
     shutil.rmtree(straight.dir)
     return straight.dir, reference, [*cli_args(run, **settings), "pretrain"]
 
 
+REFERENCE_FINGERPRINTS: dict[Path, str] = {}
+
+
+def assert_same_fingerprint_as_the_uninterrupted_run(stage_dir: Path) -> None:
+    assert conftest.stage_status(stage_dir.parent.parent, stage_dir.name) == "complete"
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["fingerprint"] == REFERENCE_FINGERPRINTS[stage_dir]
+
+
 @pytest.mark.slow
 def test_a_kill_between_a_checkpoint_and_its_pointer_resumes_from_that_checkpoint(run):
-    stage_dir, reference, args = ntp_reference(run)
+    stage_dir, reference, args = uninterrupted_run(run)
     killed_at(run, args, "checkpoint:step-000008:renamed")
+    assert conftest.stage_status(run, "pretrain-ntp") == "interrupted"
     checkpoints = stage_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-000004"  # the pointer was not moved yet
     log = resumed(run, args)
     assert "resuming pretrain-ntp at step 8 of 12" in log
     assert_bitwise_equal(weights(stage_dir), reference)
+    assert_same_fingerprint_as_the_uninterrupted_run(stage_dir)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["flipped weights and a garbage pointer", "truncated trainer state"])
+def test_a_kill_at_each_step_of_the_force_clear_then_a_rerun_gives_the_same_weights(run):
+    stage_dir, reference, args = uninterrupted_run(run)
+    assert subprocess.run([sys.executable, "-m", "cocomix_cli", *args], cwd=run).returncode == 0
+    assert_kills_during_the_force_clear_rerun_to_the_same_result(
+        run, args, "pretrain-ntp", lambda: weights(stage_dir), assert_bitwise_equal
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage", ["flipped weights and a garbage pointer", "truncated trainer state", "random bytes as weights"]
+)
 def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(run, damage):
-    stage_dir, reference, args = ntp_reference(run)
+    stage_dir, reference, args = uninterrupted_run(run)
     killed_at(run, args, "checkpoint:step-000008:latest")
     newest = stage_dir / "checkpoints" / "step-000008"
     if damage == "truncated trainer state":
         state = newest / "trainer.pt"
         state.write_bytes(state.read_bytes()[:1000])
         named = "trainer.pt does not match its digest"
+    elif damage == "random bytes as weights":
+        weights_file = newest / "model.safetensors"
+        weights_file.write_bytes(np.random.default_rng(0).bytes(weights_file.stat().st_size))
+        named = "model.safetensors does not match its digest"
     else:
         weights_file = newest / "model.safetensors"
         data = bytearray(weights_file.read_bytes())
@@ -214,6 +254,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_b
     )
     assert "resuming pretrain-ntp at step 4 of 12" in log
     assert_bitwise_equal(weights(stage_dir), reference)
+    assert_same_fingerprint_as_the_uninterrupted_run(stage_dir)
     kept = sorted(p.name for p in (stage_dir / "checkpoints").iterdir())
     assert kept == ["latest", "step-000004", "step-000008"]  # step 8 written again, nothing intact pruned
 
@@ -406,13 +447,18 @@ def test_bad_inputs_are_one_line_errors(run, cocomix):
     # kd with another vocabulary, then without cached log-probs; cocomix without any concept store.
     store = zarr.open_group(str(run / "run/extract-concepts/concepts.zarr"), mode="r+")
     store.attrs["teacher"] = {**store.attrs["teacher"], "vocab_size": 50000}
+    record_digests_again(run / "run/extract-concepts", "concepts.zarr")  # an edit, not damage
     assert "the teacher has 50000 tokens, the student (the token store's tokenizer) 1024" in error(
         **{"pretrain.objective": "kd"}
     )
     shutil.rmtree(run / "run/extract-concepts")
-    run_in(run, extract.run, overrides(run))
-    message = error(**{"pretrain.objective": "kd"})
+    without_topk = {"extract.store_teacher_topk": 0}
+    run_in(run, extract.run, overrides(run, **without_topk))
+    message = error(**{"pretrain.objective": "kd", **without_topk})
     assert "lacks" in message and "--store-teacher-topk" in message
+    assert "was made with extract.store_teacher_topk = 0, but the config now has" in error(
+        **{"pretrain.objective": "kd"}
+    )
     shutil.rmtree(run / "run/extract-concepts")
     message = error(**{"pretrain.objective": "cocomix"})
     assert "no finished concept store" in message and "--online-teacher" in message
@@ -420,7 +466,75 @@ def test_bad_inputs_are_one_line_errors(run, cocomix):
     # A concept store extracted from another token store.
     run_in(run, extract.run, overrides(run))
     run_in(run, prepare.run, ["data.max_documents=90"], force=True)
-    assert "was extracted from a different token store" in error(**{"pretrain.objective": "cocomix"})
+    message = error(**{"pretrain.objective": "cocomix"})
+    assert "`prepare` in run was made with data.max_documents = 90, but the config now has " in message
+    assert "data.max_documents = 100. Rerun it with `cocomix prepare --force`" in message
+    assert "was extracted from a different token store" in error(
+        **{"pretrain.objective": "cocomix", "data.max_documents": 90}
+    )
+
+
+def record_digests_again(stage_dir: Path, name: str) -> None:
+    """Record the digests of an output edited on purpose, as the stage records them when it finishes."""
+    from pipelines import artifacts, integrity
+
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    manifest["outputs"][name] = integrity.tree_digests(stage_dir / name)
+    artifacts.atomic_write_json(stage_dir / "manifest.json", manifest)
+
+
+def first_chunk(store: Path) -> Path:
+    return next(p for p in sorted((store / "train").rglob("*")) if p.is_file() and "/c/" in p.as_posix())
+
+
+@pytest.mark.parametrize("store", ["prepare/tokens.zarr", "extract-concepts/concepts.zarr"])
+@pytest.mark.parametrize("damage", ["four flipped bytes", "random bytes"])
+def test_a_damaged_chunk_is_named_with_the_command_that_recomputes_it(run, cocomix, store, damage):
+    chunk = first_chunk(run / "run" / store)
+    data = bytearray(chunk.read_bytes())
+    if damage == "random bytes":
+        data = bytearray(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    else:
+        middle = len(data) // 2
+        data[middle : middle + 4] = bytes(255 - b for b in data[middle : middle + 4])
+    chunk.write_bytes(bytes(data))
+    result = cocomix(*cli_args(run, **{"pretrain.objective": "cocomix"}), "pretrain")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    stage = store.split("/")[0]
+    assert f"error: {chunk.relative_to(run)} changed on disk since it was written" in result.stderr
+    assert f"the data is damaged. Recompute it with `cocomix {stage} --force`." in result.stderr
+    assert not (run / "run" / "pretrain-cocomix" / "model").exists()
+
+
+def test_resume_without_a_manifest_refuses_and_keeps_the_checkpoints(run, cocomix):
+    stage_dir, _, args = uninterrupted_run(run)
+    killed_at(run, args, "checkpoint:step-000008:latest")
+    (stage_dir / "manifest.json").unlink()
+    kept = sorted(p.name for p in (stage_dir / "checkpoints").iterdir())
+    result = cocomix(*args, "--resume")
+    assert result.exit_code == 2, result.stderr
+    assert f"{stage_dir.relative_to(run)} holds outputs but no manifest.json" in result.stderr
+    assert "Pass --force to delete them" in result.stderr
+    assert sorted(p.name for p in (stage_dir / "checkpoints").iterdir()) == kept
+    assert conftest.stage_status(run, "pretrain-ntp") == "outputs without a manifest"
+
+
+@pytest.mark.slow
+def test_a_force_writer_of_a_store_being_read_is_refused_and_the_reader_ends_as_a_clean_run(run, cocomix):
+    stage_dir, reference, args = uninterrupted_run(run, "cocomix")
+    reader = cocomix_subprocess(args, cwd=run)
+    wait_for(stage_dir / "metrics.jsonl", reader)  # training: both stores are read
+    os.kill(reader.pid, signal.SIGSTOP)  # hold the reader mid-run, so the overlap is certain
+    try:
+        for writer in ("extract-concepts", "prepare"):
+            result = cocomix(*cli_args(run), writer, "--force")
+            assert result.exit_code == 2, result.stdout + result.stderr
+            assert f"are being read by pid {reader.pid} (`" in result.stderr, result.stderr
+            assert "pretrain" in result.stderr and "Wait for it to finish or stop it" in result.stderr
+    finally:
+        os.kill(reader.pid, signal.SIGCONT)
+    assert reader.wait(timeout=300) == 0
+    assert_bitwise_equal(weights(stage_dir), reference)
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(run):

@@ -12,7 +12,13 @@ from pipelines import train_sae
 from pipelines.config import load_config
 from pipelines.errors import ConfigError
 from pipelines.sae import load_sae
-from tests.conftest import cocomix_subprocess, prepared_run, run_in, tiny_teacher
+from tests.conftest import (
+    assert_kills_during_the_force_clear_rerun_to_the_same_result,
+    cocomix_subprocess,
+    prepared_run,
+    run_in,
+    tiny_teacher,
+)
 
 SETTINGS = {
     "teacher.layer": 1,
@@ -65,7 +71,8 @@ def test_training_lowers_fvu_and_writes_a_saelens_folder_that_extract_loads(setu
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_final_weights(setup):
+@pytest.mark.parametrize("damage", [None, "truncated checkpoint", "torn last metrics row"])
+def test_sigkill_then_resume_gives_the_same_final_weights(setup, damage):
     args = [a for o in overrides(setup) for a in ("--set", o)]
     checkpoint = setup / "run/train-sae/checkpoint.pt"
     process = cocomix_subprocess([*args, "train-sae"], cwd=setup)
@@ -76,10 +83,20 @@ def test_sigkill_then_resume_gives_the_same_final_weights(setup):
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    if damage == "truncated checkpoint":
+        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    elif damage == "torn last metrics row":
+        with open(setup / "run/train-sae/metrics.jsonl", "a") as fh:
+            fh.write('{"step": 99, "loss"')
     resumed = cocomix_subprocess(["--verbose", *args, "train-sae"], cwd=setup, stderr=-1, text=True)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    assert "resuming train-sae at step" in stderr
+    if damage == "truncated checkpoint":
+        assert (
+            f"{checkpoint.relative_to(setup)} is damaged (" in stderr and "training from the start" in stderr
+        )
+    else:
+        assert "resuming train-sae at step" in stderr
 
     (setup / "clean").mkdir()
     tiny_teacher(setup / "clean" / "teacher")
@@ -118,6 +135,14 @@ def test_bad_settings_are_clear_errors(setup, cocomix):
         "holds a complete `train-sae` of a different run (file:" in changed and "model.safetensors" in changed
     )
 
+    long_blocks = ["--set", "data.block_size=256"]
+    assert cocomix(*long_blocks, "prepare", "--force").exit_code == 0  # the teacher reads 128 positions
+    args = [a for o in overrides(setup, **{"data.block_size": 256}) for a in ("--set", o)]
+    result = cocomix(*args, "train-sae", "--force")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "`data.block_size` (256) is longer than the context of teacher" in result.stderr
+    assert "Set `data.block_size` to at most 128 and run `cocomix prepare --force`." in result.stderr
+
 
 def test_retraining_with_unchanged_settings_leaves_the_extraction_up_to_date(setup):
     from pipelines import extract
@@ -131,6 +156,22 @@ def test_retraining_with_unchanged_settings_leaves_the_extraction_up_to_date(set
     assert (setup / "run/train-sae/sae/sae_weights.safetensors").read_bytes() == weights
     again = run_in(setup, extract.run, extract_settings)
     assert again.up_to_date
+
+
+@pytest.mark.slow
+def test_a_kill_at_each_step_of_the_force_clear_then_a_rerun_gives_the_same_sae(setup):
+    run_stage(setup, overrides(setup))
+    args = [*[a for o in overrides(setup) for a in ("--set", o)], "train-sae"]
+
+    def sae_files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted((setup / "run/train-sae/sae").iterdir())}
+
+    def same_files(result, reference):
+        assert result == reference
+
+    assert_kills_during_the_force_clear_rerun_to_the_same_result(
+        setup, args, "train-sae", sae_files, same_files
+    )
 
 
 def test_k_larger_than_width_is_a_config_error():

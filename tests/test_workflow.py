@@ -179,6 +179,59 @@ def test_a_second_run_is_a_no_op(finished_run):
     assert content_hashes(directory / "run") == before
 
 
+def test_a_run_folder_copied_elsewhere_is_complete_there_and_an_identical_sae_retraining_changes_nothing(
+    finished_run, tmp_path
+):
+    directory, _ = finished_run
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(directory, copy, ignore=shutil.ignore_patterns(".lock*", ".reader-*"))
+    cocomix = Cocomix(copy)
+    before = content_hashes(copy / "run")
+    plan = json.loads(cocomix("run", "--dry-run", "--json").stdout)["plan"]
+    assert {row["action"] for row in plan if row["stage"] not in ("eval", "report")} == {"skip"}
+    result = cocomix("run")
+    assert result.exit_code == 0, result.stderr
+    for stage in STAGES[:5] + ["steer"]:
+        assert f"{stage}: skip (complete)" in result.stdout
+    assert content_hashes(copy / "run") == before
+
+    for setting, stage in (("data.block_size=16", "prepare"), ("sae.k=4", "train-sae")):
+        single = cocomix("pretrain", "--objective", "cocomix", "--set", setting)  # a single stage too
+        assert single.exit_code == 2 and len(single.stderr.strip().splitlines()) == 1, single.stderr
+        key, value = setting.split("=")
+        assert f"`{stage}` in run was made with {key} = " in single.stderr
+        assert (
+            f"but the config now has {key} = {value}. Rerun it with `cocomix {stage} --force`"
+            in single.stderr
+        )
+
+    summary = json.loads((copy / "run" / "summary.json").read_text())
+    sae_rows = [json.loads(row) for row in (copy / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+    retrained = cocomix("train-sae", "--force")  # the same settings: bit-identical weights
+    assert retrained.exit_code == 0, retrained.stderr
+    again = cocomix("run")
+    assert again.exit_code == 0, again.stderr
+    for stage in STAGES[:5] + ["steer"]:
+        assert f"{stage}: skip (complete)" in again.stdout
+    after = content_hashes(copy / "run")
+    rewritten = sorted(name for name in before if after.get(name) != before[name])
+    # train-sae's own record of the retraining (times, throughput) and the report built from it
+    assert "train-sae/manifest.json" in rewritten
+    assert set(rewritten) <= {
+        "report.md",
+        "summary.json",
+        "train-sae/manifest.json",
+        "train-sae/metrics.jsonl",
+    }
+    assert without_wall_times(json.loads((copy / "run" / "summary.json").read_text())) == without_wall_times(
+        summary
+    )
+    new_rows = [json.loads(row) for row in (copy / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in new_rows] == [
+        {k: v for k, v in row.items() if k != "tokens_per_s"} for row in sae_rows
+    ]
+
+
 def test_the_plan_shows_states_and_refuses_changed_settings(finished_run):
     directory, _ = finished_run
     cocomix = Cocomix(directory)

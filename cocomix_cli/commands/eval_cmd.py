@@ -50,7 +50,10 @@ def evaluate(
     ] = False,
     backend: Annotated[
         str | None,
-        typer.Option(help="`cocomix` (built-in tasks) or `lm-eval` (any lm-eval task; `eval.backend`)."),
+        typer.Option(
+            help="`cocomix` (built-in and declared tasks, cached; eval/results.json) or `lm-eval` (any "
+            "lm-eval task and the declared ones; eval/results-lm-eval.json) (`eval.backend`)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
@@ -73,13 +76,13 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(results))
         return
-    table = Table(title=f"eval ({cfg.run.dir}/eval/results.json)")
+    table = Table(title=f"eval ({stage.results_path(cfg)})")  # each backend writes its own file
     table.add_column("task / metric")
     for label in results["results"]:
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in stage.MAIN_METRICS.get(task, ()) or [k for k in first if isinstance(first[k], float)]:
+        for metric in stage.MAIN_METRICS.get(task, ()) or _shown_metrics(first):
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]
@@ -91,3 +94,11 @@ def evaluate(
 
     for note in skipped_notes(results):
         console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _shown_metrics(metrics: dict) -> list[str]:
+    """The metrics of a task without a `MAIN_METRICS` entry (a declared or lm-eval task): each number but
+    the standard errors, which stand beside their metric, and the timing."""
+    return [
+        k for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr") and k != "seconds"
+    ]

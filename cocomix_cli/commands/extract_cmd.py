@@ -39,7 +39,11 @@ def extract_concepts(
     force: Force = False,
     as_json: AsJson = False,
 ) -> None:
-    """Compute the teacher's top-K SAE concepts per token (concepts.zarr); resumable and shardable."""
+    """Compute the teacher's top-K SAE concepts per token (concepts.zarr); resumable and shardable.
+
+    SIGTERM or Ctrl-C stop it at once (exit 130) and keep the finished chunks; the same command (without
+    --force) resumes from them and ends with the store an uninterrupted run writes.
+    """
     cfg = resolve_config(
         ctx,
         {

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from cocomix_cli.console import console
-from cocomix_cli.context import resolve_config
+from cocomix_cli.context import INVOCATION, resolve_config
+from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
 
 
@@ -41,7 +42,8 @@ def pretrain(
 ) -> None:
     """Pretrain the student (NTP, CoCoMix, KD or pause) from the cached stores; exactly resumable.
 
-    SIGTERM or Ctrl-C finish the current step, save a checkpoint and exit 0; `--resume` continues from it.
+    SIGTERM or Ctrl-C finish the current step, save a checkpoint and exit 0; a second one stops at once
+    (exit 130). Either way the same command with `--resume` continues from the last checkpoint.
     Under `torchrun --nproc_per_node N` it trains data-parallel: the global batch is
     batch_blocks x N x grad_accum.
     """
@@ -66,9 +68,12 @@ def pretrain(
             report(result, as_json, str)
             return
         s = result.summary
+        # The command as typed, plus --resume: a bare `cocomix pretrain --resume` would resume another
+        # stage, or be refused, when flags or --set chose the objective or settings.
+        again = resume_command(ctx.meta.get(INVOCATION)) or "cocomix pretrain --resume"
         console.print(
             f"{result.stage}: stopped by {s['stopped_by']} after step {s['stopped_at_step']}; checkpoint "
-            f"{s['checkpoint']}. Continue with `cocomix pretrain --resume`.",
+            f"{s['checkpoint']}. Continue with `{again}`.",
             highlight=False,
             soft_wrap=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -118,10 +119,11 @@ def steer(
 
         if not scales:
             raise ConfigError("--teacher steering takes --scale or --sweep (not --set-value).")
-        sae_cfg, _ = resolve_sae_path(resolve_assets(cfg))
-        t = sae_cfg.teacher
-        hooked = load_teacher(t.model, t.layer, t.hook, device, t.dtype, t.tokenizer)
-        sae = load_sae(sae_cfg.sae.path).sae.to(device).eval()
+        with contextlib.ExitStack() as reading:  # this run's trained SAE, held while it loads
+            sae_cfg, _ = resolve_sae_path(resolve_assets(cfg), reading)
+            t = sae_cfg.teacher
+            hooked = load_teacher(t.model, t.layer, t.hook, device, t.dtype, t.tokenizer)
+            sae = load_sae(sae_cfg.sae.path).sae.to(device).eval()
         for result, p in zip(results, prompts, strict=True):
             result["runs"] += teacher_sweep(hooked, sae, p, cfg.steer, concept_ids, scales)["runs"]
     for result in results:

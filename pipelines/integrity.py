@@ -1,0 +1,54 @@
+"""Digests of finished outputs, recorded when a stage completes and checked by every stage that reads them.
+
+A stage's manifest lists the sha256 of every file of its outputs (each Zarr chunk, each weights file).
+A reader checks them all before it starts, so a flipped byte, a truncated chunk or a missing file is
+reported once, naming the file and the command that makes it again, instead of being trained on or ending
+in a decompression traceback. Hashing runs at about 1 GB/s per core: a second per GiB of store, paid once
+per stage, never per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of every file under `root` (or of `root` itself when it is a file)."""
+    from pipelines.artifacts import sha256_file
+
+    root = Path(root)
+    if root.is_file():
+        return {root.name: sha256_file(root)}
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def damaged_files(root: Path, recorded: dict[str, str]) -> list[str]:
+    """The files under `root` whose content differs from `recorded`, or that are missing."""
+    from pipelines.artifacts import sha256_file
+
+    root = Path(root)
+    damaged = []
+    for name, digest in sorted(recorded.items()):
+        path = root if root.is_file() and name == root.name else root / name
+        if not path.is_file() or sha256_file(path) != digest:
+            damaged.append(name)
+    return damaged
+
+
+def verify(root: Path, recorded: dict[str, str], remedy: str) -> None:
+    """Refuse to read `root` when any recorded file differs; `remedy` is the command that recomputes it."""
+    damaged = damaged_files(root, recorded)
+    if damaged:
+        root = Path(root)
+        first = root if root.is_file() else root / damaged[0]
+        more = f" and {len(damaged) - 1} more of its files" if len(damaged) > 1 else ""
+        raise InputError(
+            f"{first}{more} changed on disk since it was written (its sha256 differs from the one recorded "
+            f"when the stage finished): the data is damaged. Recompute it with `{remedy}`."
+        )
