@@ -3,8 +3,8 @@
 A stage's manifest lists the sha256 of every file of its outputs (each Zarr chunk, each weights file).
 A reader checks them all before it starts, so a flipped byte, a truncated chunk or a missing file is
 reported once, naming the file and the command that makes it again, instead of being trained on or ending
-in a decompression traceback. Hashing runs at about 1 GB/s per core: a second per GiB of store, paid once
-per stage, never per step.
+in a decompression traceback. Verifying costs about a second per GiB of store (about half of one pass of
+zarr reads; `benchmarks/verify_digests.py`, docs/BENCHMARKS.md), paid once per stage, never per step.
 """
 
 from __future__ import annotations

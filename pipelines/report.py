@@ -1,8 +1,9 @@
 """The run's report, rebuilt from the stages' files: `summary.json`, `report.md` and `loss_curves.png`.
 
-Everything in it comes from manifests, `metrics.jsonl`, `eval/results.json` and `steer/demo.json`, so a
-run that was interrupted and resumed reports exactly what an uninterrupted one does, apart from the wall
-times (kept under `wall_s` keys so that comparisons can leave them out).
+Everything in it comes from manifests, `metrics.jsonl`, `eval/results.json` (or the lm-eval backend's
+`eval/results-lm-eval.json`) and `steer/demo.json`, so a run that was interrupted and resumed reports exactly
+what an uninterrupted one does, apart from the wall times (kept under `wall_s` keys so that comparisons can
+leave them out).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from pipelines import artifacts
 from pipelines.config import Config, to_toml
-from pipelines.evaluate import MAIN_METRICS, RESULTS
+from pipelines.evaluate import MAIN_METRICS, results_path
 from pipelines.plot import COLOUR_NAMES, line_chart
 
 SUMMARY = "summary.json"
@@ -34,7 +35,7 @@ def write(cfg: Config) -> dict[str, Any]:
 
 def collect(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
-    results = artifacts.read_json(run_dir / "eval" / RESULTS) or {"results": {}}
+    results = artifacts.read_json(results_path(cfg)) or {"results": {}}  # the configured backend's
     objectives = {}
     for objective in cfg.run.objectives:
         manifest = artifacts.read_json(run_dir / f"pretrain-{objective}" / artifacts.MANIFEST) or {}
