@@ -389,11 +389,15 @@ def fingerprint_fields(section: Any, prefix: str) -> dict[str, Any]:
 
 
 def fingerprint_path(value: str) -> str:
-    """`value` as a fingerprint holds it: hub ids as written, local files as `LOCAL_FILES`."""
+    """`value` as a fingerprint holds it: hub ids as written, local files as `LOCAL_FILES`.
+
+    A `pypi:` spec is local files too (those of the package, fetched into the asset cache), so a spec and
+    the path it resolves to, wherever the cache lies, fingerprint alike.
+    """
     import glob
 
     expanded = os.path.expanduser(value) if value else ""
-    if expanded and (os.path.exists(expanded) or glob.glob(expanded)):
+    if value.startswith("pypi:") or expanded and (os.path.exists(expanded) or glob.glob(expanded)):
         return LOCAL_FILES
     return value
 

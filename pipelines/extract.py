@@ -408,6 +408,7 @@ class _ConceptWriter:
         for leftover in (skeleton, self.path):
             shutil.rmtree(leftover, ignore_errors=True)
         group = zarr.open_group(str(skeleton), mode="w")
+        kill_point(f"create:{CONCEPTS_STORE}")
         for split in TOKEN_SPLITS:
             sub = group.create_group(split)
             kill_point(f"create:{CONCEPTS_STORE}:{split}")

@@ -43,6 +43,7 @@ def create_token_store(path: Path, block_size: int, dtype: np.dtype):
     from pipelines.failpoints import kill_point
 
     group = zarr.open_group(str(path), mode="w")
+    kill_point(f"create:{path.name}")
     rows = chunk_rows(block_size, dtype)
     for split in TOKEN_SPLITS:
         group.create_array(split, shape=(0, block_size), chunks=(rows, block_size), dtype=dtype, fill_value=0)

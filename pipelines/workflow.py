@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import artifacts
-from pipelines.assets import resolve_assets
 from pipelines.config import Config
 from pipelines.errors import ConfigError
 
@@ -88,13 +87,13 @@ def execute(
 def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(step, stage folder, description, config inputs recorded in its manifest) in run order.
 
-    Descriptions show `pypi:` specs as written; the inputs are compared with manifests, which record the local
-    paths the specs resolve to.
+    Descriptions and inputs come from the config as written: a `pypi:` spec and the local files it resolves
+    to have the same fingerprint value, so a plan made before the package is fetched (or after the asset
+    cache moved) agrees with the manifests.
     """
     from pipelines import stage_inputs
     from pipelines.config import fingerprint_fields
 
-    resolved = resolve_assets(cfg, fetch=False)
     objectives = cfg.run.objectives
     needs_concepts = any(o in CONCEPT_OBJECTIVES for o in objectives)
     if "kd" in objectives and not cfg.extract.store_teacher_topk:
@@ -114,7 +113,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
             "prepare",
             f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks"
             + (f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""),
-            stage_inputs.prepare(resolved),
+            stage_inputs.prepare(cfg),
         )
     ]
     if needs_concepts and not s.path:
@@ -124,7 +123,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "train-sae",
                 f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
                 f"layer {cfg.teacher.layer}",
-                stage_inputs.train_sae(resolved),
+                stage_inputs.train_sae(cfg),
             )
         )
     if needs_concepts:
@@ -134,7 +133,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "extract-concepts",
                 "extract-concepts",
                 f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}",
-                stage_inputs.extract_concepts(resolved),
+                stage_inputs.extract_concepts(cfg),
             )
         )
     steps = f"{p.max_steps:,} steps of {_batch_text(p, d.block_size)}"

