@@ -39,13 +39,29 @@ log = logging.getLogger(__name__)
 
 RUN_MARKER = "run.json"
 MANIFEST = "manifest.json"
-TOKENS_STORE = "tokens.zarr"
-TRAINED_SAE = "sae"  # the SAELens folder inside the train-sae stage
+# Stage folders and the outputs other stages read from them: named here once.
+PREPARE_STAGE, TRAIN_SAE_STAGE, EXTRACT_STAGE = "prepare", "train-sae", "extract-concepts"
+TOKENS_STORE = "tokens.zarr"  # in prepare/
+TRAINED_SAE = "sae"  # the SAELens folder in train-sae/
+CONCEPTS_STORE = "concepts.zarr"  # in extract-concepts/
+FINAL_MODEL = "model"  # in each pretrain-OBJECTIVE/
+EVAL_STAGE = "eval"
+EVAL_RESULTS = {"cocomix": "results.json", "lm-eval": "results-lm-eval.json"}  # in eval/, per backend
 CHUNKS_DIR = "chunks"
 
 # Stages in pipeline order, always listed by `cocomix status`; per-objective stages (`pretrain-ntp`,
 # ...) are listed once they exist.
-STAGES = ("prepare", "train-sae", "extract-concepts")
+STAGES = (PREPARE_STAGE, TRAIN_SAE_STAGE, EXTRACT_STAGE)
+
+
+def eval_results_path(run_dir: Path | str, backend: str) -> Path:
+    """Where an eval backend writes its results (each backend keeps its own file)."""
+    return Path(run_dir) / EVAL_STAGE / EVAL_RESULTS[backend]
+
+
+def pretrain_stage(objective: str, online_teacher: bool = False) -> str:
+    """The folder of one student: `pretrain-cocomix`, `pretrain-cocomix-online`, ..."""
+    return f"pretrain-{objective}" + ("-online" if online_teacher else "")
 
 
 # --- small files -----------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def build(
         finished = reading.enter_context(
             artifacts.finished_upstream(
                 run_dir,
-                "extract-concepts",
-                "concepts.zarr",
+                artifacts.EXTRACT_STAGE,
+                artifacts.CONCEPTS_STORE,
                 missing=f"{run_dir} has no finished concept store. Run `cocomix extract-concepts "
                 "--store-sae-topk`.",
             )

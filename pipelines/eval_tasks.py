@@ -37,6 +37,18 @@ from typing import Any
 
 from pipelines.errors import InputError
 
+# The metrics shown for each task in tables (all of them are in results.json).
+MAIN_METRICS = {
+    "ppl": ("perplexity",),
+    "wikitext": ("word_perplexity", "bits_per_byte"),
+    "lambada_openai": ("acc", "perplexity"),
+    "hellaswag": ("acc", "acc_norm"),
+    "piqa": ("acc", "acc_norm"),
+    "social_iqa": ("acc",),
+    "arc_easy": ("acc", "acc_norm"),
+    "winogrande": ("acc",),
+}
+
 
 @dataclass(frozen=True)
 class Example:

@@ -25,21 +25,9 @@ from pipelines.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-STAGE = "eval"
-RESULTS = "results.json"  # the native backend's, which `pipelines.report` reads
-RESULTS_BY_BACKEND = {"cocomix": RESULTS, "lm-eval": "results-lm-eval.json"}
+STAGE = artifacts.EVAL_STAGE
+RESULTS = artifacts.EVAL_RESULTS["cocomix"]
 PPL_TASK = "ppl"
-# The metrics shown for each task in tables (all of them are in results.json).
-MAIN_METRICS = {
-    "ppl": ("perplexity",),
-    "wikitext": ("word_perplexity", "bits_per_byte"),
-    "lambada_openai": ("acc", "perplexity"),
-    "hellaswag": ("acc", "acc_norm"),
-    "piqa": ("acc", "acc_norm"),
-    "social_iqa": ("acc",),
-    "arc_easy": ("acc", "acc_norm"),
-    "winogrande": ("acc",),
-}
 
 
 @dataclass(frozen=True)
@@ -126,7 +114,7 @@ def _same_results(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def results_path(cfg: Config) -> Path:
     """The results file of `cfg.eval.backend`: each backend keeps its own."""
-    return Path(cfg.run.dir) / STAGE / RESULTS_BY_BACKEND[cfg.eval.backend]
+    return artifacts.eval_results_path(cfg.run.dir, cfg.eval.backend)
 
 
 def _run_lm_eval(cfg: Config, progress: bool) -> dict[str, Any]:

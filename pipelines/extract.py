@@ -13,7 +13,6 @@ Run it with `cocomix extract-concepts` (see its `--help`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -26,15 +25,16 @@ import numpy as np
 
 from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
+from pipelines.concept_sources import StoredHidden, load_teacher_and_sae, resolve_sae_path
 from pipelines.config import Config, fingerprint_path
 from pipelines.devices import resolve_device
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError
 from pipelines.stores import TOKEN_SPLITS, TokenStore, open_prepared_tokens
 
 log = logging.getLogger(__name__)
 
-STAGE = "extract-concepts"
-CONCEPTS_STORE = "concepts.zarr"
+STAGE = artifacts.EXTRACT_STAGE
+CONCEPTS_STORE = artifacts.CONCEPTS_STORE
 CONCEPT_STORE_FORMAT = "cocomix-concepts/1"
 
 
@@ -97,7 +97,7 @@ def _extract(
     roles = {"teacher.model": cfg.teacher.model, "teacher.tokenizer": cfg.teacher.tokenizer}
     files = artifacts.input_files({**roles, "sae.path": cfg.sae.path}, artifacts.known_files(run_dir, STAGE))
     if cfg.extract.hidden_from:
-        source_artifacts["hidden_from"] = _StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
+        source_artifacts["hidden_from"] = StoredHidden.fingerprint(Path(cfg.extract.hidden_from))
     inputs = {
         **stage_inputs.extract_concepts(cfg),
         # a trained SAE enters through its stage's fingerprint and file hashes, a local one by its files
@@ -139,117 +139,6 @@ def _extract(
         return artifacts.StageResult(STAGE, session.dir, False, summary, session.fingerprint)
 
 
-# --- inputs -----------------------------------------------------------------------------------------------
-
-
-def resolve_sae_path(cfg: Config, reading: contextlib.ExitStack) -> tuple[Config, dict[str, str]]:
-    """`cfg` with `sae.path` pointing at the SAE to use, and the `train-sae` fingerprint when it is ours.
-
-    This run's trained SAE stays held against `train-sae --force` until `reading` closes.
-    """
-    if cfg.sae.path:
-        return cfg, {}
-    trained = reading.enter_context(
-        artifacts.finished_upstream(
-            Path(cfg.run.dir),
-            "train-sae",
-            artifacts.TRAINED_SAE,
-            expected=stage_inputs.train_sae(cfg),
-            missing="`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
-            "`sae.path` to an SAE (OpenAI .pt or SAELens folder).",
-        )
-    )
-    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained.path)))
-    return cfg, {"train-sae": trained.fingerprint}
-
-
-def load_teacher_and_sae(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
-    """The SAE and the source of hidden states and gradients: the teacher, or a store of them."""
-    from pipelines.sae import load_sae
-    from pipelines.teacher import load_teacher_for
-
-    sae = load_sae(cfg.sae.path).sae.to(device).eval().requires_grad_(False)
-    if cfg.extract.hidden_from:
-        stored = _StoredHidden(Path(cfg.extract.hidden_from), token_store, prepare_fingerprint)
-        _check_sae(cfg, sae, stored.d_model, stored.spec)
-        return stored, sae
-    teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
-    _check_sae(cfg, sae, teacher.d_model, cfg.teacher.model)
-    return teacher, sae
-
-
-def _check_sae(cfg: Config, sae, d_model: int, teacher_spec: str) -> None:
-    if sae.d_in != d_model:
-        raise InputError(
-            f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{teacher_spec}` has "
-            f"hidden size {d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
-        )
-    if cfg.extract.concepts_per_token > sae.k:
-        raise InputError(
-            f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({sae.k})."
-        )
-
-
-class _StoredHidden:
-    """Hidden states and gradients read back from a concept store written with `store_hidden`.
-
-    It stands in for the teacher: the same `hidden_and_grad` answer for the same blocks, from float16 copies.
-    """
-
-    def __init__(self, path: Path, token_store: TokenStore, prepare_fingerprint: str):
-        import zarr
-
-        if not (path / "zarr.json").exists():
-            raise InputError(f"`extract.hidden_from` {path} is not a concept store (no zarr.json).")
-        self.group = zarr.open_group(str(path), mode="r")
-        attrs = dict(self.group.attrs)
-        if not attrs.get("complete") or "hidden" not in attrs.get("arrays", []):
-            raise InputError(
-                f"`extract.hidden_from` {path} holds no complete hidden states; write one with "
-                "`cocomix extract-concepts --store-hidden`."
-            )
-        if attrs["token_store_fingerprint"] != prepare_fingerprint:
-            raise InputError(
-                f"`extract.hidden_from` {path} was computed on another token store "
-                f"({attrs['token_store_fingerprint']}; this run's is {prepare_fingerprint})."
-            )
-        for split in TOKEN_SPLITS:
-            if self.group[split]["hidden"].shape[:2] != token_store.split(split).shape:
-                raise InputError(
-                    f"`extract.hidden_from` {path}: its `{split}` blocks differ from the token store's."
-                )
-        self.path = path
-        teacher = attrs["teacher"]
-        self.spec, self.layer, self.hook = teacher["spec"], teacher["layer"], teacher["hook"]
-        self.d_model = self.group["train"]["hidden"].shape[-1]
-        self._rows: tuple[str, int] = ("train", 0)
-
-    @staticmethod
-    def fingerprint(path: Path) -> str:
-        import zarr
-
-        try:
-            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-        except Exception:
-            raise InputError(f"`extract.hidden_from` {path} cannot be opened as a concept store.") from None
-        return artifacts.fingerprint(attrs)
-
-    def at(self, split: str, first_row: int) -> None:
-        """Point at the rows that the next `hidden_and_grad` call reads."""
-        self._rows = (split, first_row)
-
-    def hidden_and_grad(self, ids, with_log_probs: bool = False):
-        import torch
-
-        from pipelines.teacher import TeacherOutput
-
-        split, first = self._rows
-        rows = slice(first, first + ids.shape[0])
-        hidden = torch.from_numpy(self.group[split]["hidden"][rows].astype(np.float32)).to(ids.device)
-        grad = torch.from_numpy(self.group[split]["grad"][rows].astype(np.float32)).to(ids.device)
-        return TeacherOutput(hidden=hidden, grad=grad, log_probs=None)
-
-
 # --- the work ---------------------------------------------------------------------------------------------
 
 
@@ -279,7 +168,7 @@ def _extract_chunks(
         for start in range(0, len(blocks), blocks_per_batch):
             ids = blocks[start : start + blocks_per_batch].to(device)
             clock.start()
-            if isinstance(teacher, _StoredHidden):
+            if isinstance(teacher, StoredHidden):
                 teacher.at(chunk.split, chunk.start + start)
             out = teacher.hidden_and_grad(ids, with_log_probs=cfg.extract.store_teacher_topk > 0)
             seconds["teacher"] += clock.stop()

@@ -39,7 +39,7 @@ from pipelines.train_state import Checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
-FINAL_MODEL = "model"
+FINAL_MODEL = artifacts.FINAL_MODEL
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 VARIANTS = {"ntp": "ntp", "cocomix": "cocomix", "kd": "ntp", "pause": "pause"}
@@ -47,8 +47,7 @@ VARIANTS = {"ntp": "ntp", "cocomix": "cocomix", "kd": "ntp", "pause": "pause"}
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def stage_name(objective: str, online_teacher: bool = False) -> str:
-    return f"pretrain-{objective}" + ("-online" if online_teacher else "")
+stage_name = artifacts.pretrain_stage
 
 
 @dataclass
@@ -222,8 +221,6 @@ def _concept_store(
 ):
     import zarr
 
-    from pipelines.extract import CONCEPTS_STORE, STAGE
-
     hint = (
         "run `cocomix extract-concepts` first, or pass --online-teacher to compute targets in the loop"
         if cfg.pretrain.objective == "cocomix"
@@ -231,12 +228,12 @@ def _concept_store(
     )
     run_dir = Path(cfg.run.dir)
     if not cfg.sae.path:  # the targets come from this run's SAE: its settings must still be the config's
-        artifacts.refuse_changed_upstream(run_dir, "train-sae", stage_inputs.train_sae(cfg))
+        artifacts.refuse_changed_upstream(run_dir, artifacts.TRAIN_SAE_STAGE, stage_inputs.train_sae(cfg))
     finished = reading.enter_context(
         artifacts.finished_upstream(
             run_dir,
-            STAGE,
-            CONCEPTS_STORE,
+            artifacts.EXTRACT_STAGE,
+            artifacts.CONCEPTS_STORE,
             expected=stage_inputs.extract_concepts(cfg),
             missing=f"Objective `{cfg.pretrain.objective}` reads cached teacher outputs, but {cfg.run.dir} "
             f"has no finished concept store: {hint}.",
@@ -276,7 +273,7 @@ def _check_kd(store, token_store: TokenStore) -> None:
 def _online_teacher(
     cfg: Config, reading: contextlib.ExitStack, token_store: TokenStore, prepare_fingerprint: str, device
 ):
-    from pipelines.extract import load_teacher_and_sae, resolve_sae_path
+    from pipelines.concept_sources import load_teacher_and_sae, resolve_sae_path
 
     cfg, more = resolve_sae_path(cfg, reading)
     teacher, sae = load_teacher_and_sae(cfg, token_store, prepare_fingerprint, device)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipelines import artifacts
 from pipelines.config import Config, to_toml
-from pipelines.evaluate import MAIN_METRICS, results_path
+from pipelines.eval_tasks import MAIN_METRICS
 from pipelines.plot import COLOUR_NAMES, line_chart
 
 SUMMARY = "summary.json"
@@ -26,7 +26,7 @@ def write(cfg: Config) -> dict[str, Any]:
     """Write the three files into the run folder and return the summary; unchanged text is not rewritten."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
-    curves = [_val_curve(run_dir / f"pretrain-{o}") for o in cfg.run.objectives]
+    curves = [_val_curve(run_dir / artifacts.pretrain_stage(o)) for o in cfg.run.objectives]
     line_chart(run_dir / LOSS_CURVES, curves)
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
@@ -35,12 +35,14 @@ def write(cfg: Config) -> dict[str, Any]:
 
 def collect(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
-    results = artifacts.read_json(results_path(cfg)) or {"results": {}}  # the configured backend's
+    results = artifacts.read_json(artifacts.eval_results_path(run_dir, cfg.eval.backend)) or {"results": {}}
     objectives = {}
     for objective in cfg.run.objectives:
-        manifest = artifacts.read_json(run_dir / f"pretrain-{objective}" / artifacts.MANIFEST) or {}
+        manifest = (
+            artifacts.read_json(run_dir / artifacts.pretrain_stage(objective) / artifacts.MANIFEST) or {}
+        )
         trained = manifest.get("summary", {}) if manifest.get("status") == "complete" else {}
-        tasks = results["results"].get(f"pretrain-{objective}", {})
+        tasks = results["results"].get(artifacts.pretrain_stage(objective), {})
         objectives[objective] = {
             "steps": trained.get("steps"),
             "tokens": trained.get("tokens"),

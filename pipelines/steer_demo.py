@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "steer"
 DEMO = "demo.json"
-STUDENT_STAGE = "pretrain-cocomix"
+STUDENT_STAGE = artifacts.pretrain_stage("cocomix")
 
 
 def run(cfg: Config) -> artifacts.StageResult:
@@ -31,19 +31,21 @@ def run(cfg: Config) -> artifacts.StageResult:
             artifacts.finished_upstream(
                 run_dir,
                 STUDENT_STAGE,
-                "model",
+                artifacts.FINAL_MODEL,
                 missing=f"{run_dir} has no finished `{STUDENT_STAGE}`. Run `cocomix pretrain --objective "
                 "cocomix`.",
             )
         )
         concepts = None
-        if artifacts.finished_output(run_dir, "extract-concepts", "concepts.zarr"):  # optional: labels
+        if artifacts.finished_output(
+            run_dir, artifacts.EXTRACT_STAGE, artifacts.CONCEPTS_STORE
+        ):  # optional: labels
             concepts = reading.enter_context(
-                artifacts.finished_upstream(run_dir, "extract-concepts", "concepts.zarr")
+                artifacts.finished_upstream(run_dir, artifacts.EXTRACT_STAGE, artifacts.CONCEPTS_STORE)
             )
         input_artifacts = {
             STUDENT_STAGE: student.fingerprint,
-            **({"extract-concepts": concepts.fingerprint} if concepts else {}),
+            **({artifacts.EXTRACT_STAGE: concepts.fingerprint} if concepts else {}),
         }
         inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
         with artifacts.StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:

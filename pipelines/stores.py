@@ -85,7 +85,7 @@ def open_prepared_tokens(
     """
     from pipelines import artifacts
 
-    stage_dir = Path(run_dir) / "prepare"
+    stage_dir = Path(run_dir) / artifacts.PREPARE_STAGE
     prepared = reading.enter_context(
         artifacts.finished_upstream(
             stage_dir.parent,

@@ -140,7 +140,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
     for objective in objectives:
         inputs = fingerprint_fields(_for_objective(cfg, objective).pretrain, "pretrain")
         detail = f"{objective} student, preset {p.preset}, {steps}"
-        stages.append(("pretrain", f"pretrain-{objective}", detail, inputs))
+        stages.append(("pretrain", artifacts.pretrain_stage(objective), detail, inputs))
     tasks = ", ".join(cfg.eval.tasks)
     stages.append(("eval", "eval", f"{tasks} for {', '.join(objectives)}", {}))
     if "cocomix" in objectives:
@@ -243,7 +243,8 @@ def _eval(cfg: Config, row: PlannedStage, progress: bool) -> None:
 
 def _eval_config(cfg: Config) -> Config:
     models = cfg.eval.models or [
-        str(Path(cfg.run.dir) / f"pretrain-{o}" / "model") for o in cfg.run.objectives
+        str(Path(cfg.run.dir) / artifacts.pretrain_stage(o) / artifacts.FINAL_MODEL)
+        for o in cfg.run.objectives
     ]
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, models=models))
 

@@ -71,6 +71,7 @@ def evaluate(
         },
     )
     from pipelines import evaluate as stage
+    from pipelines.eval_tasks import MAIN_METRICS
 
     results = stage.run(cfg, log_samples=log_samples, progress=ctx.obj.progress)
     if as_json:
@@ -82,7 +83,7 @@ def evaluate(
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in stage.MAIN_METRICS.get(task, ()) or _shown_metrics(first):
+        for metric in MAIN_METRICS.get(task, ()) or _shown_metrics(first):
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
+from pipelines.artifacts import FINAL_MODEL, pretrain_stage
 from pipelines.errors import ConfigError
 
 
@@ -72,7 +73,7 @@ def steer(
         prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("Give a prompt with --prompt TEXT (repeatable) or --prompts-file FILE.")
-    spec = cfg.steer.model or str(Path(cfg.run.dir) / "pretrain-cocomix" / "model")
+    spec = cfg.steer.model or str(Path(cfg.run.dir) / pretrain_stage("cocomix") / FINAL_MODEL)
     steering = SteeringModel.load(spec, device)
     from pipelines.dictionary import labels as dictionary_labels
 
@@ -112,7 +113,7 @@ def steer(
     results = [run_sweep(steering, p, cfg.steer, concept_ids, scales, set_value) for p in prompts]
     if teacher:
         from pipelines.assets import resolve_assets
-        from pipelines.extract import resolve_sae_path
+        from pipelines.concept_sources import resolve_sae_path
         from pipelines.sae import load_sae
         from pipelines.steering import teacher_sweep
         from pipelines.teacher import load_teacher
