@@ -42,20 +42,23 @@ def generate(
     step_input = ids
     for _ in range(max_new_tokens):
         logits = model(step_input, kv_cache=cache, intervention=intervention).logits[:, -1]
-        next_id = _sample(logits.float(), temperature, top_k, top_p, generator)
+        next_id = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
         ids = torch.cat([ids, next_id], dim=1)
         step_input = next_id if use_cache else ids
     model.train(was_training)
     return ids[0] if squeeze else ids
 
 
-def _sample(
+def sample_next_token(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator,
 ) -> torch.Tensor:
+    """One next-token id per row of `logits` (B, V): greedy at temperature 0, else sampled after top-k and
+    top-p filtering. Shared by the student's `generate` and the teacher's steering loop, so both sample
+    alike from the same seed."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature

@@ -139,7 +139,7 @@ def amplify_latents(sae, latent_ids: list[int], scale: float):
 @torch.no_grad()
 def teacher_generate(teacher, sae, prompt: str, s: SteerConfig, latent_ids=(), scale=None) -> str:
     """Sample from the teacher with the latents amplified at its hook (every position, every step)."""
-    from pipelines.generation import _sample
+    from pipelines.generation import sample_next_token
 
     ids = teacher.tokenizer.backend.encode(prompt, add_special_tokens=False).ids
     if not ids:
@@ -150,7 +150,7 @@ def teacher_generate(teacher, sae, prompt: str, s: SteerConfig, latent_ids=(), s
     edit = amplify_latents(sae, list(latent_ids), scale) if latent_ids and scale is not None else None
     for _ in range(s.max_new_tokens):  # no KV cache: the edit must see every position the same way
         logits = teacher.logits(tokens, replace=edit)[:, -1].float()
-        next_id = _sample(logits, s.temperature, s.top_k or None, s.top_p or None, generator)
+        next_id = sample_next_token(logits, s.temperature, s.top_k or None, s.top_p or None, generator)
         tokens = torch.cat([tokens, next_id], dim=1)
     return teacher.tokenizer.backend.decode(tokens[0, len(ids) :].tolist())
 
