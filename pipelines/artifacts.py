@@ -25,6 +25,7 @@ from typing import Any
 
 from pipelines import __version__, integrity
 from pipelines.errors import CocomixError, StageError
+from pipelines.integrity import sha256_file
 from pipelines.locks import (
     LOCK_FILE,
     MANIFEST_LOCK,
@@ -121,15 +122,6 @@ def fingerprint(inputs: Mapping[str, Any]) -> str:
     """A short stable hash of a flat `{key: JSON value}` mapping."""
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's content, read in 1 MiB blocks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def file_identity(

@@ -103,7 +103,9 @@ def cocomix_lm(spec: str, device, batch_size: int, progress: bool = False):
                 out = self.scorer.model.generate(prompt, max_new_tokens=max_new, do_sample=False)
             else:  # ours: greedy unless the task asks for a temperature
                 temperature = float(options.get("temperature", 0.0))
-                out = self.scorer.model.generate(prompt, max_new, temperature=temperature, seed=0)
+                from pipelines.generation import generate
+
+                out = generate(self.scorer.model, prompt, max_new, temperature=temperature, seed=0)
             text = self.scorer.decode(out[0, len(ids) :].tolist())
             for stop in until:
                 text = text.split(stop)[0]

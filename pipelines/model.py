@@ -321,12 +321,6 @@ class GPT(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
 
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """See `pipelines.generation.generate`."""
-        from pipelines.generation import generate
-
-        return generate(self, prompt_ids, max_new_tokens, **options)
-
 
 def concept_loss(concept_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the K targets of the cross-entropy of each target id, over valid positions only.

@@ -17,6 +17,7 @@ import torch
 
 from pipelines.config import SteerConfig
 from pipelines.errors import InputError
+from pipelines.generation import generate
 
 
 @dataclass
@@ -67,7 +68,8 @@ class SteeringModel:
         if concept_ids and (scale is not None or value is not None):
             intervention = ConceptIntervention(tuple(concept_ids), scale=scale, value=value)
         device = next(self.model.parameters()).device
-        out = self.model.generate(
+        out = generate(
+            self.model,
             torch.tensor(ids, device=device),
             s.max_new_tokens,
             temperature=s.temperature,

@@ -1,4 +1,5 @@
-"""The direction of imports: the CLI uses stages, stages use building blocks, and never the other way round.
+"""The direction of imports: the CLI uses stages, stages use building blocks, never the other way round, and
+no module of `pipelines` reaches itself through others.
 
 Read from the source with `ast`, imports inside functions included (the lazy imports that keep `cocomix
 --help` fast are imports all the same). A stage that needs something of another stage means that thing is a
@@ -56,6 +57,29 @@ def test_stages_never_import_stages_and_building_blocks_never_import_either():
     assert violations() == []
 
 
+def import_cycles() -> list[list[str]]:
+    """Every cycle of imports between `pipelines` modules, each from its alphabetically first module."""
+    graph = {p.stem: imported_modules(p) - {p.stem, "cocomix_cli"} for p in PIPELINES.glob("*.py")}
+    cycles: set[tuple[str, ...]] = set()
+
+    def walk(path: list[str]) -> None:
+        for module in sorted(graph.get(path[-1], ())):
+            if module in path:
+                cycle = path[path.index(module) :]
+                first = cycle.index(min(cycle))
+                cycles.add(tuple(cycle[first:] + cycle[:first]))
+            elif module > path[0]:  # each cycle is found from its first module only
+                walk([*path, module])
+
+    for module in sorted(graph):
+        walk([module])
+    return [list(c) for c in sorted(cycles)]
+
+
+def test_no_module_of_pipelines_imports_itself_through_others():
+    assert import_cycles() == []
+
+
 def test_the_check_sees_a_stage_importing_another_inside_a_function(tmp_path, monkeypatch):
     fake = tmp_path / "pipelines"
     fake.mkdir()
@@ -71,3 +95,7 @@ def test_the_check_sees_a_stage_importing_another_inside_a_function(tmp_path, mo
         "building block `corpus` imports stage `extract`",
         "stage `report` imports stage `prepare`",
     ]
+    for module, other in (("errors", "failpoints"), ("failpoints", "errors")):  # two leaves, made a cycle
+        path = fake / f"{module}.py"
+        path.write_text(path.read_text() + f"\n\ndef _back():\n    from pipelines import {other}\n")
+    assert ["errors", "failpoints"] in import_cycles()

@@ -8,6 +8,7 @@ import torch
 
 from pipelines.checkpoint import save_model
 from pipelines.config import load_config
+from pipelines.generation import generate
 from pipelines.model import GPT, ConceptIntervention
 from pipelines.steering import SteeringModel, sweep
 from tests.conftest import bpe_tokenizer, tiny_model_config
@@ -42,7 +43,7 @@ def test_scale_one_reproduces_plain_generation_exactly(cocomix_model):
     assert result["runs"][1]["text"] == result["runs"][0]["text"]
     # The unsteered text is the model's own sampling with the same seed.
     ids = torch.tensor(steering.encode(PROMPT))
-    plain = model.generate(ids, 12, temperature=0.8, top_k=50, seed=0)
+    plain = generate(model, ids, 12, temperature=0.8, top_k=50, seed=0)
     assert result["runs"][0]["text"] == steering.decode(plain[len(ids) :].tolist())
 
 
@@ -58,8 +59,8 @@ def test_a_large_scale_changes_the_continuation_deterministically(cocomix_model)
     assert first["runs"][1]["text"] != first["runs"][0]["text"]
     # And it is the intervention that changed it: the same edit applied by hand gives the same text.
     ids = torch.tensor(steering.encode(PROMPT))
-    by_hand = model.generate(
-        ids, 12, temperature=0, intervention=ConceptIntervention((concept,), scale=-10.0)
+    by_hand = generate(
+        model, ids, 12, temperature=0, intervention=ConceptIntervention((concept,), scale=-10.0)
     )
     assert first["runs"][1]["text"] == steering.decode(by_hand[len(ids) :].tolist())
 
