@@ -85,30 +85,21 @@ class CocomixGroup(TyperGroup):
             with sigterm_as_interrupt():
                 return super().invoke(ctx)
         except CocomixError as exc:
-            err_console.print(
-                f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True
-            )
+            _say(f"error: {exc}", "bold red")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            err_console.print(
-                full_disk_message(ctx.meta.get(INVOCATION), exc),
-                style="bold red",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            _say(full_disk_message(ctx.meta.get(INVOCATION), exc), "bold red")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt as interrupt:
-            err_console.print(
-                interrupted_message(ctx.meta.get(INVOCATION), interrupt),
-                style="yellow",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            _say(interrupted_message(ctx.meta.get(INVOCATION), interrupt), "yellow")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _say(line: str, style: str) -> None:
+    """The one line on stderr that ends a command early, printed as written (no markup, no wrapping)."""
+    err_console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def _global_option(arg: str) -> str | None:

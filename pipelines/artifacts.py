@@ -352,14 +352,6 @@ class StageSession:
         }
         self._write()
 
-    def _outputs(self) -> list[Path]:
-        """What the stage wrote: everything in its folder but the manifest and the lock files."""
-        return [
-            child
-            for child in sorted(self.dir.iterdir())
-            if child.name != MANIFEST and not child.name.startswith((LOCK_FILE, READER_PREFIX))
-        ]
-
     def _clear_outputs(self) -> None:
         from pipelines.failpoints import kill_point
 
@@ -367,11 +359,12 @@ class StageSession:
         # The stage is marked `clearing` first: a kill in the middle of the clear leaves a stage that reads
         # as unfinished (and whose rerun finishes the clear), never one that says complete over
         # half-deleted outputs, nor outputs without a manifest.
-        if self._outputs() or (self.dir / MANIFEST).exists():
+        outputs = stage_outputs(self.dir)
+        if outputs or (self.dir / MANIFEST).exists():
             self._manifest = {"stage": self.stage, "status": "clearing", "started_at": now_iso()}
             self._write()
         kill_point(f"clear:{self.stage}:{MANIFEST}")
-        for child in self._outputs():
+        for child in outputs:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
             kill_point(f"clear:{self.stage}:{child.name}")
 
@@ -411,11 +404,6 @@ class StageSession:
     @property
     def manifest(self) -> dict[str, Any]:
         return self._manifest
-
-
-def _any_lock_held(stage_dir: Path) -> bool:
-    """A stage is being written while any of its writers (one, or one per shard or rank) holds its lock."""
-    return bool(writer_holders(stage_dir))
 
 
 def finished_output(run_dir: Path, stage: str, name: str) -> tuple[Path, str] | None:
@@ -502,15 +490,23 @@ def known_files(run_dir: Path, stage: str) -> dict[str, dict[str, Any]]:
 ORPHAN_OUTPUTS = "outputs without a manifest"
 
 
+def stage_outputs(stage_dir: Path) -> list[Path]:
+    """What a stage wrote: everything in its folder but the manifest and the lock files."""
+    return [
+        child
+        for child in sorted(Path(stage_dir).iterdir())
+        if child.name != MANIFEST and not child.name.startswith((LOCK_FILE, READER_PREFIX))
+    ]
+
+
 def holds_orphan_outputs(stage_dir: Path) -> bool:
-    """Files in a stage folder that has no manifest: nothing says whose or how finished they are."""
+    """Files in a stage folder that has no manifest: nothing says whose or how finished they are (a
+    manifest's own temporary file, left by a kill while it was written, does not count)."""
     stage_dir = Path(stage_dir)
     return (
         stage_dir.is_dir()
         and not (stage_dir / MANIFEST).exists()
-        and any(
-            not p.name.startswith((LOCK_FILE, READER_PREFIX, f".{MANIFEST}.tmp")) for p in stage_dir.iterdir()
-        )
+        and any(not p.name.startswith(f".{MANIFEST}.tmp") for p in stage_outputs(stage_dir))
     )
 
 
@@ -534,7 +530,7 @@ def stage_states(run_dir: Path) -> list[dict[str, Any]]:
             states.append({"stage": name, "status": status})
             continue
         status = manifest.get("status", "running")
-        if status in ("running", "clearing") and not _any_lock_held(stage_dir):
+        if status in ("running", "clearing") and not writer_holders(stage_dir):  # its one writer, or shards
             status = "interrupted"
         progress = dict(manifest.get("progress", {}))
         if (stage_dir / CHUNKS_DIR).is_dir():  # chunked stages: their markers are the progress

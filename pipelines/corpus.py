@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipelines.config import DataConfig
-from pipelines.errors import CocomixError, ConfigError, InputError
+from pipelines.errors import CocomixError, ConfigError, InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Corpus:
                 )
         except Exception as exc:
             raise InputError(
-                f"Cannot open dataset `{self.hub_id}` from the HuggingFace hub ({_first_line(exc)}). "
+                f"Cannot open dataset `{self.hub_id}` from the HuggingFace hub ({first_line(exc)}). "
                 "Check `data.source` (and `data.hf_subset`, `data.split`), or point it at local files."
             ) from None
 
@@ -136,7 +136,7 @@ class Corpus:
         if bad is not None:
             return bad
         where = ", ".join(str(f) for f in self.files[:3]) if self.is_local else self.hub_id
-        return InputError(f"Cannot read corpus {where}: {_first_line(exc)}.")
+        return InputError(f"Cannot read corpus {where}: {first_line(exc)}.")
 
     def _first_bad_record(self) -> InputError | None:
         """The first line of the JSON-lines files that is not a record with a text, as `file:line: why`."""
@@ -297,8 +297,3 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return "a string" if isinstance(value, str) else type(value).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

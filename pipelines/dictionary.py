@@ -27,16 +27,25 @@ def dictionary_path(run_dir: Path) -> Path:
 
 
 def build(
-    run_dir: Path, top_tokens: int = 8, top_contexts: int = 4, window: int = 8, splits=("train", "val")
+    run_dir: Path,
+    top_tokens: int = 8,
+    top_contexts: int = 4,
+    window: int = 8,
+    splits=("train", "val"),
+    concepts: artifacts.Upstream | None = None,
 ) -> dict[str, Any]:
-    """Scan the stored SAE top-k over the token store and write the dictionary; returns it."""
+    """Scan the stored SAE top-k over the token store and write the dictionary; returns it.
+
+    `concepts` is the concept store when the caller already holds it (and so has verified it); else it
+    is opened here.
+    """
     import zarr
 
     from pipelines.stores import open_prepared_tokens
 
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as reading:
-        finished = reading.enter_context(
+        finished = concepts or reading.enter_context(
             artifacts.finished_upstream(
                 run_dir,
                 artifacts.EXTRACT_STAGE,

@@ -19,3 +19,10 @@ class InputError(CocomixError):
 
 class StageError(CocomixError):
     """A stage cannot start: it is locked, its inputs are missing, or its outputs belong to another run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for messages
+    that quote what a library said without its whole traceback-sized text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

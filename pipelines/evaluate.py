@@ -10,7 +10,9 @@ that the report reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -21,7 +23,8 @@ from typing import Any
 
 from pipelines import artifacts
 from pipelines.config import Config
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError, InputError, first_line
+from pipelines.stores import open_prepared_tokens
 
 log = logging.getLogger(__name__)
 
@@ -63,35 +66,43 @@ def run(cfg: Config, *, log_samples: bool = False, progress: bool = True) -> dic
     device = resolve_device(e.device)
     table: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
-    for model in models:
-        scorer = None
-        for task in run_tasks:
-            data_id = _data_identity(cfg, task, data_files.get(task))
-            key = artifacts.fingerprint(
-                {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
-            )
-            cache = stage_dir / "cache" / f"{key}.json"
-            cached = artifacts.read_json(cache)
-            if cached is None:
-                if scorer is None:
-                    from pipelines.lm_scoring import ScoringModel
+    # `ppl` reads the token store's val blocks: opened once, on first use (held against `prepare --force`
+    # and verified then), and shared by every model.
+    with contextlib.ExitStack() as reading:
+        val_blocks = functools.cache(lambda: open_prepared_tokens(reading, run_dir)[0].split("val"))
+        for model in models:
+            scorer = None
+            for task in run_tasks:
+                data_id = _data_identity(cfg, task, data_files.get(task))
+                key = artifacts.fingerprint(
+                    {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
+                )
+                cache = stage_dir / "cache" / f"{key}.json"
+                cached = artifacts.read_json(cache)
+                if cached is None:
+                    if scorer is None:
+                        from pipelines.lm_scoring import ScoringModel
 
-                    scorer = ScoringModel(model.spec, device, e.batch_size, progress=progress)
-                scorer.progress_label = f"{model.label} {task}"
-                samples_path = stage_dir / "samples" / model.label / f"{task}.jsonl" if log_samples else None
-                t0 = time.monotonic()
-                metrics = _evaluate_task(cfg, scorer, tasks.get(task), data_files.get(task), samples_path)
-                metrics["seconds"] = round(time.monotonic() - t0, 3)
-                cached = {
-                    "model": model.spec,
-                    "task": task,
-                    "data": data_id,
-                    "limit": e.limit,
-                    "metrics": metrics,
-                }
-                artifacts.atomic_write_json(cache, cached)
-                log.info("eval %s %s: %s", model.label, task, metrics)
-            table.setdefault(model.label, {})[task] = cached["metrics"]
+                        scorer = ScoringModel(model.spec, device, e.batch_size, progress=progress)
+                    scorer.progress_label = f"{model.label} {task}"
+                    samples_path = (
+                        stage_dir / "samples" / model.label / f"{task}.jsonl" if log_samples else None
+                    )
+                    t0 = time.monotonic()
+                    metrics = _evaluate_task(
+                        cfg, scorer, tasks.get(task), data_files.get(task), samples_path, val_blocks
+                    )
+                    metrics["seconds"] = round(time.monotonic() - t0, 3)
+                    cached = {
+                        "model": model.spec,
+                        "task": task,
+                        "data": data_id,
+                        "limit": e.limit,
+                        "metrics": metrics,
+                    }
+                    artifacts.atomic_write_json(cache, cached)
+                    log.info("eval %s %s: %s", model.label, task, metrics)
+                table.setdefault(model.label, {})[task] = cached["metrics"]
     results = {
         "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
         "tasks": run_tasks,
@@ -380,16 +391,14 @@ def _hub_dataset(task):
         with quiet_hub():
             return load_dataset(dataset_id, subset, split=split)
     except Exception as exc:  # offline, missing cache, renamed dataset: all "cannot read the data"
-        raise _HubDataUnavailable(
-            str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        ) from None
+        raise _HubDataUnavailable(first_line(exc)[:200]) from None
 
 
-def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -> dict:
+def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path, val_blocks) -> dict:
     from pipelines.eval_tasks import mean_and_stderr, multiple_choice_scores
 
     if task is None:
-        return _perplexity_on_val_blocks(cfg, scorer)
+        return _perplexity_on_val_blocks(cfg, scorer, val_blocks())
     examples = _examples(task, path, cfg.eval.limit)
     samples: list[dict] = []
     if task.kind == "rolling":
@@ -440,21 +449,14 @@ def _evaluate_task(cfg: Config, scorer, task, path: Path | None, samples_path) -
     return metrics
 
 
-def _perplexity_on_val_blocks(cfg: Config, scorer) -> dict:
-    import contextlib
-
+def _perplexity_on_val_blocks(cfg: Config, scorer, val) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from pipelines.stores import open_prepared_tokens
-
-    # The store is held against `prepare --force` while its blocks are read.
-    with contextlib.ExitStack() as reading, torch.no_grad():
-        token_store, _ = open_prepared_tokens(reading, Path(cfg.run.dir))
-        val = token_store.split("val")
-        blocks = val.shape[0] if not cfg.eval.limit else min(cfg.eval.limit, val.shape[0])
-        total, count = 0.0, 0
+    blocks = val.shape[0] if not cfg.eval.limit else min(cfg.eval.limit, val.shape[0])
+    total, count = 0.0, 0
+    with torch.no_grad():
         for start in range(0, blocks, scorer.batch_size):
             ids = torch.from_numpy(val[start : min(start + scorer.batch_size, blocks)].astype(np.int64))
             ids = ids[:, : scorer.max_length].to(scorer.device)

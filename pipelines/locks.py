@@ -95,9 +95,6 @@ class StageLock:
             fh.seek(0)
             return fh.read().strip() or "another process"
 
-    def is_held_elsewhere(self) -> bool:
-        return self.holder() is not None
-
 
 def writer_holders(stage_dir: Path) -> list[str]:
     """The holders of a stage's writer locks (one, or one per shard or rank), while they are held."""

@@ -25,7 +25,7 @@ from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
 from pipelines.config import Config, DataConfig
 from pipelines.corpus import Corpus, resolve_corpus
-from pipelines.errors import InputError
+from pipelines.errors import InputError, first_line
 from pipelines.stores import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
 from pipelines.tokenizer import document_separator, load_tokenizer, tokenizer_files, vocab_hash
 
@@ -295,8 +295,9 @@ class _StoreWriter:
                 point["pending"] = {split: pending[split] for split in TOKEN_SPLITS}
             return point
         except Exception as exc:  # torn JSON, a missing or torn .npz (zipfile, OSError, KeyError, ...)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("the resume point %s is damaged (%s); tokenizing from the start", path, first)
+            log.warning(
+                "the resume point %s is damaged (%s); tokenizing from the start", path, first_line(exc)
+            )
             return None
 
     def finish(self) -> int:

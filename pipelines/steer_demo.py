@@ -50,7 +50,7 @@ def run(cfg: Config) -> artifacts.StageResult:
         inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
         with artifacts.StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:
             if not session.up_to_date:
-                demo = _demo(cfg, student.path, run_dir, concepts.path if concepts else None)
+                demo = _demo(cfg, student.path, run_dir, concepts)
                 artifacts.atomic_write_json(session.dir / DEMO, demo)
                 session.complete({"demo": str(session.dir / DEMO), "prompts": demo["prompts"]})
             return artifacts.StageResult(
@@ -58,15 +58,15 @@ def run(cfg: Config) -> artifacts.StageResult:
             )
 
 
-def _demo(cfg: Config, model_dir: Path, run_dir: Path, concept_store: Path | None) -> dict[str, Any]:
+def _demo(cfg: Config, model_dir: Path, run_dir: Path, concepts: artifacts.Upstream | None) -> dict[str, Any]:
     import zarr
 
     from pipelines import dictionary
     from pipelines.devices import resolve_device
     from pipelines.steering import SteeringModel, sweep
 
-    if concept_store and "sae_ids" in zarr.open_group(str(concept_store), mode="r").attrs.get("arrays", []):
-        dictionary.build(run_dir)
+    if concepts and "sae_ids" in zarr.open_group(str(concepts.path), mode="r").attrs.get("arrays", []):
+        dictionary.build(run_dir, concepts=concepts)  # held and verified above: not hashed again
     labels = dictionary.labels(run_dir)
     model = SteeringModel.load(str(model_dir), resolve_device("auto"))
     s = cfg.steer

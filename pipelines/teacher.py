@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, first_line
 from pipelines.tokenizer import Tokenizer, load_tokenizer
 
 HOOKS = ("resid_post", "resid_pre")
@@ -181,8 +181,7 @@ def load_teacher(
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"Cannot load teacher `{spec}` ({first}).") from None
+        raise InputError(f"Cannot load teacher `{spec}` ({first_line(exc)}).") from None
     return Teacher(
         model.to(device),
         load_tokenizer(tokenizer_spec or spec, setting="teacher.tokenizer"),

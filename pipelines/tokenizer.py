@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, first_line
 
 # Separators tried, in order, when `data.eos_token` is empty: the document separator that GPT-2 and
 # SmolLM-family models were pretrained with comes before a chat model's end-of-turn EOS.
@@ -72,9 +72,8 @@ def load_tokenizer(spec: str, setting: str = "data.tokenizer") -> Tokenizer:
         else:
             tokenizer = AutoTokenizer.from_pretrained(spec)
     except Exception as exc:  # tokenizers and transformers raise many types for "cannot load"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"Cannot load tokenizer `{spec}` ({first_line}). Set `{setting}` to a hub id, a local "
+            f"Cannot load tokenizer `{spec}` ({first_line(exc)}). Set `{setting}` to a hub id, a local "
             "folder, a tokenizer.json or a .gguf file."
         ) from None
     if not tokenizer.is_fast:

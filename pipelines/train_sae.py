@@ -29,7 +29,7 @@ from pipelines import artifacts, stage_inputs
 from pipelines.assets import resolve_assets
 from pipelines.config import Config
 from pipelines.devices import resolve_device
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError, InputError, first_line
 from pipelines.stores import TokenStore, open_prepared_tokens
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,7 @@ class SaeTrainer:
                 raise KeyError("missing entries")
             return state
         except Exception as exc:  # torch reports a torn zip or pickle with many exception types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("%s is damaged (%s); training from the start", path, first)
+            log.warning("%s is damaged (%s); training from the start", path, first_line(exc))
             return None
 
     def train(self, show_progress: bool) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipelines import artifacts
-from pipelines.errors import StageError
+from pipelines.errors import StageError, first_line
 from pipelines.failpoints import kill_point
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Checkpoints:
                 try:
                     return checkpoint, *self.load(checkpoint)
                 except Exception as exc:  # torn files that predate digests fail to decode
-                    problem = f"it cannot be read ({str(exc).strip().splitlines()[0][:200]})"
+                    problem = f"it cannot be read ({first_line(exc)[:200]})"
             log.warning(
                 "checkpoint %s is damaged: %s; falling back to the one before it", checkpoint.path, problem
             )
