@@ -37,10 +37,10 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerFast
 
-    from pipelines.checkpoint import export_hf_gpt2, save_model
-    from pipelines.eval_tasks import TASKS as TASK_SPECS
-    from pipelines.lm_scoring import ScoringModel
-    from pipelines.model import GPT, preset
+    from pipelines.eval.scoring import ScoringModel
+    from pipelines.eval.tasks import TASKS as TASK_SPECS
+    from pipelines.model.checkpoint import export_hf_gpt2, save_model
+    from pipelines.model.gpt import GPT, preset
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

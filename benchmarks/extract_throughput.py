@@ -5,7 +5,8 @@
 "official-style" is what the paper's code does every training step: teacher weights require grad, a full
 backward (weight gradients included) from the mean next-token loss, and the dense attribution
 `(g @ W_dec^T) * TopK(acts)` over all C latents, then top-4. "cocomix" is the stage itself
-(`pipelines.extract.run` on a token store holding the same blocks, same batches), timed over its chunk loop
+(`pipelines.stages.extract.run` on a token store holding the same blocks, same batches), timed over its
+chunk loop
 (model loading excluded on both sides). Rows: a random GPT-2-small-shaped teacher (12 layers, d=768, hook
 after block 5) with a random 32k-latent k=32 SAE, and SmolLM2-135M from ../shared/models (hook after block 9)
 with a random 4,096-latent k=32 SAE. Targets: >= 1.7x official-style, and SAE + attribution + storage at most
@@ -24,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines import extract, prepare
-from pipelines.config import load_config
-from pipelines.sae import TopKSAE, save_saelens
-from pipelines.stores import open_token_store
-from pipelines.teacher import load_teacher
+from pipelines.concepts.teacher import load_teacher
+from pipelines.config.loading import load_config
+from pipelines.data.stores import open_token_store
+from pipelines.sae.topk import TopKSAE, save_saelens
+from pipelines.stages import extract, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GPT2_TOKENIZER = SHARED / "data/tokenizers/gpt2/tokenizer.json"
@@ -127,7 +128,7 @@ def report(
 
 def official_style(cfg, blocks, args) -> float:
     """Seconds for the paper's code path over the same blocks and batches."""
-    from pipelines.sae import load_sae
+    from pipelines.sae.topk import load_sae
 
     teacher = load_teacher(cfg.teacher.model, cfg.teacher.layer, "resid_post", args.device)
     model = teacher.model.requires_grad_(True)  # the official extractor leaves the weights trainable

@@ -3,8 +3,9 @@
     python benchmarks/model_step.py --batch 2 --seq-len 256 --steps 3
 
 Each variant trains on random tokens (NTP loss, plus the concept loss for CoCoMix) with AdamW. The table
-gives seconds per step, the analytic training FLOPs (pipelines.flops, 3x forward), the achieved FLOP/s, and
-that as a fraction of a matmul peak measured in the same run (the best of square fp32 or bf16 products).
+gives seconds per step, the analytic training FLOPs (pipelines.model.flops, 3x forward), the achieved
+FLOP/s, and that as a fraction of a matmul peak measured in the same run (the best of square fp32 or bf16
+products).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines.flops import parameter_counts, train_flops_per_token
-from pipelines.model import GPT, concept_loss, preset
+from pipelines.model.flops import parameter_counts, train_flops_per_token
+from pipelines.model.gpt import GPT, concept_loss, preset
 
 
 def main() -> None:

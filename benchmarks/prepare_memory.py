@@ -19,8 +19,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 CHILD = """
 import json, resource, sys
-from pipelines import prepare
-from pipelines.config import load_config
+from pipelines.stages import prepare
+from pipelines.config.loading import load_config
 # sys.argv[1] is an empty config file: the benchmark must not read the project's cocomix.toml.
 summary = prepare.run(load_config(sys.argv[1], sys.argv[2:]), progress=False).summary
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines import prepare
-from pipelines.config import DataConfig, load_config
-from pipelines.tokenizer import load_tokenizer
+from pipelines.config.loading import load_config
+from pipelines.config.schema import DataConfig
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.stages import prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

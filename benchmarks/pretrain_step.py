@@ -2,7 +2,7 @@
 
     python benchmarks/pretrain_step.py --steps 20
 
-Each row runs the real stage (`pipelines.pretrain.run`: data read ahead from the Zarr stores, metrics,
+Each row runs the real stage (`pipelines.stages.pretrain.run`: data read ahead from the Zarr stores, metrics,
 checkpoint cadence off) and reports the median step time after `--skip` warm-up steps. "bare" rows are the
 same model's forward + backward + AdamW step on one batch already in memory: the floor the stage's step
 time is compared with. Teacher for CoCoMix targets and KD: a random GPT-2-small-shaped model (12 layers,
@@ -10,7 +10,7 @@ d=768, the paper's teacher shape) hooked after block 5, with a random 32k-latent
 shape); targets are extracted once before the timed runs, except for `cocomix --online-teacher`, which
 computes them every step as the official code does. Targets: CoCoMix (cached) at most 1.1x its bare step,
 and well under the online step. MFU is printed on CUDA devices with a known peak (see
-`pipelines.pretrain.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
+`pipelines.stages.pretrain.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import extract, prepare, pretrain
-from pipelines.config import load_config
-from pipelines.flops import train_flops_per_token
-from pipelines.model import GPT
-from pipelines.objectives import concept_loss, next_token_loss
-from pipelines.optim import build_optimizer
-from pipelines.sae import TopKSAE, save_saelens
+from pipelines.config.loading import load_config
+from pipelines.model.flops import train_flops_per_token
+from pipelines.model.gpt import GPT
+from pipelines.sae.topk import TopKSAE, save_saelens
+from pipelines.stages import extract, prepare, pretrain
+from pipelines.training.objectives import concept_loss, next_token_loss
+from pipelines.training.optim import build_optimizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GPT2_TOKENIZER = SHARED / "data/tokenizers/gpt2/tokenizer.json"
@@ -135,7 +135,7 @@ def time_stage(base: Path, settings: dict, objective: str, online: bool, args) -
     speeds = [r["tokens_per_s"] for r in map(json.loads, lines) if r["kind"] == "train"][args.skip :]
     tokens = args.batch_blocks * args.block_size
     config = json.loads((result.dir / "model" / "config.json").read_text())["model"]
-    from pipelines.model import ModelConfig
+    from pipelines.model.gpt import ModelConfig
 
     return tokens / statistics.median(speeds), ModelConfig(**config)
 

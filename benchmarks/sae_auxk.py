@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import train_sae  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from pipelines.config.loading import load_config  # noqa: E402
+from pipelines.stages import train_sae  # noqa: E402
 from tests.conftest import prepared_run, tiny_teacher  # noqa: E402
 
 

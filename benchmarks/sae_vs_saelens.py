@@ -16,10 +16,10 @@ Activations: SmolLM2-135M-Instruct (the GGUF in ../shared/models) at `--layer` (
 reviews (../shared/data) tokenized with the teacher's tokenizer, documents joined by the separator
 `prepare` uses, cut into blocks of 256 tokens. They are computed once and cached raw (float32) in a .npy
 file (`--cache`), laid out as [held-out | train]; a cache with at least as many rows is reused. The SAE
-input layer norm (`pipelines.sae.normalize_input`) is applied once to all of them, and the training rows
+input layer norm (`pipelines.sae.topk.normalize_input`) is applied once to all of them, and the training rows
 are shuffled once with a fixed seed, so both trainers see the same normalised batches in the same order.
 
-Ours: `pipelines.train_sae.SaeTrainer` (Gao et al. 2024) with its buffer fed from the cache; its
+Ours: `pipelines.stages.train_sae.SaeTrainer` (Gao et al. 2024) with its buffer fed from the cache; its
 `_train_step` is called in a timed loop (`train()` would also run the teacher-based `evaluate()`).
 SAELens: `TopKTrainingSAE` + `SAETrainer.fit()` with a data provider over the same batches, no wandb, no
 checkpoints, its defaults otherwise (AuxK coefficient 1, decoder init norm 0.1, activations rescaled by
@@ -109,7 +109,7 @@ def main() -> None:
     del raw
     recent = train[n_train - dead_window :]
 
-    from pipelines.train_sae import SaeTrainer
+    from pipelines.stages.train_sae import SaeTrainer
 
     lr = args.lr or 2e-4 / math.sqrt(args.latents / 2**14)
     rows = {}
@@ -160,8 +160,8 @@ def cached_activations(path: Path, layer: int, tokens: int, device: str) -> np.n
         if acts.shape[0] >= tokens:
             return acts
         print(f"{path} holds {acts.shape[0]:,} rows, {tokens:,} needed: recomputing")
-    from pipelines.teacher import load_teacher
-    from pipelines.tokenizer import document_separator
+    from pipelines.concepts.teacher import load_teacher
+    from pipelines.data.tokenizer import document_separator
 
     teacher = load_teacher(str(SMOLLM2), layer, HOOK, device)
     _, separator_id = document_separator(teacher.tokenizer, "")
@@ -197,7 +197,7 @@ def cached_activations(path: Path, layer: int, tokens: int, device: str) -> np.n
 
 def prepare(raw: np.ndarray, eval_tokens: int, n_train: int, seed: int, device: str):
     """Layer-normed held-out rows and shuffled layer-normed training rows, both float32 on `device`."""
-    from pipelines.sae import normalize_input
+    from pipelines.sae.topk import normalize_input
 
     def normalized(rows: np.ndarray) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=torch.float32)
@@ -218,7 +218,7 @@ def prepare(raw: np.ndarray, eval_tokens: int, n_train: int, seed: int, device: 
 
 def run_ours(trainer_class, train: torch.Tensor, args, lr: float, stage_dir: Path):
     """Our SaeTrainer on the cached rows; returns (encode, decode, training wall seconds)."""
-    from pipelines.config import Config, RunConfig, SaeConfig
+    from pipelines.config.schema import Config, RunConfig, SaeConfig
 
     class CachedSaeTrainer(trainer_class):
         """SaeTrainer whose buffer r is rows [r * buffer, (r + 1) * buffer) of the pre-shuffled cache."""

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import integrity
-from pipelines.stores import create_token_store
+from pipelines.core import integrity
+from pipelines.data.stores import create_token_store
 
 
 def main() -> None:

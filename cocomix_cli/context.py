@@ -9,7 +9,8 @@ from typing import Any
 
 import typer
 
-from pipelines.config import Config, load_config
+from pipelines.config.loading import load_config
+from pipelines.config.schema import Config
 
 # The `ctx.meta` key of what was typed (an `interrupts.Invocation`); every command's context shares it.
 INVOCATION = "cocomix.invocation"

@@ -254,7 +254,7 @@ def cocomix_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen
 
 def tiny_model_config(**overrides):
     """A model small enough for exhaustive CPU tests; every variant-specific field is set."""
-    from pipelines.model import ModelConfig
+    from pipelines.model.gpt import ModelConfig
 
     values = dict(
         vocab_size=97,
@@ -315,7 +315,7 @@ def tiny_sae(d_in: int = 32, d_sae: int = 128, k: int = 8, seed: int = 0):
     """A random TopK SAE with every parameter non-zero, so no term of the math hides."""
     import torch
 
-    from pipelines.sae import TopKSAE
+    from pipelines.sae.topk import TopKSAE
 
     torch.manual_seed(seed)
     sae = TopKSAE(d_in, d_sae, k, normalize="layer_norm")
@@ -339,8 +339,8 @@ def write_run_config(directory: Path, **data) -> Path:
 def prepared_run(directory: Path, documents: int = 60, block_size: int = 32, **data) -> Path:
     """A run folder whose `prepare` stage is done on the first documents of the committed corpus (or on
     `data.source` when given), with a config file beside it."""
-    from pipelines import prepare
-    from pipelines.config import load_config
+    from pipelines.config.loading import load_config
+    from pipelines.stages import prepare
 
     if "source" not in data:
         data["source"] = str(corpus_jsonl(directory / "corpus.jsonl", documents))
@@ -363,7 +363,7 @@ def prepared_run(directory: Path, documents: int = 60, block_size: int = 32, **d
 
 def run_in(directory: Path, stage, args: list[str], **kwargs):
     """`stage(config)` run from `directory` with its cocomix.toml and `--set` style `args`, no progress."""
-    from pipelines.config import load_config
+    from pipelines.config.loading import load_config
 
     previous = Path.cwd()
     os.chdir(directory)
@@ -371,6 +371,13 @@ def run_in(directory: Path, stage, args: list[str], **kwargs):
         return stage(load_config(directory / "cocomix.toml", args), progress=False, **kwargs)
     finally:
         os.chdir(previous)
+
+
+def eval_results(cfg, **kwargs) -> dict:
+    """What `eval` scored: the results its `StageResult` carries (and `eval/results.json` holds)."""
+    from pipelines.stages import evaluate
+
+    return evaluate.run(cfg, **kwargs).summary
 
 
 # --- crash safety -----------------------------------------------------------------------------------------

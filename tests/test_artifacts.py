@@ -4,8 +4,10 @@ import sys
 
 import pytest
 
-from pipelines import artifacts
-from pipelines.artifacts import StageSession, file_identity, fingerprint, stage_states
+from pipelines.core.files import atomic_write_json
+from pipelines.core.fingerprints import file_identity, fingerprint
+from pipelines.core.layout import STAGES
+from pipelines.core.session import StageSession, ensure_run_dir, stage_states
 from pipelines.errors import InputError, StageError
 
 
@@ -20,8 +22,8 @@ def test_fingerprint_is_order_independent_and_sensitive():
 
 def test_atomic_write_replaces_without_leftovers(tmp_path):
     path = tmp_path / "m.json"
-    artifacts.atomic_write_json(path, {"x": 1})
-    artifacts.atomic_write_json(path, {"x": 2})
+    atomic_write_json(path, {"x": 1})
+    atomic_write_json(path, {"x": 2})
     assert json.loads(path.read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
@@ -81,14 +83,14 @@ def test_run_dir_holding_other_files_is_refused(tmp_path):
 
 
 def test_lock_names_the_holder(tmp_path):
-    artifacts.ensure_run_dir(tmp_path / "run")
+    ensure_run_dir(tmp_path / "run")
     stage_dir = tmp_path / "run" / "prepare"
     stage_dir.mkdir()
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import time; from pipelines.artifacts import StageLock; "
+            "import time; from pipelines.core.locks import StageLock; "
             f"lock = StageLock({str(stage_dir)!r}, 'prepare'); lock.acquire(); "
             "print('held', flush=True); time.sleep(30)",
         ],
@@ -111,7 +113,7 @@ def test_lock_names_the_holder(tmp_path):
 
 def test_stage_states_lists_every_stage(tmp_path):
     states = stage_states(tmp_path / "nothing")
-    assert [s["stage"] for s in states] == list(artifacts.STAGES)
+    assert [s["stage"] for s in states] == list(STAGES)
     assert {s["status"] for s in states} == {"not started"}
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.assets import local_path, resolve_assets
-from pipelines.config import load_config
+from pipelines.config.loading import load_config
+from pipelines.core.assets import local_path, resolve_assets
 from pipelines.errors import ConfigError, InputError
 
 

@@ -1,6 +1,9 @@
 import pytest
 
-from pipelines.config import Config, DataConfig, fingerprint_fields, load_config, to_toml
+from pipelines.config.loading import load_config
+from pipelines.config.render import to_toml
+from pipelines.config.schema import Config, DataConfig
+from pipelines.core.fingerprints import fingerprint_fields
 from pipelines.errors import ConfigError
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import zarr
 
-from pipelines import dictionary, extract
-from pipelines.sae import load_sae, save_saelens
-from pipelines.teacher import load_teacher
+from pipelines.concepts.teacher import load_teacher
+from pipelines.sae import dictionary
+from pipelines.sae.topk import load_sae, save_saelens
+from pipelines.stages import extract
 from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 
 

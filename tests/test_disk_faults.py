@@ -23,8 +23,8 @@ import pytest
 import zarr
 from safetensors.torch import load_file
 
-from pipelines import extract, pretrain
-from pipelines.sae import save_saelens
+from pipelines.sae.topk import save_saelens
+from pipelines.stages import extract, pretrain
 from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 
 STUDENT = [

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import evaluate, pretrain
-from pipelines.checkpoint import export_hf_gpt2, load_model
-from pipelines.config import load_config
+from pipelines.config.loading import load_config
 from pipelines.errors import InputError
-from pipelines.eval_tasks import TASKS, mean_and_stderr, wikitext_detokenizer
-from pipelines.lm_scoring import ScoringModel, rolling_windows
-from tests.conftest import FIXTURE_EVAL, bpe_tokenizer, prepared_run, run_in
+from pipelines.eval.scoring import ScoringModel, rolling_windows
+from pipelines.eval.tasks import TASKS, mean_and_stderr, wikitext_detokenizer
+from pipelines.model.checkpoint import export_hf_gpt2, load_model
+from pipelines.stages import evaluate, pretrain
+from tests.conftest import FIXTURE_EVAL, bpe_tokenizer, eval_results, prepared_run, run_in
 
 ROWS = {  # the real files of the shared folder
     "hellaswag": 10042,
@@ -184,7 +184,7 @@ def test_prompts_of_the_first_fixture_rows_are_lm_evals():
 
 
 def test_hellaswag_ctx_split_recovers_ctx_b():
-    from pipelines.eval_tasks import split_hellaswag_ctx
+    from pipelines.eval.tasks import split_hellaswag_ctx
 
     assert split_hellaswag_ctx("A lady walks. She bends down. the lady") == (
         "A lady walks. She bends down.",
@@ -197,7 +197,7 @@ def test_hellaswag_ctx_split_recovers_ctx_b():
 
 
 def test_hub_layouts_give_the_same_prompts():
-    from pipelines.eval_tasks import build_arc, build_hellaswag, build_winogrande
+    from pipelines.eval.tasks import build_arc, build_hellaswag, build_winogrande
 
     hub = build_hellaswag(
         {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
@@ -314,8 +314,8 @@ def test_pause_model_is_scored_through_its_slots(trained):
 
 
 def test_cocomix_model_is_scored_through_its_concept_slots(tmp_path):
-    from pipelines.checkpoint import save_model
-    from pipelines.model import GPT
+    from pipelines.model.checkpoint import save_model
+    from pipelines.model.gpt import GPT
     from tests.conftest import tiny_model_config
 
     tokenizer = bpe_tokenizer()
@@ -348,19 +348,19 @@ def test_offline_runs_skip_benchmarks_without_local_data(trained, tmp_path):
     shutil.copytree(trained, run)
     tasks = 'eval.tasks=["ppl", "piqa"]'
     absent = [f"eval.data_dir={tmp_path / 'nowhere'}", "eval.missing_data=skip", tasks, "eval.limit=4"]
-    results = run_in(run, evaluate.run, absent)
+    results = run_in(run, eval_results, absent)
     assert results["tasks"] == ["ppl"] and results["skipped_tasks"] == ["piqa"]
     assert results["skipped_reasons"] == {"piqa": "no local data (eval.missing_data = skip)"}
     assert sorted(results["results"]["pretrain-ntp"]) == ["ppl"]
     with pytest.raises(InputError, match="`eval.data_dir` .*nowhere is not a folder"):
-        run_in(run, evaluate.run, [f"eval.data_dir={tmp_path / 'nowhere'}", tasks])
+        run_in(run, eval_results, [f"eval.data_dir={tmp_path / 'nowhere'}", tasks])
 
 
 def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
     run = tmp_path / "run-copy"
     shutil.copytree(trained, run)
     args = [f"eval.data_dir={FIXTURE_EVAL}", "eval.limit=6", 'eval.tasks=["ppl", "piqa", "winogrande"]']
-    results = run_in(run, evaluate.run, args, log_samples=True)
+    results = run_in(run, eval_results, args, log_samples=True)
     assert sorted(results["results"]) == ["pretrain-ntp", "pretrain-pause"]
     piqa = results["results"]["pretrain-ntp"]["piqa"]
     assert piqa["examples"] == 6 and 0 <= piqa["acc"] <= 1 and piqa["acc_stderr"] is not None
@@ -373,9 +373,16 @@ def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
     cache = run / "run/eval/cache"
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert len(stamps) == 6
+    # The same eval again is up to date: nothing is scored or written.
+    results_file = run / "run/eval/results.json"
+    written = results_file.stat().st_mtime_ns
+    assert run_in(run, evaluate.run, args).up_to_date and results_file.stat().st_mtime_ns == written
+    # Another eval (the tasks in another order) needs no --force: it scores only what the cache lacks.
     removed = sorted(stamps)[0]
     (cache / removed).unlink()
-    again = run_in(run, evaluate.run, args)
+    reordered = [*args[:2], 'eval.tasks=["winogrande", "ppl", "piqa"]']
+    again = run_in(run, eval_results, reordered)
+    assert (cache / removed).exists()
 
     def metrics(r):  # everything but the timing
         return {
@@ -419,8 +426,8 @@ def test_missing_data_says_where_to_put_it(trained, cocomix, monkeypatch):
     ],
 )
 def test_a_declared_task_with_a_bad_prompt_or_an_empty_choice_is_one_clear_error(prompt, options, message):
-    from pipelines.config import CustomTaskConfig
-    from pipelines.eval_tasks import custom_task
+    from pipelines.config.schema import CustomTaskConfig
+    from pipelines.eval.tasks import custom_task
 
     spec = CustomTaskConfig(data="mini.jsonl", prompt=prompt, choices="options", gold="answer")
     with pytest.raises(InputError, match=re.escape(message)) as caught:
@@ -442,11 +449,11 @@ def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
         + f'[eval]\ntasks = ["capitals"]\n[eval.task.capitals]\ndata = "{CAPITALS}"\n'
         + 'prompt = "Question: {question}\\nAnswer:"\nchoices = "options"\ngold = "answer"\n'
     )
-    from pipelines.config import to_toml
+    from pipelines.config.render import to_toml
 
     assert load_config(config, []).eval.task["capitals"].gold == "answer"
     assert "[eval.task.capitals]" in to_toml(load_config(config, []))
-    results = run_in(run, evaluate.run, ['eval.models=["run/pretrain-ntp/model"]'])
+    results = run_in(run, eval_results, ['eval.models=["run/pretrain-ntp/model"]'])
     capitals = results["results"]["pretrain-ntp"]["capitals"]
     # By hand: each option scored after the prompt, acc = argmax is the answer, acc_norm divides by length.
     scorer = ScoringModel(str(run / "run/pretrain-ntp/model"))
@@ -469,8 +476,8 @@ def test_a_multiple_choice_task_declared_in_the_config(trained, tmp_path):
 def test_a_declared_task_whose_choices_field_holds_a_string_is_refused():
     """`choices = "FIELD"` on a string would make each character a choice: one error naming the task, the
     field and the two forms `choices` takes."""
-    from pipelines.config import CustomTaskConfig
-    from pipelines.eval_tasks import custom_task
+    from pipelines.config.schema import CustomTaskConfig
+    from pipelines.eval.tasks import custom_task
 
     spec = CustomTaskConfig(data="mini.jsonl", prompt="Q: {question}", choices="answer", gold="answer")
     with pytest.raises(InputError) as caught:

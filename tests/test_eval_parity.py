@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from pipelines import evaluate, pretrain
-from pipelines.checkpoint import export_hf_gpt2, load_model
-from pipelines.eval_tasks import TASKS as OUR_TASKS
-from tests.conftest import FIXTURE_EVAL, REPO, bpe_tokenizer, prepared_run, run_in
+from pipelines.eval.tasks import TASKS as OUR_TASKS
+from pipelines.model.checkpoint import export_hf_gpt2, load_model
+from pipelines.stages import evaluate, pretrain
+from tests.conftest import FIXTURE_EVAL, REPO, bpe_tokenizer, eval_results, prepared_run, run_in
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[dev]')")
 
@@ -121,7 +121,7 @@ def save_with_export(model, folder: Path) -> tuple[Path, Path]:
     test BPE."""
     from transformers import PreTrainedTokenizerFast
 
-    from pipelines.checkpoint import save_model
+    from pipelines.model.checkpoint import save_model
 
     tokenizer = bpe_tokenizer()
     ours = save_model(model, folder / "ntp", {"tokenizer": {"separator_id": tokenizer.separator_id}})
@@ -181,7 +181,7 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
     run_folder(tmp_path)
     ours = run_in(
         tmp_path,
-        evaluate.run,
+        eval_results,
         [f"eval.data_dir={source.eval_dir}", f"eval.limit={source.limit}", f"eval.models=[\"{model_dir}\"]",
          "eval.tasks=[" + ",".join(f'"{t}"' for t in TASKS) + "]", "eval.device=cpu"],
     )["results"]["pretrain-ntp"]  # fmt: skip
@@ -224,13 +224,13 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
     # The same student through `--backend lm-eval` (our LM adapter inside lm-eval) gives the same numbers.
     adapter = run_in(
         tmp_path,
-        evaluate.run,
+        eval_results,
         [f"eval.models=[\"{model_dir}\"]", "eval.backend=lm-eval", f"eval.limit={min(source.limit, 50)}",
          'eval.tasks=["local_piqa"]', f"eval.lmeval_include={INCLUDE}"],
     )["results"]["pretrain-ntp"]["local_piqa"]  # fmt: skip
     native = run_in(
         tmp_path,
-        evaluate.run,
+        eval_results,
         [
             f"eval.data_dir={source.eval_dir}",
             f"eval.limit={min(source.limit, 50)}",
@@ -250,8 +250,8 @@ def test_wikitext_rolling_perplexities_equal_lm_evals(source, tmp_path):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from pipelines.lm_scoring import ScoringModel, rolling_windows
-    from pipelines.model import GPT
+    from pipelines.eval.scoring import ScoringModel, rolling_windows
+    from pipelines.model.gpt import GPT
     from tests.conftest import tiny_model_config
 
     context_length = 64
@@ -273,7 +273,7 @@ def test_wikitext_rolling_perplexities_equal_lm_evals(source, tmp_path):
 
     ours = run_in(
         run_folder(tmp_path),
-        evaluate.run,
+        eval_results,
         [
             f"eval.data_dir={source.eval_dir}",
             f"eval.limit={source.wikitext_limit}",
@@ -300,8 +300,8 @@ def test_lambada_accuracy_counts_greedy_last_words_as_lm_eval_does(tmp_path, mon
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from pipelines.lm_scoring import ScoringModel
-    from pipelines.model import GPT
+    from pipelines.eval.scoring import ScoringModel
+    from pipelines.model.gpt import GPT
     from tests.conftest import tiny_model_config
 
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def test_lambada_accuracy_counts_greedy_last_words_as_lm_eval_does(tmp_path, mon
 
     ours = run_in(
         run_folder(tmp_path),
-        evaluate.run,
+        eval_results,
         [f"eval.data_dir={data / 'eval'}", f'eval.models=["{folder}"]', 'eval.tasks=["lambada_openai"]'],
     )["results"]["ntp"]["lambada_openai"]
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32")
@@ -396,8 +396,8 @@ def test_a_declared_task_reads_a_digit_gold_as_an_index_as_lm_eval_does(tmp_path
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from pipelines.config import load_config
-    from pipelines.model import GPT
+    from pipelines.config.loading import load_config
+    from pipelines.model.gpt import GPT
     from tests.conftest import tiny_model_config
 
     torch.manual_seed(0)
@@ -420,7 +420,7 @@ def test_a_declared_task_reads_a_digit_gold_as_an_index_as_lm_eval_does(tmp_path
         assert target == example.gold, doc_id
     assert ours[0].gold == 0 and ours[0].choices_text == ("1", "2", "0")  # "0" is the third choice's text
 
-    native = run_in(tmp_path, evaluate.run, [f'eval.models=["{folder}"]', 'eval.tasks=["digits"]'])
+    native = run_in(tmp_path, eval_results, [f'eval.models=["{folder}"]', 'eval.tasks=["digits"]'])
     ours_metrics = native["results"]["ntp"]["digits"]
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32")
     reference = lm_eval.simple_evaluate(model=lm, tasks=["local_digits"], task_manager=manager)["results"][
@@ -438,8 +438,8 @@ def test_lm_eval_backend_runs_declared_tasks_with_progress_into_its_own_file(tmp
     which it leaves as it was."""
     import torch
 
-    from pipelines.config import load_config
-    from pipelines.model import GPT
+    from pipelines.config.loading import load_config
+    from pipelines.model.gpt import GPT
     from tests.conftest import FIXTURE_EVAL, tiny_model_config
 
     torch.manual_seed(0)
@@ -453,7 +453,7 @@ def test_lm_eval_backend_runs_declared_tasks_with_progress_into_its_own_file(tmp
         + 'prompt = "Question: {question}\\nAnswer:"\nchoices = "options"\ngold = "answer"\n'
     )
     args = [f'eval.models=["{folder}"]', 'eval.tasks=["digits", "capitals"]']
-    native = run_in(tmp_path, evaluate.run, args)["results"]["ntp"]
+    native = run_in(tmp_path, eval_results, args)["results"]["ntp"]
     native_file = tmp_path / "run" / "eval" / "results.json"
     written = native_file.read_bytes()
     capsys.readouterr()
@@ -462,7 +462,7 @@ def test_lm_eval_backend_runs_declared_tasks_with_progress_into_its_own_file(tmp
     previous = Path.cwd()
     os.chdir(tmp_path)
     try:
-        results = evaluate.run(cfg, progress=True)
+        results = evaluate.run(cfg, progress=True).summary
     finally:
         os.chdir(previous)
     shown = capsys.readouterr().err

@@ -13,10 +13,11 @@ import pytest
 import torch
 import zarr
 
-from pipelines import artifacts, extract
-from pipelines.attribution import concept_targets, official_scores, paper_scores
-from pipelines.sae import load_sae, openai_state_dict, save_saelens
-from pipelines.teacher import load_teacher
+from pipelines.concepts.teacher import load_teacher
+from pipelines.core.session import stage_states
+from pipelines.sae.attribution import concept_targets, official_scores, paper_scores
+from pipelines.sae.topk import load_sae, openai_state_dict, save_saelens
+from pipelines.stages import extract
 from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
     bpe_tokenizer,
@@ -233,7 +234,7 @@ def test_a_kill_at_each_step_of_the_store_creation_then_a_rerun_gives_the_same_s
         env = {**os.environ, "COCOMIX_KILL_AT": instant}
         killed = cocomix_subprocess([*args, "extract-concepts"], cwd=tmp_path, env=env)
         assert killed.wait(timeout=120) == -signal.SIGKILL, instant
-        states = {s["stage"]: s["status"] for s in artifacts.stage_states(tmp_path / "run")}
+        states = {s["stage"]: s["status"] for s in stage_states(tmp_path / "run")}
         assert states["extract-concepts"] == "interrupted", instant
         assert not (tmp_path / "run/extract-concepts/concepts.zarr").exists(), instant  # no half-made store
     run_extract(tmp_path, overrides)

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.flops import forward_flops_per_token, parameter_counts, train_flops_per_token
-from pipelines.model import GPT, preset
+from pipelines.model.flops import forward_flops_per_token, parameter_counts, train_flops_per_token
+from pipelines.model.gpt import GPT, preset
 from tests.conftest import tiny_model_config
 
 PAPER_SIZES = {"69m": 69e6, "386m": 386e6, "1.38b": 1.38e9}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipelines.checkpoint import export_hf_gpt2, load_model, save_model
-from pipelines.generation import generate
-from pipelines.model import GPT, ConceptIntervention, concept_loss, normalize_features
+from pipelines.model.checkpoint import export_hf_gpt2, load_model, save_model
+from pipelines.model.generation import generate
+from pipelines.model.gpt import GPT, ConceptIntervention, concept_loss, normalize_features
 from tests.conftest import tiny_model_config
 
 VARIANTS = [

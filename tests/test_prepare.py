@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.prepare import is_validation_document
-from pipelines.stores import open_token_store
+from pipelines.data.stores import open_token_store
+from pipelines.stages.prepare import is_validation_document
 from tests.conftest import (
     Cocomix,
     assert_kills_during_the_force_clear_rerun_to_the_same_result,

@@ -16,13 +16,13 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from pipelines import extract, prepare, pretrain
-from pipelines.batches import BatchOrder
-from pipelines.config import load_config
+from pipelines.concepts.teacher import load_teacher
+from pipelines.config.loading import load_config
+from pipelines.data.batches import BatchOrder
 from pipelines.errors import ConfigError, StageError
-from pipelines.objectives import kd_loss, online_concept_targets
-from pipelines.sae import load_sae, save_saelens
-from pipelines.teacher import load_teacher
+from pipelines.sae.topk import load_sae, save_saelens
+from pipelines.stages import extract, prepare, pretrain
+from pipelines.training.objectives import kd_loss, online_concept_targets
 from tests import conftest
 from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
@@ -476,11 +476,12 @@ def test_bad_inputs_are_one_line_errors(run, cocomix):
 
 def record_digests_again(stage_dir: Path, name: str) -> None:
     """Record the digests of an output edited on purpose, as the stage records them when it finishes."""
-    from pipelines import artifacts, integrity
+    from pipelines.core import integrity
+    from pipelines.core.files import atomic_write_json
 
     manifest = json.loads((stage_dir / "manifest.json").read_text())
     manifest["outputs"][name] = integrity.tree_digests(stage_dir / name)
-    artifacts.atomic_write_json(stage_dir / "manifest.json", manifest)
+    atomic_write_json(stage_dir / "manifest.json", manifest)
 
 
 def first_chunk(store: Path) -> Path:
@@ -559,7 +560,7 @@ def test_config_rejects_unknown_objective():
 
 
 def test_presets_in_config_match_the_model():
-    from pipelines.config import MODEL_PRESETS
-    from pipelines.model import PRESETS
+    from pipelines.config.schema import MODEL_PRESETS
+    from pipelines.model.gpt import PRESETS
 
     assert MODEL_PRESETS == tuple(PRESETS)

@@ -31,7 +31,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
 
 
 def test_config_reference_is_the_generated_one():
-    from pipelines.config import reference_markdown
+    from pipelines.config.render import reference_markdown
 
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)<!-- config-reference: end -->", readme, re.S)

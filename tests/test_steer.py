@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from pipelines.checkpoint import save_model
-from pipelines.config import load_config
-from pipelines.generation import generate
-from pipelines.model import GPT, ConceptIntervention
-from pipelines.steering import SteeringModel, sweep
+from pipelines.config.loading import load_config
+from pipelines.model.checkpoint import save_model
+from pipelines.model.generation import generate
+from pipelines.model.gpt import GPT, ConceptIntervention
+from pipelines.model.steering import SteeringModel, sweep
 from tests.conftest import bpe_tokenizer, tiny_model_config
 
 PROMPT = "My lord, the"
@@ -109,7 +109,7 @@ def test_sweep_from_the_command_line_and_bad_input(cocomix_model, cocomix):
 
 @pytest.fixture
 def teacher_and_sae(tmp_path):
-    from pipelines.teacher import load_teacher
+    from pipelines.concepts.teacher import load_teacher
     from tests.conftest import tiny_sae, tiny_teacher
 
     tiny_teacher(tmp_path / "teacher")
@@ -117,8 +117,8 @@ def teacher_and_sae(tmp_path):
 
 
 def test_amplify_latents_scales_exactly_the_latents_contribution(teacher_and_sae):
-    from pipelines.sae import normalize_input
-    from pipelines.steering import amplify_latents
+    from pipelines.model.steering import amplify_latents
+    from pipelines.sae.topk import normalize_input
 
     _, sae = teacher_and_sae
     torch.manual_seed(1)
@@ -133,7 +133,7 @@ def test_amplify_latents_scales_exactly_the_latents_contribution(teacher_and_sae
 
 
 def test_teacher_steering_scale_one_is_plain_and_a_large_scale_changes_it(teacher_and_sae):
-    from pipelines.steering import teacher_sweep
+    from pipelines.model.steering import teacher_sweep
 
     teacher, sae = teacher_and_sae
     s = settings(temperature=0, max_new_tokens=8)
@@ -149,7 +149,7 @@ def test_teacher_steering_scale_one_is_plain_and_a_large_scale_changes_it(teache
 
 
 def test_teacher_rows_from_the_command_line(cocomix_model, tmp_path, cocomix):
-    from pipelines.sae import save_saelens
+    from pipelines.sae.topk import save_saelens
     from tests.conftest import tiny_sae, tiny_teacher
 
     folder, _ = cocomix_model

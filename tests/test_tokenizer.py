@@ -1,7 +1,7 @@
 import pytest
 
+from pipelines.data.tokenizer import document_separator, load_tokenizer, tokenizer_files, vocab_hash
 from pipelines.errors import InputError
-from pipelines.tokenizer import document_separator, load_tokenizer, tokenizer_files, vocab_hash
 from tests.conftest import bpe_tokenizer
 
 

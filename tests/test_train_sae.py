@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import train_sae
-from pipelines.config import load_config
+from pipelines.config.loading import load_config
 from pipelines.errors import ConfigError
-from pipelines.sae import load_sae
+from pipelines.sae.topk import load_sae
+from pipelines.stages import train_sae
 from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
     cocomix_subprocess,
@@ -145,7 +145,7 @@ def test_bad_settings_are_clear_errors(setup, cocomix):
 
 
 def test_retraining_with_unchanged_settings_leaves_the_extraction_up_to_date(setup):
-    from pipelines import extract
+    from pipelines.stages import extract
 
     run_stage(setup, overrides(setup))
     extract_settings = overrides(setup, **{"extract.blocks_per_chunk": 64, "extract.tokens_per_batch": 1024})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.report import without_wall_times
+from pipelines.stages.report import without_wall_times
 from tests.conftest import FIXTURE_EVAL, REPO, Cocomix, bpe_tokenizer, corpus_jsonl, tiny_teacher
 
 STAGES = [

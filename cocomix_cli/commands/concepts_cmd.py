@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +10,6 @@ from rich.table import Table
 
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
-from pipelines.errors import InputError
 
 app = typer.Typer(
     help="Build and read the concept dictionary (`concepts build|show|search|top`).", no_args_is_help=True
@@ -19,20 +17,15 @@ app = typer.Typer(
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _run_dir(ctx: typer.Context) -> Path:
-    return Path(resolve_config(ctx).run.dir)
-
-
 @app.command()
 def build(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Build <run.dir>/concepts/dictionary.json from a concept store written with --store-sae-topk."""
-    from pipelines import dictionary
+    from pipelines.stages import concepts
 
-    data = dictionary.build(_run_dir(ctx))
+    data, path = concepts.build(resolve_config(ctx))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in data.items() if k != "latents"}))
         return
-    path = dictionary.dictionary_path(_run_dir(ctx))
     console.print(f"concepts: {data['latents_seen']:,} latents seen over {data['tokens']:,} tokens -> {path}")
 
 
@@ -41,13 +34,9 @@ def show(
     ctx: typer.Context, concept_id: Annotated[int, typer.Argument(metavar="ID")], as_json: AsJson = False
 ) -> None:
     """One concept: label, frequencies, top tokens and contexts (the token in [[ ]])."""
-    from pipelines import dictionary
+    from pipelines.stages import concepts
 
-    entry = dictionary.load(_run_dir(ctx))["latents"].get(str(concept_id))
-    if entry is None:
-        raise InputError(
-            f"Concept {concept_id} never activated in this run's data; it has no dictionary entry."
-        )
+    entry = concepts.entry(resolve_config(ctx), concept_id)
     if as_json:
         typer.echo(json.dumps(entry))
         return
@@ -68,23 +57,17 @@ def search(
     ctx: typer.Context, text: Annotated[str, typer.Argument()], limit: int = 20, as_json: AsJson = False
 ) -> None:
     """Concepts whose top tokens or contexts contain TEXT, most frequent first."""
-    from pipelines import dictionary
+    from pipelines.stages import concepts
 
-    _print_entries(
-        dictionary.search(dictionary.load(_run_dir(ctx)), text)[:limit],
-        as_json,
-        f"concepts matching {text!r}",
-    )
+    _print_entries(concepts.search(resolve_config(ctx), text, limit), as_json, f"concepts matching {text!r}")
 
 
 @app.command()
 def top(ctx: typer.Context, n: int = 20, as_json: AsJson = False) -> None:
     """The concepts most often chosen as CoCoMix targets."""
-    from pipelines import dictionary
+    from pipelines.stages import concepts
 
-    _print_entries(
-        dictionary.most_targeted(dictionary.load(_run_dir(ctx)), n), as_json, "most frequent targets"
-    )
+    _print_entries(concepts.top(resolve_config(ctx), n), as_json, "most frequent targets")
 
 
 def _print_entries(entries: list[dict], as_json: bool, title: str) -> None:

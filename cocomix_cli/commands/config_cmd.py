@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cocomix_cli.context import resolve_config
-from pipelines.config import to_toml
+from pipelines.config.render import to_toml
 
 app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 
@@ -24,6 +24,6 @@ def show(
 @app.command("reference")
 def reference() -> None:
     """Print every key of every section with its default and meaning, as Markdown tables (the README's)."""
-    from pipelines.config import reference_markdown
+    from pipelines.config.render import reference_markdown
 
     typer.echo(reference_markdown(), nl=False)

@@ -55,6 +55,9 @@ def evaluate(
             "lm-eval task and the declared ones; eval/results-lm-eval.json) (`eval.backend`)."
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Score everything again: delete eval/ (cache and results) first.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Evaluate models on perplexity and the paper's benchmarks; results cached per (model, task, data)."""
@@ -70,10 +73,9 @@ def evaluate(
             "eval.backend": backend,
         },
     )
-    from pipelines import evaluate as stage
-    from pipelines.eval_tasks import MAIN_METRICS
+    from pipelines.stages import evaluate as stage
 
-    results = stage.run(cfg, log_samples=log_samples, progress=ctx.obj.progress)
+    results = stage.run(cfg, log_samples=log_samples, force=force, progress=ctx.obj.progress).summary
     if as_json:
         typer.echo(json.dumps(results))
         return
@@ -83,7 +85,7 @@ def evaluate(
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in MAIN_METRICS.get(task, ()) or _shown_metrics(first):
+        for metric in stage.MAIN_METRICS.get(task, ()) or _shown_metrics(first):
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]
@@ -91,7 +93,7 @@ def evaluate(
                 cells.append(f"{m[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
             table.add_row(f"{task} {metric} (n={first.get('examples', first.get('tokens'))})", *cells)
     console.print(table)
-    from pipelines.report import skipped_notes
+    from pipelines.stages.report import skipped_notes
 
     for note in skipped_notes(results):
         console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)

@@ -54,7 +54,7 @@ def extract_concepts(
             "extract.hidden_from": from_hidden,
         },
     )
-    from pipelines import extract as stage
+    from pipelines.stages import extract as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress, shard=stage.Shard.parse(shard))
     report(result, as_json, lambda s: _describe(s, shard))

@@ -39,7 +39,7 @@ def prepare(
             "data.max_tokens": max_tokens,
         },
     )
-    from pipelines import prepare as stage
+    from pipelines.stages import prepare as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress)
     report(

@@ -56,7 +56,7 @@ def pretrain(
             "pretrain.device": device,
         },
     )
-    from pipelines import pretrain as stage
+    from pipelines.stages import pretrain as stage
 
     result = stage.run(
         cfg, online_teacher=online_teacher, resume=resume, force=force, progress=ctx.obj.progress

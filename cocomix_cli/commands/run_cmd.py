@@ -38,7 +38,7 @@ def run(
     summary.json, report.md and loss_curves.png.
     """
     cfg = resolve_config(ctx)
-    from pipelines import workflow
+    from pipelines.stages import workflow
 
     if dry_run:
         rows = workflow.plan(cfg, start, until)
@@ -75,7 +75,7 @@ def run(
 
 
 def _print_summary(summary: dict) -> None:
-    from pipelines.report import skipped_notes, student_table
+    from pipelines.stages.report import skipped_notes, student_table
 
     table = Table(title=f"cocomix run {summary['run_dir']}", title_justify="left")
     table.add_column("")

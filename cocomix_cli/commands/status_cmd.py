@@ -10,7 +10,6 @@ from rich.table import Table
 
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
-from pipelines.artifacts import stage_states
 
 STATUS_STYLES = {"complete": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
 
@@ -22,7 +21,9 @@ def status(
 ) -> None:
     """Show each stage of the run: status, progress and fingerprint."""
     cfg = resolve_config(ctx, {"run.dir": run_dir})
-    states = stage_states(cfg.run.dir)
+    from pipelines.stages import workflow
+
+    states = workflow.stage_states(cfg.run.dir)
     if as_json:
         typer.echo(json.dumps({"run_dir": cfg.run.dir, "stages": states}, indent=2))
         return

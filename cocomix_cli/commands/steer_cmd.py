@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,6 @@ from rich.table import Table
 
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
-from pipelines.artifacts import FINAL_MODEL, pretrain_stage
 from pipelines.errors import ConfigError
 
 
@@ -63,8 +61,7 @@ def steer(
     cfg = resolve_config(
         ctx, {"steer.model": model, "steer.max_new_tokens": max_new_tokens, "steer.seed": seed}
     )
-    from pipelines.steering import SteeringModel
-    from pipelines.steering import sweep as run_sweep
+    from pipelines.stages import steer as stage
 
     prompts = list(prompt or [])
     if prompts_file is not None:
@@ -73,18 +70,9 @@ def steer(
         prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("Give a prompt with --prompt TEXT (repeatable) or --prompts-file FILE.")
-    spec = cfg.steer.model or str(Path(cfg.run.dir) / pretrain_stage("cocomix") / FINAL_MODEL)
-    steering = SteeringModel.load(spec, device)
-    from pipelines.dictionary import labels as dictionary_labels
-
-    labels = dictionary_labels(Path(cfg.run.dir))  # empty until `cocomix concepts build`
 
     if inspect:
-        results = [{"prompt": p, "tokens": steering.inspect(p, cfg.steer.top_concepts)} for p in prompts]
-        for result in results:
-            for row in result["tokens"]:
-                for c in row["concepts"]:
-                    c["label"] = labels.get(c["id"], "")
+        results = stage.inspect(cfg, prompts, device)
         if as_json:
             typer.echo(json.dumps(results))
             return
@@ -95,9 +83,7 @@ def steer(
             table.add_column("top concepts (id: logit)")
             for row in result["tokens"]:
                 concepts = ", ".join(
-                    f"{c['id']}"
-                    + (f" ({labels[c['id']]})" if c["id"] in labels else "")
-                    + f": {c['logit']:.2f}"
+                    f"{c['id']}" + (f" ({c['label']})" if c["label"] else "") + f": {c['logit']:.2f}"
                     for c in row["concepts"]
                 )
                 table.add_row(str(row["position"]), repr(row["token"]), concepts)
@@ -110,30 +96,15 @@ def steer(
         raise ConfigError(
             "Steering needs --concept ID[,ID...] and one of --scale S, --sweep S1,S2,... or --set-value V."
         )
-    results = [run_sweep(steering, p, cfg.steer, concept_ids, scales, set_value) for p in prompts]
-    if teacher:
-        from pipelines.assets import resolve_assets
-        from pipelines.concept_sources import resolve_sae_path
-        from pipelines.sae import load_sae
-        from pipelines.steering import teacher_sweep
-        from pipelines.teacher import load_teacher
-
-        if not scales:
-            raise ConfigError("--teacher steering takes --scale or --sweep (not --set-value).")
-        with contextlib.ExitStack() as reading:  # this run's trained SAE, held while it loads
-            sae_cfg, _ = resolve_sae_path(resolve_assets(cfg), reading)
-            t = sae_cfg.teacher
-            hooked = load_teacher(t.model, t.layer, t.hook, device, t.dtype, t.tokenizer)
-            sae = load_sae(sae_cfg.sae.path).sae.to(device).eval()
-        for result, p in zip(results, prompts, strict=True):
-            result["runs"] += teacher_sweep(hooked, sae, p, cfg.steer, concept_ids, scales)["runs"]
-    for result in results:
-        result["labels"] = {str(c): labels.get(c, "") for c in concept_ids}
+    results = stage.steer(cfg, prompts, concept_ids, scales, set_value, device, with_teacher=teacher)
     if as_json:
         typer.echo(json.dumps(results))
         return
     for result in results:
-        named = ", ".join(f"{c}" + (f" ({labels[c]})" if c in labels else "") for c in result["concepts"])
+        labels = result["labels"]
+        named = ", ".join(
+            f"{c}" + (f" ({labels[str(c)]})" if labels.get(str(c)) else "") for c in result["concepts"]
+        )
         console.print(
             f"prompt {result['prompt']!r}, concepts {named}", highlight=False, markup=False, soft_wrap=True
         )

@@ -20,7 +20,7 @@ def train_sae(
 ) -> None:
     """Train a TopK sparse autoencoder on the teacher's activations (Gao et al. recipe); resumable."""
     cfg = resolve_config(ctx, {"sae.device": device})
-    from pipelines import train_sae as stage
+    from pipelines.stages import train_sae as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress)
     report(

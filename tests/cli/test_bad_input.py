@@ -181,7 +181,7 @@ def test_cocomix_run_names_the_process_writing_a_stage_and_says_to_wait(
     (tmp_path / "run" / "run.json").write_text("{}")
     (stage / "manifest.json").write_text(json.dumps({"stage": "prepare", "status": "running"}))
     hold = (  # another writer of the stage: a real process holding its lock until its stdin closes
-        "import sys; from pipelines.artifacts import StageLock; lock = StageLock(sys.argv[1], 'prepare'); "
+        "import sys; from pipelines.core.locks import StageLock; lock = StageLock(sys.argv[1], 'prepare'); "
         "lock.acquire(); print('held', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen(

