@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pipelines.concepts.teacher import load_teacher
 from pipelines.config.loading import load_config
-from pipelines.data.stores import open_token_store
+from pipelines.data.token_store import open_token_store
 from pipelines.sae.topk import TopKSAE, save_saelens
 from pipelines.stages import extract, prepare
 

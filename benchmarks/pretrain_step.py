@@ -10,7 +10,7 @@ d=768, the paper's teacher shape) hooked after block 5, with a random 32k-latent
 shape); targets are extracted once before the timed runs, except for `cocomix --online-teacher`, which
 computes them every step as the official code does. Targets: CoCoMix (cached) at most 1.1x its bare step,
 and well under the online step. MFU is printed on CUDA devices with a known peak (see
-`pipelines.stages.pretrain.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
+`pipelines.training.trainer.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipelines.model.flops import train_flops_per_token
 from pipelines.model.gpt import GPT
 from pipelines.sae.topk import TopKSAE, save_saelens
 from pipelines.stages import extract, prepare, pretrain
+from pipelines.training import trainer
 from pipelines.training.objectives import concept_loss, next_token_loss
 from pipelines.training.optim import build_optimizer
 
@@ -131,7 +132,7 @@ def time_stage(base: Path, settings: dict, objective: str, online: bool, args) -
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
     result = pretrain.run(cfg, online_teacher=online, progress=False, force=True)
-    lines = (result.dir / pretrain.METRICS).read_text().splitlines()
+    lines = (result.dir / trainer.METRICS).read_text().splitlines()
     speeds = [r["tokens_per_s"] for r in map(json.loads, lines) if r["kind"] == "train"][args.skip :]
     tokens = args.batch_blocks * args.block_size
     config = json.loads((result.dir / "model" / "config.json").read_text())["model"]
@@ -172,7 +173,7 @@ def mfu_of(flops_per_s: float, device: str) -> str | None:
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(torch.device(device))
-    peak = next((v for k, v in pretrain.PEAK_FLOPS.items() if k in name), None)
+    peak = next((v for k, v in trainer.PEAK_FLOPS.items() if k in name), None)
     return f"{flops_per_s / peak:.1%}" if peak else None
 
 

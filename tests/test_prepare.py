@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.data.stores import open_token_store
+from pipelines.data.token_store import open_token_store
 from pipelines.stages.prepare import is_validation_document
 from tests.conftest import (
     Cocomix,

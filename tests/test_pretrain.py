@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from matplotlib.image import imread
 from safetensors.torch import load_file
 
+from pipelines.concepts.targets import online_concept_targets
 from pipelines.concepts.teacher import load_teacher
 from pipelines.config.loading import load_config
+from pipelines.core.plot import HEIGHT_PX, WIDTH_PX
 from pipelines.data.batches import BatchOrder
 from pipelines.errors import ConfigError, StageError
 from pipelines.sae.topk import load_sae, save_saelens
 from pipelines.stages import extract, prepare, pretrain
-from pipelines.training.objectives import kd_loss, online_concept_targets
+from pipelines.training.objectives import kd_loss
 from tests import conftest
 from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
@@ -402,6 +405,8 @@ def test_each_objective_lowers_validation_loss(run, objective):
         assert train[-1][extra] < train[0][extra], (train[0], train[-1])
     assert result.summary["val_ppl"] == pytest.approx(np.exp(val[-1]["val_loss"]), rel=1e-4)
     assert (result.dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(result.dir / "loss_curve.png").shape[:2] == (HEIGHT_PX, WIDTH_PX)
+    assert "loss_curve_colours" not in result.summary  # the chart has a legend instead
     variant = json.loads((result.dir / "model" / "config.json").read_text())["model"]["variant"]
     assert variant == {"kd": "ntp"}.get(objective, objective)
 
@@ -431,7 +436,7 @@ def test_bad_inputs_are_one_line_errors(run, cocomix):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         return result.stderr
 
-    assert "`pretrain.preset` ('7b') is not a preset; choose from tiny, 69m, 386m, 1.38b" in error(
+    assert "`pretrain.preset` ('7b') must be `tiny`, `69m`, `386m` or `1.38b`" in error(
         **{"pretrain.preset": "7b"}
     )
     assert "does not divide across 1 rank(s) x `pretrain.grad_accum` (2)" in error(
@@ -554,7 +559,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
 
 def test_config_rejects_unknown_objective():
     with pytest.raises(
-        ConfigError, match="`pretrain.objective` \\('mlm'\\) must be one of ntp, cocomix, kd, pause"
+        ConfigError, match="`pretrain.objective` \\('mlm'\\) must be `ntp`, `cocomix`, `kd` or `pause`"
     ):
         load_config(None, ["pretrain.objective=mlm"])
 
@@ -564,3 +569,11 @@ def test_presets_in_config_match_the_model():
     from pipelines.model.gpt import PRESETS
 
     assert MODEL_PRESETS == tuple(PRESETS)
+
+
+def test_every_objective_the_config_allows_has_its_class():
+    from pipelines.config.schema import OBJECTIVES as ALLOWED
+    from pipelines.training.objectives import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == ALLOWED
+    assert all(cls.name == name for name, cls in OBJECTIVES.items())

@@ -1,4 +1,5 @@
-"""Where concept targets come from: the SAE to use, and the teacher (or a store of its hidden states).
+"""Where concept targets come from: the SAE to use, the teacher (or a store of its hidden states), and the
+targets computed from them in the training loop (`online_concept_targets`).
 
 `extract-concepts` computes targets from these once; `pretrain --online-teacher` computes them at every step
 and `cocomix steer --teacher` steers the teacher through the same SAE. Each resolves them here, so the rules
@@ -18,7 +19,7 @@ from pipelines.core import stage_inputs
 from pipelines.core.fingerprints import fingerprint
 from pipelines.core.layout import TRAIN_SAE_STAGE, TRAINED_SAE
 from pipelines.core.session import finished_upstream
-from pipelines.data.stores import TOKEN_SPLITS, TokenStore
+from pipelines.data.token_store import TOKEN_SPLITS, TokenStore
 from pipelines.errors import InputError
 
 
@@ -77,12 +78,12 @@ class StoredHidden:
     """
 
     def __init__(self, path: Path, token_store: TokenStore, prepare_fingerprint: str):
-        import zarr
+        from pipelines.data.concept_store import ConceptStore
 
         if not (path / "zarr.json").exists():
             raise InputError(f"`extract.hidden_from` {path} is not a concept store (no zarr.json).")
-        self.group = zarr.open_group(str(path), mode="r")
-        attrs = dict(self.group.attrs)
+        store = ConceptStore.open(path)
+        self.group, attrs = store.group, store.attrs
         if not attrs.get("complete") or "hidden" not in attrs.get("arrays", []):
             raise InputError(
                 f"`extract.hidden_from` {path} holds no complete hidden states; write one with "
@@ -106,10 +107,10 @@ class StoredHidden:
 
     @staticmethod
     def fingerprint(path: Path) -> str:
-        import zarr
+        from pipelines.data.concept_store import ConceptStore
 
         try:
-            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+            attrs = ConceptStore.open(path).attrs
         except Exception:
             raise InputError(f"`extract.hidden_from` {path} cannot be opened as a concept store.") from None
         return fingerprint(attrs)
@@ -128,3 +129,23 @@ class StoredHidden:
         hidden = torch.from_numpy(self.group[split]["hidden"][rows].astype(np.float32)).to(ids.device)
         grad = torch.from_numpy(self.group[split]["grad"][rows].astype(np.float32)).to(ids.device)
         return TeacherOutput(hidden=hidden, grad=grad, log_probs=None)
+
+
+def online_concept_targets(teacher, sae, tokens, top_k: int, attribution: str):
+    """CoCoMix targets computed now by the teacher and SAE, as `extract-concepts` caches them.
+
+    Returns ids (B, T, K) and valid (B, T): the last position of a block has no next token.
+    """
+    import torch
+
+    from pipelines.sae.attribution import concept_targets
+
+    out = teacher.hidden_and_grad(tokens)
+    B, T, D = out.hidden.shape
+    with torch.no_grad():
+        targets = concept_targets(
+            sae, out.hidden.float().reshape(B * T, D), out.grad.float().reshape(B * T, D), top_k, attribution
+        )
+    valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+    valid[:, -1] = False
+    return targets.ids.reshape(B, T, -1), valid

@@ -8,6 +8,7 @@ the backward stops there and computes no weight gradient. `hidden_states` stops 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.config.schema import TeacherHook
 from pipelines.data.tokenizer import Tokenizer, load_tokenizer
 from pipelines.errors import InputError, first_line
 
-HOOKS = ("resid_post", "resid_pre")
+HOOKS = typing.get_args(TeacherHook)
 
 
 class _StopForward(Exception):

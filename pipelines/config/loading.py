@@ -1,5 +1,8 @@
 """Reading a config: defaults < the TOML file < `--set section.key=value` < a command's own flags, each value
 checked against its field's type and range, every problem reported at once under the place it came from.
+
+A field typed `Literal[...]` (or `list[Literal[...]]`) in `pipelines.config.schema` is checked against its
+choices here, generically; the `_validate*` functions check only ranges and relations between fields.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from pipelines.config.schema import (
     DEFAULT_CONFIG_FILE,
-    MODEL_PRESETS,
-    OBJECTIVES,
     PATH,
     SECTIONS,
     Config,
     CustomTaskConfig,
+    field_choices,
+    spell_choices,
 )
 from pipelines.errors import ConfigError
 
@@ -185,7 +188,7 @@ def _split_override(item: str) -> tuple[str, str]:
 
 
 def _parse_override(raw: str, ftype: Any) -> Any:
-    if ftype is str:
+    if _base_type(ftype) is str:
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
             return raw[1:-1]
         return raw
@@ -200,16 +203,25 @@ def _parse_override(raw: str, ftype: Any) -> Any:
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
+def _base_type(ftype: Any) -> Any:
+    """The plain type a value must have: a `Literal`'s is its choices' (`str` for all of today's)."""
+    if typing.get_origin(ftype) is typing.Literal:
+        (base,) = {type(choice) for choice in typing.get_args(ftype)}
+        return base
+    return ftype
+
+
 def _check_type(value: Any, ftype: Any, where: str, key: str) -> Any:
+    """`value` if it has the field's type (an int widened to a float); `_validate` checks its choices."""
     if typing.get_origin(ftype) is dict:
         raise ConfigError(f"{where}: `{key}` is a table; declare it in the config file (`[{key}.NAME]`).")
     if typing.get_origin(ftype) is list:
         (item_type,) = typing.get_args(ftype)
         if not isinstance(value, list):
-            raise ConfigError(
-                f"{where}: `{key}` must be a list of {_TYPE_NAMES[item_type][2:]}s, got {value!r}."
-            )
+            kind = _TYPE_NAMES[_base_type(item_type)][2:]
+            raise ConfigError(f"{where}: `{key}` must be a list of {kind}s, got {value!r}.")
         return [_check_type(item, item_type, where, key) for item in value]
+    ftype = _base_type(ftype)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -240,18 +252,12 @@ def _validate(cfg: Config, sources: Mapping[str, str], file_label: str) -> None:
         problems.append(f"`data.batch_documents` ({d.batch_documents}) must be >= 1")
     if d.commit_interval_s < 0:
         problems.append(f"`data.commit_interval_s` ({d.commit_interval_s}) must be >= 0")
-    if d.txt_sample_by not in ("line", "paragraph", "document"):
-        problems.append(
-            f"`data.txt_sample_by` ({d.txt_sample_by!r}) must be `line`, `paragraph` or `document`"
-        )
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
-    bad = [o for o in cfg.run.objectives if o not in OBJECTIVES]
-    if bad or not cfg.run.objectives or len(set(cfg.run.objectives)) < len(cfg.run.objectives):
-        problems.append(
-            f"`run.objectives` ({cfg.run.objectives}) must list distinct objectives from "
-            f"{', '.join(OBJECTIVES)}"
-        )
+    objectives = cfg.run.objectives
+    if not objectives or len(set(objectives)) < len(objectives):
+        problems.append(f"`run.objectives` ({objectives}) must list distinct objectives, at least one")
+    problems += _values_outside_choices(cfg)
     problems += _non_finite_numbers(cfg)
     problems += _validate_extract(cfg)
     problems += _validate_sae(cfg)
@@ -279,6 +285,22 @@ def _source_of(problem: str, sources: Mapping[str, str], file_label: str) -> str
 
 def _precedence(where: str) -> int:
     return 2 if where.startswith("flag for ") else 1 if where.startswith("--set ") else 0
+
+
+def _values_outside_choices(cfg: Config) -> list[str]:
+    """Each value of a `Literal` field, or item of a `list[Literal]` field, that is not one of its choices."""
+    problems = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            choices = field_choices(hints[item.name])
+            if not choices:
+                continue
+            value = getattr(getattr(cfg, section), item.name)
+            for one in dict.fromkeys(value) if isinstance(value, list) else (value,):
+                if one not in choices:
+                    problems.append(f"`{section}.{item.name}` ({one!r}) must be {spell_choices(choices)}")
+    return problems
 
 
 def _non_finite_numbers(cfg: Config) -> list[str]:
@@ -323,12 +345,6 @@ def _validate_sae(cfg: Config) -> list[str]:
 def _validate_pretrain(cfg: Config) -> list[str]:
     p = cfg.pretrain
     problems = []
-    if p.objective not in OBJECTIVES:
-        problems.append(f"`pretrain.objective` ({p.objective!r}) must be one of {', '.join(OBJECTIVES)}")
-    if p.preset not in MODEL_PRESETS:
-        problems.append(
-            f"`pretrain.preset` ({p.preset!r}) is not a preset; choose from {', '.join(MODEL_PRESETS)}"
-        )
     for name in (
         "batch_blocks",
         "grad_accum",
@@ -361,30 +377,14 @@ def _validate_pretrain(cfg: Config) -> list[str]:
     for name in ("weight_decay", "grad_clip", "lam_concept", "kd_coef"):
         if getattr(p, name) < 0:
             problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
-    if p.dtype not in ("auto", "float32", "bfloat16"):
-        problems.append(f"`pretrain.dtype` ({p.dtype!r}) must be `auto`, `float32` or `bfloat16`")
-    if cfg.eval.backend not in ("cocomix", "lm-eval"):
-        problems.append(f"`eval.backend` ({cfg.eval.backend!r}) must be `cocomix` or `lm-eval`")
-    if cfg.eval.missing_data not in ("hub", "skip", "hub_or_skip"):
-        problems.append(
-            f"`eval.missing_data` ({cfg.eval.missing_data!r}) must be `hub`, `skip` or `hub_or_skip`"
-        )
     if cfg.eval.limit < 0:
         problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
-    if p.mixing not in ("interleave", "add"):
-        problems.append(f"`pretrain.mixing` ({p.mixing!r}) must be `interleave` or `add`")
     return problems
 
 
 def _validate_extract(cfg: Config) -> list[str]:
-    t, e = cfg.teacher, cfg.extract
+    e = cfg.extract
     problems = []
-    if t.hook not in ("resid_post", "resid_pre"):
-        problems.append(f"`teacher.hook` ({t.hook!r}) must be `resid_post` or `resid_pre`")
-    if t.dtype not in ("float32", "bfloat16", "float16"):
-        problems.append(f"`teacher.dtype` ({t.dtype!r}) must be `float32`, `bfloat16` or `float16`")
-    if e.attribution not in ("official", "paper"):
-        problems.append(f"`extract.attribution` ({e.attribution!r}) must be `official` or `paper`")
     for name in ("concepts_per_token", "blocks_per_chunk", "tokens_per_batch"):
         if getattr(e, name) < 1:
             problems.append(f"`extract.{name}` ({getattr(e, name)}) must be >= 1")

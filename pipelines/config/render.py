@@ -5,9 +5,10 @@ both from the field docs in `pipelines.config.schema`.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
-from pipelines.config.schema import SECTIONS, Config, CustomTaskConfig
+from pipelines.config.schema import SECTIONS, Config, CustomTaskConfig, field_choices, spell_choices
 
 
 def to_toml(cfg: Config, with_docs: bool = True) -> str:
@@ -27,7 +28,7 @@ def to_toml(cfg: Config, with_docs: bool = True) -> str:
                 tables += [(f"{section_name}.{f.name}.{name}", sub) for name, sub in value.items()]
                 continue
             if with_docs and f.metadata.get("doc"):
-                lines.append(f"# {f.metadata['doc']}")
+                lines.append(f"# {field_doc(type(section), f)}")
             lines.append(f"{f.name} = {_toml_value(value)}")
         for name, sub in tables:
             lines += ["", f"[{name}]"]
@@ -52,12 +53,21 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             default = getattr(defaults, f.name)
             shown = "" if default in ("", [], {}) else f"`{_toml_value(default)}`"
-            doc = f.metadata["doc"].replace("|", "\\|")  # a pipe would end the table cell
+            doc = field_doc(cls, f).replace("|", "\\|")  # a pipe would end the table cell
             if not f.metadata.get("affects_output", True):
                 doc += " *(run-time only)*"
             lines.append(f"| `{f.name}` | {shown} | {doc} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def field_doc(cls: type, f: dataclasses.Field) -> str:
+    """A field's doc, ending with its choices when it is a `Literal` whose doc does not name them all."""
+    doc = f.metadata["doc"]
+    choices = field_choices(typing.get_type_hints(cls)[f.name])
+    if choices and not all(f"`{choice}`" in doc for choice in choices):
+        doc += f" Choices: {spell_choices(choices)}."
+    return doc
 
 
 def _toml_value(value: Any) -> str:

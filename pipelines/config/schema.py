@@ -10,9 +10,40 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 DEFAULT_CONFIG_FILE = "cocomix.toml"
+
+
+# The fields with a fixed set of values, each set written once. Module-level names, so that
+# `typing.get_type_hints` resolves the (postponed) annotations that use them.
+TxtSampleBy = Literal["line", "paragraph", "document"]
+Objective = Literal["ntp", "cocomix", "kd", "pause"]
+# The names of `pipelines.model.gpt.PRESETS` (a test keeps them equal): reading a config needs no torch.
+ModelPreset = Literal["tiny", "69m", "386m", "1.38b"]
+PretrainDtype = Literal["auto", "float32", "bfloat16"]
+Mixing = Literal["interleave", "add"]
+TeacherHook = Literal["resid_post", "resid_pre"]
+TeacherDtype = Literal["float32", "bfloat16", "float16"]
+Attribution = Literal["official", "paper"]
+EvalBackend = Literal["cocomix", "lm-eval"]
+MissingData = Literal["hub", "skip", "hub_or_skip"]
+
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
+
+
+def field_choices(ftype: Any) -> tuple[Any, ...]:
+    """The allowed values of a field typed `Literal[...]` or `list[Literal[...]]`; () for any other type."""
+    if typing.get_origin(ftype) is list:
+        (ftype,) = typing.get_args(ftype)
+    return typing.get_args(ftype) if typing.get_origin(ftype) is Literal else ()
+
+
+def spell_choices(choices: tuple[Any, ...]) -> str:
+    """`a`, `b` or `c`: how messages and docs name a field's choices."""
+    quoted = [f"`{c}`" for c in choices]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
 
 
 # How a relative path written in a config file is read: next to the file. A `PATH` setting is always a
@@ -38,7 +69,7 @@ class RunConfig:
 
     dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.", relative=PATH)
     seed: int = _field(0, "Seed for every random choice a stage makes.")
-    objectives: list[str] = _field(
+    objectives: list[Objective] = _field(
         ["ntp", "cocomix"],
         "`cocomix run`: the students to pretrain, one `pretrain-<objective>/` each, evaluated side by side.",
         affects_output=False,
@@ -58,7 +89,7 @@ class DataConfig:
     hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
     split: str = _field("train", "HuggingFace dataset split to read.")
     text_field: str = _field("text", "Field holding the text in jsonl, json, parquet and hub records.")
-    txt_sample_by: str = _field(
+    txt_sample_by: TxtSampleBy = _field(
         "paragraph",
         "What one document is in a txt file: `line`, `paragraph` (blank-line separated) or `document`.",
     )
@@ -99,8 +130,10 @@ class TeacherConfig:
         "", "Teacher tokenizer, when it is not stored with `teacher.model`.", local_path=True
     )
     layer: int = _field(5, "Block whose residual stream the SAE reads (0-based).")
-    hook: str = _field("resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`.")
-    dtype: str = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
+    hook: TeacherHook = _field(
+        "resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`."
+    )
+    dtype: TeacherDtype = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
 
 
 @dataclass(frozen=True)
@@ -141,7 +174,7 @@ class ExtractConfig:
     """`extract-concepts`: concept targets per token."""
 
     concepts_per_token: int = _field(4, "K: target concepts kept per token (the paper's top-K = 4).")
-    attribution: str = _field(
+    attribution: Attribution = _field(
         "official", "`official` (activation x gradient over the k active latents) or `paper` (Eq. 1, dense)."
     )
     blocks_per_chunk: int = _field(64, "Token blocks per chunk: the unit of storage, resume and sharding.")
@@ -169,12 +202,14 @@ class ExtractConfig:
 class PretrainConfig:
     """`pretrain`: the student, its objective and the optimiser (defaults: the paper's official settings)."""
 
-    objective: str = _field(
+    objective: Objective = _field(
         "cocomix",
         "`ntp`, `cocomix` (NTP + lam_concept x concept loss), `kd` (NTP + kd_coef x KL to the cached "
         "teacher top-N) or `pause` (NTP with pause slots). Each objective trains in `pretrain-<objective>/`.",
     )
-    preset: str = _field("69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant).")
+    preset: ModelPreset = _field(
+        "69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant)."
+    )
     n_layer: int = _field(0, "Blocks; 0 keeps the preset's.")
     n_head: int = _field(0, "Attention heads; 0 keeps the preset's.")
     n_embd: int = _field(0, "Model width; 0 keeps the preset's (which differs between NTP and CoCoMix).")
@@ -183,7 +218,7 @@ class PretrainConfig:
         0, "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets."
     )
     concept_k: int = _field(32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.")
-    mixing: str = _field("interleave", "CoCoMix: `interleave` (the paper) or `add` (ablation).")
+    mixing: Mixing = _field("interleave", "CoCoMix: `interleave` (the paper) or `add` (ablation).")
     lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.")
     kd_coef: float = _field(0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.")
     batch_blocks: int = _field(8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.")
@@ -202,7 +237,9 @@ class PretrainConfig:
         True, "Apply weight decay to LayerNorms, biases and embeddings too (the official code does)."
     )
     grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
-    dtype: str = _field("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    dtype: PretrainDtype = _field(
+        "auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."
+    )
     compile: bool = _field(False, "Compile the model with torch.compile.", affects_output=False)
     fsdp: bool = _field(False, "Shard parameters with FSDP under torchrun instead of DDP.")
     eval_every: int = _field(
@@ -263,7 +300,7 @@ class EvalConfig:
         "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks).",
         relative=PATH,
     )
-    backend: str = _field(
+    backend: EvalBackend = _field(
         "cocomix",
         "`cocomix` (built-in tasks, cached) or `lm-eval` (any lm-eval task through its LM interface; needs "
         "the `lmeval` extra).",
@@ -279,7 +316,7 @@ class EvalConfig:
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
-    missing_data: str = _field(
+    missing_data: MissingData = _field(
         "hub",
         "A benchmark with no local file: `hub` (read it from the HuggingFace hub; an error if it cannot be "
         "loaded), `skip` (leave it out, with a note; never asks the hub) or `hub_or_skip` (the hub where it "
@@ -323,10 +360,3 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-
-
-OBJECTIVES = ("ntp", "cocomix", "kd", "pause")
-
-
-# The names of `pipelines.model.gpt.PRESETS` (a test keeps them equal): reading a config needs no torch.
-MODEL_PRESETS = ("tiny", "69m", "386m", "1.38b")

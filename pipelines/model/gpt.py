@@ -16,14 +16,17 @@ Shapes in comments: B batch, T tokens, S slots (T or 2T), C concepts, D model wi
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.config.schema import Mixing
+
 VARIANTS = ("ntp", "cocomix", "pause")
-MIXINGS = ("interleave", "add")
+MIXINGS = typing.get_args(Mixing)
 
 
 @dataclass(frozen=True)

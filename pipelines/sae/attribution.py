@@ -9,13 +9,15 @@ latents (score 0) when fewer than K active ones score >= 0; here targets always 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 
+from pipelines.config.schema import Attribution
 from pipelines.sae.topk import TopKSAE
 
-ATTRIBUTIONS = ("official", "paper")
+ATTRIBUTIONS = typing.get_args(Attribution)
 # Gathered decoder rows per slice: (tokens x k x d_in) floats, bounded to keep memory flat.
 _GATHER_BUDGET = 1 << 24
 

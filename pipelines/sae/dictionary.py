@@ -40,9 +40,8 @@ def build(
     `concepts` is the concept store when the caller already holds it (and so has verified it); else it
     is opened here.
     """
-    import zarr
-
-    from pipelines.data.stores import open_prepared_tokens
+    from pipelines.data.concept_store import ConceptStore
+    from pipelines.data.token_store import open_prepared_tokens
 
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as reading:
@@ -55,8 +54,8 @@ def build(
                 "--store-sae-topk`.",
             )
         )
-        store = zarr.open_group(str(finished.path), mode="r")
-        if "sae_ids" not in store.attrs.get("arrays", []):
+        store = ConceptStore.open(finished.path)
+        if "sae_ids" not in store.arrays:
             raise StageError(
                 f"{finished.path} has no SAE activations; run `cocomix extract-concepts --store-sae-topk "
                 "--force`."
@@ -68,7 +67,7 @@ def build(
 def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> dict[str, Any]:
     from pipelines.data.tokenizer import load_tokenizer
 
-    n_latents = int(store.attrs["sae"]["d_sae"])
+    n_latents = store.n_concepts
     active = np.zeros(n_latents, np.int64)
     targeted = np.zeros(n_latents, np.int64)
     token_sums: dict[int, float] = {}  # latent * vocab + token -> summed activation
@@ -76,7 +75,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
     best_act = np.full((n_latents, top_contexts), -np.inf, np.float32)
     best_loc = np.zeros((n_latents, top_contexts, 3), np.int64)  # split index, row, position
     for split_index, split in enumerate(splits):
-        group = store[split]
+        group = store.split(split)
         rows = group["sae_ids"].shape[0]
         step = 64  # blocks per read
         for start in range(0, rows, step):

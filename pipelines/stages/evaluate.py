@@ -29,7 +29,7 @@ from pipelines.core.files import atomic_write_json, read_json
 from pipelines.core.fingerprints import fingerprint, input_files
 from pipelines.core.layout import EVAL_RESULTS, EVAL_STAGE, MANIFEST, eval_results_path
 from pipelines.core.session import StageResult, StageSession
-from pipelines.data.stores import open_prepared_tokens
+from pipelines.data.token_store import open_prepared_tokens
 from pipelines.errors import ConfigError, InputError
 from pipelines.eval.data import (
     data_files,

@@ -13,9 +13,7 @@ Run it with `cocomix extract-concepts` (see its `--help`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +23,19 @@ import numpy as np
 
 from pipelines.concepts.targets import StoredHidden, load_teacher_and_sae, resolve_sae_path
 from pipelines.config.schema import Config
-from pipelines.core import stage_inputs
+from pipelines.core import distributed, stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
-from pipelines.core.files import atomic_write_json, read_json
 from pipelines.core.fingerprints import fingerprint_path, input_files
 from pipelines.core.layout import CHUNKS_DIR, CONCEPTS_STORE, EXTRACT_STAGE
 from pipelines.core.session import StageResult, StageSession, known_files
-from pipelines.data.stores import TOKEN_SPLITS, TokenStore, open_prepared_tokens
+from pipelines.data.concept_store import Chunk, ConceptStoreWriter, concept_layout
+from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 STAGE = EXTRACT_STAGE
-CONCEPT_STORE_FORMAT = "cocomix-concepts/1"
 
 
 @dataclass(frozen=True)
@@ -55,18 +52,6 @@ class Shard:
         if not 0 <= index < count:
             raise ConfigError(f"`--shard {text}`: I must be in [0, N) (shards are numbered from 0).")
         return cls(index, count)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    split: str
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:06d}"
 
 
 def run(
@@ -89,8 +74,9 @@ def _extract(
             "`extract.store_teacher_topk` needs the teacher's logits; it cannot be combined with "
             "`extract.hidden_from`."
         )
-    device = resolve_device(cfg.extract.device)
-    workers = _Workers.start(shard, device)
+    ranks = distributed.start(resolve_device(cfg.extract.device))
+    device = distributed.rank_device(resolve_device(cfg.extract.device), ranks)
+    workers = _Workers(shard, ranks)
     if force and shard.count > 1:
         raise ConfigError(
             "`--force` cannot be combined with `--shard`: clear the stage with one unsharded run."
@@ -123,7 +109,7 @@ def _extract(
         if session.up_to_date:
             return StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
         teacher, sae = load_teacher_and_sae(cfg, token_store, prepare_fingerprint, device)
-        writer = _ConceptWriter(session, token_store, cfg, sae, teacher)
+        writer = _open_writer(session, token_store, cfg, sae, teacher)
         mine = workers.mine(writer.plan)
         todo = [chunk for chunk in mine if not writer.verified_done(chunk)]
         started = time.monotonic()
@@ -137,7 +123,7 @@ def _extract(
         if workers.rank == 0:
             with session.manifest_lock():
                 if writer.all_done() and session.reload().get("status") != "complete":
-                    writer.finalize(teacher, sae, prepare_fingerprint)
+                    writer.finalize(_provenance(session, teacher, sae, prepare_fingerprint))
                     session.complete(summary, outputs=[CONCEPTS_STORE])
         return StageResult(STAGE, session.dir, False, summary, session.fingerprint)
 
@@ -217,6 +203,41 @@ def _batch_arrays(out, targets, cfg: Config, B: int, T: int) -> dict:
     return arrays
 
 
+def _open_writer(session: StageSession, token_store: TokenStore, cfg: Config, sae, teacher):
+    vocab = token_store.attrs["tokenizer"]["vocab_size"]
+    layout = concept_layout(cfg.extract, sae.d_sae, sae.k, teacher.d_model, vocab)
+    with session.manifest_lock():  # the first worker creates the store, the others open it
+        writer = ConceptStoreWriter(
+            session.dir / CONCEPTS_STORE,
+            session.dir / CHUNKS_DIR,
+            token_store,
+            layout,
+            cfg.extract.blocks_per_chunk,
+        )
+        session.reload().setdefault("progress", {})["chunks_total"] = len(writer.plan)
+        session.update_progress(**session.manifest["progress"])
+    return writer
+
+
+def _provenance(session: StageSession, teacher, sae, prepare_fingerprint: str) -> dict[str, Any]:
+    """What the finished store records of where its targets came from."""
+    inputs = session.inputs
+    return {
+        "teacher": {
+            "spec": teacher.spec,
+            "layer": teacher.layer,
+            "hook": teacher.hook,
+            "vocab_size": getattr(teacher, "vocab_size", None),  # None for stored hidden states
+        },
+        "hidden_from": str(getattr(teacher, "path", "")),
+        "sae": {"spec": inputs["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
+        "files": {f["path"]: f["sha256"] for f in session.files},
+        "concepts_per_token": inputs["extract.concepts_per_token"],
+        "attribution": inputs["extract.attribution"],
+        "token_store_fingerprint": prepare_fingerprint,
+    }
+
+
 class _Clock:
     """Wall time between calls, synchronising CUDA so that time lands on the phase that spent it."""
 
@@ -237,159 +258,6 @@ class _Clock:
         return elapsed
 
 
-class _ConceptWriter:
-    """The concept store of one stage folder: its layout, chunk plan, writes, markers and completion."""
-
-    def __init__(self, session: StageSession, token_store: TokenStore, cfg: Config, sae, teacher):
-        self.session = session
-        self.token_store = token_store
-        self.path = session.dir / CONCEPTS_STORE
-        self.chunks_dir = session.dir / CHUNKS_DIR
-        self.block_size = token_store.block_size
-        self.blocks_per_chunk = cfg.extract.blocks_per_chunk
-        e = cfg.extract
-        id_dtype = np.uint16 if sae.d_sae <= 1 << 16 else np.uint32
-        vocab = token_store.attrs["tokenizer"]["vocab_size"]
-        self.layout: dict[str, tuple[tuple[int, ...], Any]] = {
-            "concept_ids": ((e.concepts_per_token,), id_dtype),
-            "concept_scores": ((e.concepts_per_token,), np.float16),
-            "valid": ((), np.bool_),
-        }
-        if e.store_hidden:
-            self.layout["hidden"] = ((teacher.d_model,), np.float16)
-            self.layout["grad"] = ((teacher.d_model,), np.float16)
-        if e.store_sae_topk:
-            self.layout["sae_ids"] = ((sae.k,), id_dtype)
-            self.layout["sae_acts"] = ((sae.k,), np.float16)
-        if e.store_teacher_topk:
-            self.layout["teacher_ids"] = (
-                (e.store_teacher_topk,),
-                np.uint16 if vocab <= 1 << 16 else np.uint32,
-            )
-            self.layout["teacher_logprobs"] = ((e.store_teacher_topk,), np.float16)
-        self.plan = [
-            Chunk(split, i, start, min(start + self.blocks_per_chunk, self._rows(split)))
-            for split in TOKEN_SPLITS
-            for i, start in enumerate(range(0, self._rows(split), self.blocks_per_chunk))
-        ]
-        with session.manifest_lock():
-            self.group = self._open_or_create()
-            session.reload().setdefault("progress", {})["chunks_total"] = len(self.plan)
-            session.update_progress(**session.manifest["progress"])
-
-    def _rows(self, split: str) -> int:
-        return self.token_store.split(split).shape[0]
-
-    def _open_or_create(self):
-        import shutil
-
-        import zarr
-
-        from pipelines.core.failpoints import kill_point
-
-        self.chunks_dir.mkdir(exist_ok=True)
-        if (self.path / "zarr.json").exists():
-            group = zarr.open_group(str(self.path), mode="r+")
-            if all(name in group.get(split, {}) for split in TOKEN_SPLITS for name in self.layout):
-                return group
-            # Left half-made by a version that created it in place: nothing was computed into it yet.
-            log.warning("%s lacks some of its arrays; creating it again", self.path)
-        # The empty skeleton is built beside the store and renamed into place, so that a kill while its
-        # groups and arrays are being created leaves no half-made store for the next run to trip over.
-        skeleton = self.path.with_name(self.path.name + ".creating")
-        for leftover in (skeleton, self.path):
-            shutil.rmtree(leftover, ignore_errors=True)
-        group = zarr.open_group(str(skeleton), mode="w")
-        kill_point(f"create:{CONCEPTS_STORE}")
-        for split in TOKEN_SPLITS:
-            sub = group.create_group(split)
-            kill_point(f"create:{CONCEPTS_STORE}:{split}")
-            for name, (tail, dtype) in self.layout.items():
-                shape = (self._rows(split), self.block_size, *tail)
-                sub.create_array(
-                    name, shape=shape, chunks=(self.blocks_per_chunk, *shape[1:]), dtype=dtype, fill_value=0
-                )
-                kill_point(f"create:{CONCEPTS_STORE}:{split}/{name}")
-        group.attrs.update({"format": CONCEPT_STORE_FORMAT, "complete": False})
-        os.replace(skeleton, self.path)
-        return zarr.open_group(str(self.path), mode="r+")
-
-    def tokens(self, chunk: Chunk) -> np.ndarray:
-        return self.token_store.split(chunk.split)[chunk.start : chunk.stop]
-
-    def write_chunk(self, chunk: Chunk, arrays: dict[str, np.ndarray]) -> None:
-        stored = {}
-        for name, (_, dtype) in self.layout.items():
-            stored[name] = arrays[name].astype(dtype)
-            self.group[chunk.split][name][chunk.start : chunk.stop] = stored[name]
-        # The marker goes last: a chunk without one is redone, whatever of it reached the disk.
-        atomic_write_json(self.chunks_dir / f"{chunk.name}.json", {"digest": _digest(stored)})
-
-    def verified_done(self, chunk: Chunk) -> bool:
-        marker = read_json(self.chunks_dir / f"{chunk.name}.json")
-        if marker is None:
-            return False
-        try:
-            stored = {name: self.group[chunk.split][name][chunk.start : chunk.stop] for name in self.layout}
-            intact = _digest(stored) == marker["digest"]
-        except Exception as exc:  # a torn or corrupt Zarr chunk fails to decode
-            log.warning("chunk %s of %s cannot be read (%s)", chunk.name, self.path, exc)
-            intact = False
-        if not intact:
-            log.warning("chunk %s of %s is corrupted; recomputing it", chunk.name, self.path)
-            (self.chunks_dir / f"{chunk.name}.json").unlink()
-        return intact
-
-    def all_done(self) -> bool:
-        return all((self.chunks_dir / f"{chunk.name}.json").exists() for chunk in self.plan)
-
-    def finalize(self, teacher, sae, prepare_fingerprint: str) -> None:
-        cfg = self.session.inputs
-        self.group.attrs.update(
-            {
-                "complete": True,
-                "block_size": self.block_size,
-                "teacher": {
-                    "spec": teacher.spec,
-                    "layer": teacher.layer,
-                    "hook": teacher.hook,
-                    "vocab_size": getattr(teacher, "vocab_size", None),  # None for stored hidden states
-                },
-                "hidden_from": str(getattr(teacher, "path", "")),
-                "sae": {"spec": cfg["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
-                "files": {f["path"]: f["sha256"] for f in self.session.files},
-                "concepts_per_token": cfg["extract.concepts_per_token"],
-                "attribution": cfg["extract.attribution"],
-                "token_store_fingerprint": prepare_fingerprint,
-                "arrays": sorted(self.layout),
-            }
-        )
-
-    def summary(self, computed: list[Chunk], elapsed: float) -> dict[str, Any]:
-        done = sum((self.chunks_dir / f"{chunk.name}.json").exists() for chunk in self.plan)
-        tokens = sum(self._rows(split) for split in TOKEN_SPLITS) * self.block_size
-        computed_tokens = sum(chunk.stop - chunk.start for chunk in computed) * self.block_size
-        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        return {
-            "store": str(self.path),
-            "chunks_total": len(self.plan),
-            "chunks_done": done,
-            "chunks_computed_here": len(computed),
-            "tokens": tokens,
-            "bytes": size,
-            "bytes_per_token": round(size / tokens, 3) if tokens else None,
-            "tokens_per_s": round(computed_tokens / elapsed, 1) if elapsed > 0 and computed else None,
-        }
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()
-
-
 # --- workers ----------------------------------------------------------------------------------------------
 
 
@@ -398,32 +266,22 @@ class _Workers:
     """This process's place among `--shard` jobs and torchrun ranks; chunks are dealt round-robin."""
 
     shard: Shard
-    rank: int
-    world: int
+    ranks: distributed.Ranks
 
-    @classmethod
-    def start(cls, shard: Shard, device) -> _Workers:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            return cls(shard, dist.get_rank(), world)
-        return cls(shard, 0, 1)
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
 
     @property
     def name(self) -> str | None:
-        if self.shard.count == 1 and self.world == 1:
+        if self.shard.count == 1 and self.ranks.world == 1:
             return None
-        return f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}of{self.world}"
+        return f"shard{self.shard.index}of{self.shard.count}-rank{self.rank}of{self.ranks.world}"
 
     def mine(self, plan: list[Chunk]) -> list[Chunk]:
-        worker, workers = self.shard.index * self.world + self.rank, self.shard.count * self.world
+        worker = self.shard.index * self.ranks.world + self.rank
+        workers = self.shard.count * self.ranks.world
         return [chunk for i, chunk in enumerate(plan) if i % workers == worker]
 
     def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.ranks.barrier()

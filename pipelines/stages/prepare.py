@@ -29,7 +29,7 @@ from pipelines.core.fingerprints import input_files
 from pipelines.core.layout import TOKENS_STORE
 from pipelines.core.session import StageResult, StageSession, known_files
 from pipelines.data.corpus import Corpus, resolve_corpus
-from pipelines.data.stores import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
+from pipelines.data.token_store import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
 from pipelines.data.tokenizer import document_separator, load_tokenizer, tokenizer_files, vocab_hash
 from pipelines.errors import InputError, first_line
 

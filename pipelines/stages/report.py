@@ -16,7 +16,7 @@ from pipelines.config.render import to_toml
 from pipelines.config.schema import Config
 from pipelines.core.files import atomic_write_bytes, read_json
 from pipelines.core.layout import MANIFEST, eval_results_path, pretrain_stage
-from pipelines.core.plot import COLOUR_NAMES, line_chart
+from pipelines.core.plot import line_chart
 from pipelines.core.session import stage_states
 from pipelines.eval.tasks import MAIN_METRICS
 
@@ -29,8 +29,13 @@ def write(cfg: Config) -> dict[str, Any]:
     """Write the three files into the run folder and return the summary; unchanged text is not rewritten."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
-    curves = [_val_curve(run_dir / pretrain_stage(o)) for o in cfg.run.objectives]
-    line_chart(run_dir / LOSS_CURVES, curves)
+    line_chart(
+        run_dir / LOSS_CURVES,
+        loss_series(run_dir, cfg.run.objectives),
+        x_label="optimizer step",
+        y_label="loss (nats/token)",
+        title="Next-token loss by step: train and validation, per student",
+    )
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
     return summary
@@ -70,9 +75,6 @@ def collect(cfg: Config) -> dict[str, Any]:
         "stages": stages,
         "steering": [_demo_row(p) for p in demo["prompts"]] if demo else [],
         "loss_curves": str(run_dir / LOSS_CURVES),
-        "loss_curve_colours": {
-            o: COLOUR_NAMES[i % len(COLOUR_NAMES)] for i, o in enumerate(cfg.run.objectives)
-        },
     }
 
 
@@ -102,14 +104,7 @@ def markdown(cfg: Config, summary: dict[str, Any]) -> str:
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in student_table(summary)]
     if summary["skipped_tasks"]:
         lines += [""] + [f"Skipped {line}." for line in skipped_notes(summary)]
-    colours = ", ".join(f"{colour}: {o}" for o, colour in summary["loss_curve_colours"].items())
-    lines += [
-        "",
-        f"![validation loss by step]({LOSS_CURVES})",
-        "",
-        f"Validation loss by step ({colours}).",
-        "",
-    ]
+    lines += ["", f"![next-token loss by step, train and validation, per student]({LOSS_CURVES})", ""]
     lines += ["## Stages", "", "| stage | status | wall s |", "|---|---|---|"]
     lines += [f"| {name} | {s['status']} | {_fmt(s['wall_s'], 1)} |" for name, s in summary["stages"].items()]
     for demo in summary["steering"]:
@@ -161,12 +156,17 @@ def _demo_row(prompt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _val_curve(stage_dir: Path) -> list[tuple[float, float]]:
-    path = stage_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
+def loss_series(run_dir: Path, objectives: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """The chart's lines, by legend label: "<objective> train" (the NTP part of the train loss, comparable
+    across objectives) and "<objective> val" for each student; a student not trained yet has empty ones."""
+    series = {}
+    for objective in objectives:
+        path = run_dir / pretrain_stage(objective) / "metrics.jsonl"
+        text = path.read_text() if path.exists() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        series[f"{objective} train"] = [(r["step"], r["ntp_loss"]) for r in rows if r.get("kind") == "train"]
+        series[f"{objective} val"] = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
+    return series
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

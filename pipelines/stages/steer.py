@@ -62,13 +62,12 @@ def run(cfg: Config) -> StageResult:
 
 
 def _demo(cfg: Config, model_dir: Path, run_dir: Path, concepts: Upstream | None) -> dict[str, Any]:
-    import zarr
-
     from pipelines.core.devices import resolve_device
+    from pipelines.data.concept_store import ConceptStore
     from pipelines.model.steering import SteeringModel, sweep
     from pipelines.sae import dictionary
 
-    if concepts and "sae_ids" in zarr.open_group(str(concepts.path), mode="r").attrs.get("arrays", []):
+    if concepts and "sae_ids" in ConceptStore.open(concepts.path).arrays:
         dictionary.build(run_dir, concepts=concepts)  # held and verified above: not hashed again
     labels = dictionary.labels(run_dir)
     model = SteeringModel.load(str(model_dir), resolve_device("auto"))

@@ -33,7 +33,7 @@ from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
 from pipelines.core.fingerprints import input_files
 from pipelines.core.layout import TRAINED_SAE
 from pipelines.core.session import StageResult, StageSession, known_files
-from pipelines.data.stores import TokenStore, open_prepared_tokens
+from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import ConfigError, InputError, first_line
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""The losses of `pretrain`: next-token prediction, CoCoMix's concept loss, and KD on cached top-N log-probs.
+"""The objectives of `pretrain`, one class each: the model variant it trains, the per-token arrays it reads
+from the concept store, its loss and the val metrics it reports; and their losses (next-token prediction,
+CoCoMix's concept loss, KD on cached top-N log-probs).
 
 KD approximation: the cache keeps the teacher's N most likely next tokens per position. The teacher's
 distribution is taken as those N probabilities plus one "tail" bucket holding the rest of the mass
@@ -10,12 +12,19 @@ increases a KL divergence).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.config.schema import Config
 from pipelines.model.gpt import concept_loss
 
-__all__ = ["concept_loss", "kd_loss", "next_token_loss", "online_concept_targets"]
+__all__ = ["OBJECTIVES", "Objective", "concept_loss", "kd_loss", "next_token_loss", "objective_for"]
+
+Batch = Mapping[str, np.ndarray]
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -50,19 +59,118 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def online_concept_targets(teacher, sae, tokens: torch.Tensor, top_k: int, attribution: str):
-    """CoCoMix targets computed now by the teacher and SAE, as `extract-concepts` caches them.
+# --- the objectives ---------------------------------------------------------------------------------------
 
-    Returns ids (B, T, K) and valid (B, T): the last position of a block has no next token.
-    """
-    from pipelines.sae.attribution import concept_targets
 
-    out = teacher.hidden_and_grad(tokens)
-    B, T, D = out.hidden.shape
-    with torch.no_grad():
-        targets = concept_targets(
-            sae, out.hidden.float().reshape(B * T, D), out.grad.float().reshape(B * T, D), top_k, attribution
+class Objective:
+    """Next-token prediction, and the base of every objective: what the trainer asks of one."""
+
+    name: ClassVar[str] = "ntp"
+    variant: ClassVar[str] = "ntp"  # the model variant it trains (`pipelines.model.gpt.preset`)
+    reads: ClassVar[tuple[str, ...]] = ()  # per-token arrays of the concept store it reads
+    val_parts: ClassVar[tuple[str, ...]] = ()  # loss parts averaged over the val blocks as `val_<part>`
+
+    def __init__(self, cfg: Config):
+        self.p = cfg.pretrain
+
+    def model_overrides(self, n_concepts: int) -> dict[str, Any]:
+        """Model settings the objective fixes (the concept head's width, how concepts are mixed)."""
+        return {"mixing": "interleave"}
+
+    def inputs(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """What the loss reads besides the tokens, as tensors beside them; made before the forward pass."""
+        return {name: _tensor(batch[name], tokens.device) for name in self.reads}
+
+    def loss(
+        self, out: Any, tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of the model's output `out` and its named parts (`ntp_loss`, ..., `loss`)."""
+        ntp = next_token_loss(out.logits, tokens)
+        parts = {"ntp_loss": ntp}
+        loss = ntp
+        for name, (value, weight) in self.auxiliary(out, inputs).items():
+            parts[name] = value
+            loss = loss + weight * value
+        parts["loss"] = loss
+        return loss, parts
+
+    def auxiliary(
+        self, out: Any, inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """Losses added to NTP, each with its weight."""
+        return {}
+
+
+class Pause(Objective):
+    """NTP with the pause model: learned pause slots where CoCoMix mixes in concepts (a baseline)."""
+
+    name = variant = "pause"
+
+
+class CoCoMix(Objective):
+    """NTP + `lam_concept` x the concept loss against the cached targets of `extract-concepts`."""
+
+    name = variant = "cocomix"
+    reads = ("concept_ids", "valid")
+    val_parts = ("concept_loss",)
+
+    def model_overrides(self, n_concepts: int) -> dict[str, Any]:
+        p = self.p
+        return {"mixing": p.mixing, "n_concepts": n_concepts, "concept_k": min(p.concept_k, n_concepts)}
+
+    def auxiliary(self, out, inputs):
+        loss = concept_loss(out.concept_logits, inputs["concept_ids"], inputs["valid"])
+        return {"concept_loss": (loss, self.p.lam_concept)}
+
+
+class OnlineCoCoMix(CoCoMix):
+    """CoCoMix with targets computed in the loop by the teacher and SAE (`--online-teacher`, the official
+    code's way); its concept loss on val is not reported (the targets are not cached to compare)."""
+
+    reads = ()
+    val_parts = ()
+
+    def __init__(self, cfg: Config, teacher: Any, sae: Any):
+        super().__init__(cfg)
+        self.teacher, self.sae, self.extract = teacher, sae, cfg.extract
+
+    def inputs(self, tokens, batch):
+        from pipelines.concepts.targets import online_concept_targets
+
+        e = self.extract
+        ids, valid = online_concept_targets(
+            self.teacher, self.sae, tokens, e.concepts_per_token, e.attribution
         )
-    valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-    valid[:, -1] = False
-    return targets.ids.reshape(B, T, -1), valid
+        return {"concept_ids": ids, "valid": valid}
+
+
+class KnowledgeDistillation(Objective):
+    """NTP + `kd_coef` x KL(teacher || student) on the cached teacher top-N log-probs."""
+
+    name = "kd"
+    reads = ("teacher_ids", "teacher_logprobs", "valid")
+
+    def auxiliary(self, out, inputs):
+        kd = kd_loss(out.logits, inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["valid"])
+        return {"kd_loss": (kd, self.p.kd_coef)}
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A stored array as the loss wants it: ids as int64, float16 values as float32, masks as bool."""
+    if np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.int64)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).to(device)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Objective, CoCoMix, KnowledgeDistillation, Pause)
+}
+
+
+def objective_for(cfg: Config, online: tuple[Any, Any] | None = None) -> Objective:
+    """The objective of `pretrain.objective`; CoCoMix with targets from `online` (teacher, sae) when given."""
+    if online is not None:
+        return OnlineCoCoMix(cfg, *online)
+    return OBJECTIVES[cfg.pretrain.objective](cfg)

@@ -1,0 +1,395 @@
+"""The training loop of `pretrain`: one student, one objective, 1..N ranks, exactly resumable.
+
+Exactness: the batch of step s is a function of (seed, s) (`pipelines.data.batches`), the learning rate a
+function of s (`pipelines.training.optim`), and a checkpoint holds model, optimizer and RNG states, so an
+interrupted run that resumes ends with the same weights as one that never stopped (bitwise on CPU).
+SIGTERM or SIGINT finish the current step, save a checkpoint and return; a second signal aborts at once.
+The objective (`pipelines.training.objectives`) says what the loss reads and adds; `Parallelism`
+(`pipelines.training.parallel`) wraps the model and gathers its states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.config.schema import Config
+from pipelines.core import distributed
+from pipelines.core.files import truncate_jsonl_after
+from pipelines.core.layout import FINAL_MODEL
+from pipelines.data.batches import BatchOrder, BatchReader, SplitArrays
+from pipelines.errors import StageError
+from pipelines.training.objectives import Objective
+from pipelines.training.parallel import Parallelism
+from pipelines.training.state import Checkpoints, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+# Dense bf16 peak FLOP/s per GPU for MFU; other devices report no MFU rather than a guess.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass
+class TrainingData:
+    """What the trainer reads: train and val arrays (tokens + what the objective reads), the objective, and
+    the fingerprints of the stages they came from."""
+
+    train: SplitArrays
+    val: SplitArrays
+    input_artifacts: dict[str, str]
+    n_concepts: int = 0
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # the token store's tokenizer attributes
+    objective: Objective | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        model_config,
+        data: TrainingData,
+        ranks: distributed.Ranks,
+        device: torch.device,
+        stage_dir: Path,
+        fingerprint: str,
+        per_rank: int,
+    ):
+        from pipelines.model.gpt import GPT
+        from pipelines.training.optim import build_optimizer
+
+        self.cfg, self.p, self.data, self.ranks, self.device = cfg, cfg.pretrain, data, ranks, device
+        self.dir, self.fingerprint, self.model_config = stage_dir, fingerprint, model_config
+        torch.manual_seed(cfg.run.seed)
+        self.model = GPT(model_config).to(device)
+        self.objective = data.objective
+        self.parallel = Parallelism(ranks, device, fsdp=self.p.fsdp, compile=self.p.compile)
+        self.wrapped = self.parallel.apply(self.model)
+        # After wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold.
+        self.optimizer = build_optimizer(self.model, self.p, device)
+        self.step = 0
+        self.checkpoints = Checkpoints(stage_dir, self.p.keep_last)
+        self.per_rank = per_rank
+        self.global_batch = per_rank * ranks.world * self.p.grad_accum
+        self.tokens_per_step = self.global_batch * model_config.context_length
+        self.order = BatchOrder(data.train.n_blocks, cfg.run.seed, self.global_batch)
+        self.autocast = _autocast_dtype(self.p.dtype, device)
+        self._stop_signal: str | None = None
+        self.trackers = None
+        if ranks.main:
+            from pipelines.training.tracking import Trackers
+
+            self.trackers = Trackers(
+                stage_dir / "tensorboard" if self.p.tensorboard else None,
+                self.p.wandb_project,
+                f"{Path(cfg.run.dir).name}/{stage_dir.name}",
+                dataclasses.asdict(cfg),
+            )
+
+    # -- state --
+
+    def save_checkpoint(self) -> None:
+        for name, param in self.model.named_parameters():
+            if not bool(torch.isfinite(param.detach()).all()):
+                raise StageError(
+                    f"pretrain: parameter `{name}` is not finite at step {self.step}; no checkpoint written. "
+                    f"{self._last_good()}"
+                )
+        model_state = self.parallel.model_state(self.model)
+        optimizer_state = self.parallel.optimizer_state(self.model, self.optimizer)
+        if self.ranks.main:
+            self.checkpoints.save(
+                self.step,
+                model_state,
+                dataclasses.asdict(self.model_config),
+                {
+                    "step": self.step,
+                    "optimizer": optimizer_state,
+                    "rng": rng_state(),
+                    "fingerprint": self.fingerprint,
+                    "samples_seen": self.step * self.global_batch,
+                },
+            )
+        self.ranks.barrier()
+
+    def restore(self) -> None:
+        latest, model_state, state = self.checkpoints.load_newest_intact()
+        if state["fingerprint"] != self.fingerprint:
+            raise StageError(f"{latest.path} belongs to a different run; pass --force to start over.")
+        self.parallel.load(self.model, self.optimizer, model_state, state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if self.ranks.main:
+            truncate_jsonl_after(self.dir / METRICS, self.step)
+        log.info("resuming %s at step %d of %d", self.dir.name, self.step, self.p.max_steps)
+
+    def _last_good(self) -> str:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return "There is no earlier checkpoint; lower `pretrain.lr` and start over with --force."
+        return (
+            f"The last good checkpoint is {latest.path} (step {latest.step}); lower `pretrain.lr` or check "
+            "the data, then continue with --resume."
+        )
+
+    # -- the loop --
+
+    def train(self, show_progress: bool, on_progress=None) -> dict[str, Any] | None:
+        """Train to `max_steps`; returns None when done, or a summary when a signal stopped it early."""
+        from tqdm.auto import tqdm
+
+        from pipelines.training.optim import learning_rate
+
+        p = self.p
+        reader = BatchReader(
+            self.data.train, self.order, self.per_rank, p.grad_accum, self.ranks.rank, self.ranks.world
+        )
+        bar = tqdm(
+            total=p.max_steps,
+            initial=self.step,
+            unit="step",
+            desc=self.dir.name,
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        previous_handlers = self._install_signal_handlers()
+        if self.step == 0:
+            self._log({"kind": "val", "step": 0, **self.evaluate()})
+        window_started, window_steps = time.monotonic(), 0
+        try:
+            while self.step < p.max_steps:
+                lr = learning_rate(self.step, p)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                parts, grad_norm = self._train_step(reader.step(self.step))
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                if self.step % p.log_every == 0 or self.step == p.max_steps:
+                    elapsed = time.monotonic() - window_started
+                    tokens_per_s = window_steps * self.tokens_per_step / elapsed if elapsed > 0 else None
+                    row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
+                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=_round(self._mfu(tokens_per_s), 5))
+                    self._log(row)
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+                    window_started, window_steps = time.monotonic(), 0
+                if self.step % p.eval_every == 0 or self.step == p.max_steps:
+                    self._log({"kind": "val", "step": self.step, **self.evaluate()})
+                    if on_progress is not None:
+                        on_progress(step=self.step, steps=p.max_steps)
+                stop = self.ranks.any(self._stop_signal is not None, self.device)
+                if stop or (self.step % p.save_every == 0 and self.step < p.max_steps):
+                    self.save_checkpoint()
+                if stop:
+                    latest = self.checkpoints.latest()
+                    return {
+                        "stopped_by": self._stop_signal or "a signal on another rank",
+                        "stopped_at_step": self.step,
+                        "checkpoint": str(latest.path) if latest else None,
+                    }
+        finally:
+            bar.close()
+            reader.close()
+            if self.trackers is not None:
+                self.trackers.close()
+            self._restore_signal_handlers(previous_handlers)
+        return None
+
+    def _train_step(self, micro_batches) -> tuple[dict[str, float], float]:
+        p = self.p
+        totals: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last or not hasattr(self.wrapped, "no_sync")
+                else self.wrapped.no_sync()
+            )
+            with sync:
+                loss, parts = self._loss(batch, train=True)
+                (loss / len(micro_batches)).backward()
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value.detach() / len(micro_batches)
+        names = sorted(totals)
+        values = torch.stack([totals[name].float() for name in names])
+        if self.ranks.world > 1:  # the logged losses are the global batch's, as one process would see them
+            torch.distributed.all_reduce(values)
+            values /= self.ranks.world
+        parts = dict(zip(names, values.tolist(), strict=True))
+        if not math.isfinite(parts["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StageError(
+                f"pretrain: the loss is {parts['loss']} at step {self.step + 1}. {self._last_good()}"
+            )
+        clip = p.grad_clip if p.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StageError(
+                f"pretrain: the gradient norm is {grad_norm} at step {self.step + 1}. {self._last_good()}"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {name: round(value, 6) for name, value in parts.items()}, round(grad_norm, 6)
+
+    def _loss(
+        self, batch: dict[str, np.ndarray], train: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(self.device)
+        inputs = self.objective.inputs(tokens, batch)
+        model = self.wrapped if train else self.model
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = model(tokens)
+        return self.objective.loss(out, tokens, inputs)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss on the val blocks: NTP loss and perplexity, and the objective's `val_parts` (CoCoMix's
+        concept loss against cached targets)."""
+        p, val = self.p, self.data.val
+        blocks = val.n_blocks if not p.eval_blocks else min(p.eval_blocks, val.n_blocks)
+        mine = range(self.ranks.rank * self.per_rank, blocks, self.per_rank * self.ranks.world)
+        names = ("ntp_loss", *self.objective.val_parts)
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # a sum per part, then the blocks
+        was_training = self.model.training
+        self.model.eval()
+        for start in mine:
+            rows = np.arange(start, min(start + self.per_rank, blocks))
+            _, parts = self._loss(val.read(rows), train=False)
+            for index, name in enumerate(names):
+                sums[index] += parts[name].item() * len(rows)
+            sums[-1] += len(rows)
+        self.model.train(was_training)
+        if self.ranks.world > 1:
+            torch.distributed.all_reduce(sums)
+        val_loss = (sums[0] / sums[-1]).item()
+        result = {"val_loss": round(val_loss, 6), "val_ppl": round(math.exp(min(val_loss, 50.0)), 4)}
+        for index, name in enumerate(names[1:], start=1):
+            result[f"val_{name}"] = round((sums[index] / sums[-1]).item(), 6)
+        return result
+
+    def _mfu(self, tokens_per_s: float | None) -> float | None:
+        from pipelines.model.flops import train_flops_per_token
+
+        if tokens_per_s is None or self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        flops = train_flops_per_token(self.model_config, self.model_config.context_length)
+        return flops * tokens_per_s / (peak * self.ranks.world)
+
+    # -- signals --
+
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            log.warning(
+                "%s received: finishing step %d, then saving a checkpoint", self._stop_signal, self.step + 1
+            )
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    # -- outputs --
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.ranks.main:
+            return
+        with open(self.dir / METRICS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.trackers.log(row)
+        if row["kind"] == "val":
+            log.info(
+                "%s step %d: val loss %.4f (ppl %.2f)",
+                self.dir.name,
+                row["step"],
+                row["val_loss"],
+                row["val_ppl"],
+            )
+
+    def finish(self) -> dict[str, Any]:
+        from pipelines.core.plot import line_chart
+        from pipelines.data.tokenizer import load_tokenizer
+        from pipelines.model.checkpoint import save_model
+        from pipelines.model.flops import parameter_counts
+
+        model_state = self.parallel.model_state(self.model)
+        if not self.ranks.main:
+            return {}
+        from pipelines.model.gpt import GPT
+
+        final = GPT(self.model_config)
+        final.load_state_dict({k: v.cpu() for k, v in model_state.items()})
+        # Evaluation and generation need the tokenizer the blocks were made with, beside the weights.
+        tokenizer = self.data.tokenizer
+        save_model(
+            final,
+            self.dir / FINAL_MODEL,
+            {"tokenizer": {k: tokenizer[k] for k in ("spec", "vocab_hash", "separator", "separator_id")}},
+        )
+        load_tokenizer(tokenizer["spec"]).backend.save(str(self.dir / FINAL_MODEL / "tokenizer.json"))
+        rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        train_rows = [r for r in rows if r["kind"] == "train"]
+        val_rows = [r for r in rows if r["kind"] == "val"]
+        line_chart(
+            self.dir / LOSS_CURVE,
+            {
+                "train (NTP loss)": [(r["step"], r["ntp_loss"]) for r in train_rows],
+                "val": [(r["step"], r["val_loss"]) for r in val_rows],
+            },
+            x_label="optimizer step",
+            y_label="loss (nats/token)",
+            title=f"{self.dir.name}: next-token loss",
+        )
+        speeds = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s")]
+        counts = parameter_counts(self.model_config)
+        return {
+            "model": str(self.dir / FINAL_MODEL),
+            "objective": self.p.objective,
+            "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "parameters": counts["total"],
+            "active_parameters": counts["active"],
+            "train_loss": train_rows[-1]["loss"],
+            "ntp_loss": train_rows[-1]["ntp_loss"],
+            **{k: v for k, v in val_rows[-1].items() if k not in ("kind", "step")},
+            "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+            "loss_curve": str(self.dir / LOSS_CURVE),
+            "ranks": self.ranks.world,
+        }
+
+
+def _autocast_dtype(setting: str, device) -> torch.dtype | None:
+    if setting == "bfloat16" or (setting == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
