@@ -11,16 +11,17 @@ from cocomix_cli.console import console
 from cocomix_cli.context import INVOCATION, resolve_config
 from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
+from pipelines.config.schema import MODEL_PRESETS, OBJECTIVES, spell_choices
 
 
 def pretrain(
     ctx: typer.Context,
     objective: Annotated[
         str | None,
-        typer.Option(help="`ntp`, `cocomix`, `kd` or `pause` (`pretrain.objective`)."),
+        typer.Option(help=f"{spell_choices(OBJECTIVES)} (`pretrain.objective`)."),
     ] = None,
     preset: Annotated[
-        str | None, typer.Option(help="Model size: `tiny`, `69m`, `386m` or `1.38b` (`pretrain.preset`).")
+        str | None, typer.Option(help=f"Model size: {spell_choices(MODEL_PRESETS)} (`pretrain.preset`).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (`pretrain.max_steps`).")] = None,
     resume: Annotated[
