@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,6 +394,60 @@ def test_side_by_side_results_are_cached_per_task(trained, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name != removed} == {
         k: v for k, v in stamps.items() if k != removed
     }
+
+
+def test_eval_holds_its_stage_lock_and_force_scores_everything_again(trained, tmp_path):
+    """`eval` runs in a StageSession: a second writer of `eval/` is refused naming it, and `--force`
+    deletes the cache and results and scores again (to the same numbers)."""
+    import subprocess
+    import sys
+
+    from pipelines.errors import StageError
+
+    run = tmp_path / "run-copy"
+    shutil.copytree(trained, run)
+    args = [f"eval.data_dir={FIXTURE_EVAL}", "eval.limit=4", 'eval.tasks=["ppl", "piqa"]']
+    first = run_in(run, evaluate.run, args)
+    assert not first.up_to_date and first.dir == Path("run") / "eval"  # run.dir as the config has it
+    manifest = json.loads((run / "run/eval/manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"] == first.summary
+    assert manifest["inputs"]["eval.tasks"] == ["ppl", "piqa"] and set(manifest["inputs"]["models"]) == {
+        "pretrain-ntp",
+        "pretrain-pause",
+    }
+
+    hold = (  # another writer of eval/: a real process holding its lock until its stdin closes
+        "import sys; from pipelines.core.locks import StageLock; lock = StageLock(sys.argv[1], 'eval'); "
+        "lock.acquire(); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(run / "run/eval")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(StageError, match=f"Stage `eval` is being written by pid {holder.pid}"):
+            run_in(run, evaluate.run, args)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+    cache = run / "run/eval/cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    again = run_in(run, evaluate.run, args, force=True)
+    assert not again.up_to_date
+    after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert set(after) == set(before) and all(after[name] != before[name] for name in before)  # scored anew
+
+    def metrics(results):  # everything but the timing
+        return {
+            m: {t: {k: v for k, v in x.items() if k != "seconds"} for t, x in d.items()}
+            for m, d in results["results"].items()
+        }
+
+    assert metrics(again.summary) == metrics(first.summary)
 
 
 def test_missing_data_says_where_to_put_it(trained, cocomix, monkeypatch):
