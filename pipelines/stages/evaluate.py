@@ -98,7 +98,7 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
         if e.backend == "lm-eval":
             table = _score_with_lm_eval(cfg, models, progress)
         else:
-            table = _score(cfg, models, tasks, paths, session.dir, log_samples, progress)
+            table = _score(cfg, models, specs, data, paths, session.dir, log_samples, progress)
         results = {
             **({"backend": "lm-eval"} if e.backend == "lm-eval" else {}),
             "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
@@ -123,18 +123,19 @@ def results_path(cfg: Config) -> Path:
 def _score(
     cfg: Config,
     models: list[ModelRef],
-    tasks: list[str],
+    specs: dict,
+    data: dict[str, Any],
     paths: dict[str, Path],
     stage_dir: Path,
     log_samples: bool,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    """The native backend: each model x task from the cache, or scored now and cached."""
+    """The native backend: each model x task from the cache, or scored now and cached. `data` holds each
+    task's data identity (its files hashed once, in `run`), in the order the tasks run."""
     from pipelines.core.devices import resolve_device
     from pipelines.eval.metrics import task_metrics
 
     e = cfg.eval
-    specs = task_specs(cfg)
     (stage_dir / CACHE).mkdir(exist_ok=True)
     device = resolve_device(e.device)
     table: dict[str, dict[str, Any]] = {}
@@ -145,8 +146,7 @@ def _score(
         val_blocks = functools.cache(lambda: open_prepared_tokens(reading, run_dir)[0].split("val"))
         for model in models:
             scorer = None
-            for task in tasks:
-                data_id = data_identity(cfg, task, paths.get(task))
+            for task, data_id in data.items():
                 key = fingerprint(
                     {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
                 )
