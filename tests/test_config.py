@@ -9,7 +9,8 @@ import pytest
 from pipelines.config import loading
 from pipelines.config.loading import load_config
 from pipelines.config.render import field_doc, reference_markdown, to_toml
-from pipelines.config.schema import SECTIONS, Config, DataConfig, field_choices
+from pipelines.config.schema import OBJECTIVES, SECTIONS, Config, DataConfig, field_choices
+from pipelines.config.students import student_config, students
 from pipelines.core.fingerprints import fingerprint_fields
 from pipelines.errors import ConfigError
 
@@ -179,14 +180,14 @@ def spelled(choices):
 
 def test_the_fields_with_choices_are_the_expected_ones():
     assert {f"{section}.{name}": choices for section, name, choices, _ in choice_fields()} == {
-        "run.objectives": ("ntp", "cocomix", "kd", "pause"),
         "data.txt_sample_by": ("line", "paragraph", "document"),
         "teacher.hook": ("resid_post", "resid_pre"),
         "teacher.dtype": ("float32", "bfloat16", "float16"),
         "extract.attribution": ("official", "paper"),
         "pretrain.objective": ("ntp", "cocomix", "kd", "pause"),
         "pretrain.preset": ("tiny", "69m", "386m", "1.38b"),
-        "pretrain.mixing": ("interleave", "add"),
+        "pretrain.mixing": ("interleave", "add", "none"),
+        "pretrain.concept_targets": ("attribution", "activation"),
         "pretrain.dtype": ("auto", "float32", "bfloat16"),
         "eval.backend": ("cocomix", "lm-eval"),
         "eval.missing_data": ("hub", "skip", "hub_or_skip"),
@@ -228,15 +229,15 @@ def test_run_objectives_with_an_unknown_entry_is_refused_naming_it():
     with pytest.raises(ConfigError) as info:
         load_config(None, ['run.objectives=["ntp", "bogus"]'])
     assert str(info.value) == (
-        '--set run.objectives=["ntp", "bogus"]: `run.objectives` (\'bogus\') must be '
-        "`ntp`, `cocomix`, `kd` or `pause`."
+        '--set run.objectives=["ntp", "bogus"]: `run.objectives` names `bogus`, which is neither an '
+        "objective (`ntp`, `cocomix`, `kd` or `pause`) nor a `[run.variants.NAME]`."
     )
     assert load_config(None, ["run.objectives=ntp,kd"]).run.objectives == ["ntp", "kd"]
 
 
 @pytest.mark.parametrize("value", ["[]", '["ntp", "ntp"]'])
 def test_run_objectives_must_be_distinct_and_not_empty(value):
-    with pytest.raises(ConfigError, match=r"`run.objectives` \(\[.*\]\) must list distinct objectives"):
+    with pytest.raises(ConfigError, match=r"`run.objectives` \(\[.*\]\) must list distinct names"):
         load_config(None, [f"run.objectives={value}"])
 
 
@@ -269,9 +270,10 @@ def test_every_choice_is_named_in_the_fields_doc():
         doc = field_doc(SECTIONS[section], f)
         assert all(f"`{choice}`" in doc for choice in choices), (section, name, doc)
         assert doc.replace("|", "\\|") in reference
-    assert "Choices: `ntp`, `cocomix`, `kd` or `pause`." in field_doc(
+    objectives = field_doc(
         SECTIONS["run"], next(f for f in dataclasses.fields(SECTIONS["run"]) if f.name == "objectives")
     )
+    assert all(f"`{objective}`" in objectives for objective in OBJECTIVES), objectives
 
 
 def test_non_default_choices_round_trip_through_toml(tmp_path, monkeypatch):
@@ -291,4 +293,106 @@ def test_no_validate_function_lists_choices_by_hand():
                 if isinstance(node, ast.Constant) and isinstance(node.value, str)
             }
             assert not strings & every_choice, f"{name} lists {sorted(strings & every_choice)}"
+            if name == "_validate_students":
+                continue  # `run.objectives` holds objectives or variant names: no `Literal` can say so
             assert not {"OBJECTIVES", "MODEL_PRESETS"} & set(function.__code__.co_names), name
+
+
+# --- students: variants and seeds ----------------------------------------------------------------------
+
+VARIANTS = """
+[run]
+objectives = ["ntp", "cocomix", "cocomix_add"]
+seeds = [0, 1]
+
+[run.variants.cocomix_add]
+objective = "cocomix"
+"pretrain.mixing" = "add"
+"pretrain.lam_concept" = 0.5
+"""
+
+
+def test_a_variant_is_its_objective_with_the_overrides_and_every_name_trains_once_per_seed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, VARIANTS))
+    assert cfg.run.variants == {
+        "cocomix_add": {"objective": "cocomix", "pretrain.mixing": "add", "pretrain.lam_concept": 0.5}
+    }
+    trained = students(cfg)
+    assert [(s.name, s.seed) for s in trained] == [
+        ("ntp", 0), ("ntp", 1), ("cocomix", 0), ("cocomix", 1), ("cocomix_add", 0), ("cocomix_add", 1)
+    ]  # fmt: skip
+    add = trained[-1].cfg.pretrain
+    assert (add.objective, add.mixing, add.lam_concept, add.variant, add.seed) == (
+        "cocomix",
+        "add",
+        0.5,
+        "cocomix_add",
+        1,
+    )
+    # everything else is the run's: the only differences from plain cocomix are the overrides and the name
+    plain = student_config(cfg, "cocomix", 1).pretrain
+    differ = {k for k, v in dataclasses.asdict(add).items() if dataclasses.asdict(plain)[k] != v}
+    assert differ == {"mixing", "lam_concept", "variant"}
+    assert load_config(write(tmp_path, to_toml(cfg))) == cfg  # variants round-trip through `config show`
+
+
+ONLY_PRETRAIN = "a variant overrides `pretrain.*` keys only"
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            'objective = "bogus"',
+            "`run.variants.v` needs `objective` = `ntp`, `cocomix`, `kd` or `pause`, got 'bogus'.",
+        ),
+        (
+            'objective = "cocomix"\n"extract.attribution" = "paper"',
+            f"`run.variants.v` sets `extract.attribution`; {ONLY_PRETRAIN}",
+        ),
+        (
+            'objective = "cocomix"\n"pretrain.seed" = 3',
+            f"`run.variants.v` sets `pretrain.seed`; {ONLY_PRETRAIN}",
+        ),
+        (
+            'objective = "cocomix"\n"pretrain.mixng" = "add"',
+            "unknown key `pretrain.mixng`; did you mean `pretrain.mixing`?",
+        ),
+        (
+            'objective = "cocomix"\n"pretrain.mixing" = "sum"',
+            "`pretrain.mixing` ('sum') must be `interleave`, `add` or `none`.",
+        ),
+        (
+            'objective = "ntp"\n"pretrain.mixing" = "add"',
+            "`run.variants.v` sets `pretrain.mixing`, which objective `ntp` does not read (only `cocomix`).",
+        ),
+        (
+            'objective = "cocomix"\n"pretrain.lam_concept" = "x"',
+            "`pretrain.lam_concept` must be a number, got 'x'.",
+        ),
+    ],
+)
+def test_a_bad_variant_is_refused_naming_the_file_the_variant_and_the_key(tmp_path, table, message):
+    path = write(tmp_path, f'[run]\nobjectives = ["v"]\n\n[run.variants.v]\n{table}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_variant_names_seeds_and_ranges_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="a variant name is lowercase letters"):
+        load_config(write(tmp_path, '[run.variants.cocomix-add]\nobjective = "cocomix"\n'))
+    with pytest.raises(ConfigError, match="a variant name is lowercase letters"):
+        load_config(write(tmp_path, '[run.variants.ntp]\nobjective = "ntp"\n'))
+    with pytest.raises(ConfigError, match=r"`run.seeds` \(\[0, 0\]\) must list distinct seeds >= 0"):
+        load_config(None, ["run.seeds=[0, 0]"])
+    path = write(
+        tmp_path, '[run]\nobjectives = ["v"]\n[run.variants.v]\nobjective = "cocomix"\n"pretrain.lr" = 0\n'
+    )
+    with pytest.raises(ConfigError, match=r"`pretrain.lr` \(0.0\) must be > 0 in `run.variants.v`"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set run.variants=x: `run.variants` is a table; declare it"):
+        load_config(None, ["run.variants=x"])

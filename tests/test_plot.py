@@ -75,12 +75,15 @@ def test_the_report_plots_train_and_val_per_student_and_names_no_colours(tmp_pat
     rows += [{"kind": "val", "step": 4, "val_loss": 6.5, "val_ppl": 665.1}]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    assert report.loss_series(run_dir, cfg.run.objectives) == {
-        "ntp train": [(2, 6.8), (4, 6.6)],
-        "ntp val": [(0, 7.0), (4, 6.5)],
-        "cocomix train": [],  # not trained yet: left out of the chart
-        "cocomix val": [],
-    }
+    assert report.loss_series(run_dir, report.student_folders(cfg)) == (
+        {
+            "ntp train": [(2, 6.8), (4, 6.6)],
+            "ntp val": [(0, 7.0), (4, 6.5)],
+            "cocomix train": [],  # not trained yet: left out of the chart
+            "cocomix val": [],
+        },
+        {},
+    )  # one seed: no bands
     summary = report.write(cfg)
     assert json.loads((run_dir / report.SUMMARY).read_text()) == summary
     assert summary["loss_curves"] == str(run_dir / report.LOSS_CURVES)
@@ -92,3 +95,17 @@ def test_the_report_plots_train_and_val_per_student_and_names_no_colours(tmp_pat
     assert pixels(run_dir / report.LOSS_CURVES).shape == (HEIGHT_PX, WIDTH_PX, 3)
     report.write(cfg)
     assert (run_dir / report.LOSS_CURVES).read_bytes() == first  # a rerun rewrites the same chart
+
+
+def test_a_band_is_shaded_in_the_colour_of_its_series_and_changes_the_bytes(tmp_path):
+    band = [(x, y - 0.5, y + 0.5) for x, y in TRAIN]
+    line_chart(tmp_path / "plain.png", {"ntp train": TRAIN}, **LABELS)
+    line_chart(tmp_path / "band.png", {"ntp train": TRAIN}, bands={"ntp train": band}, **LABELS)
+    assert (tmp_path / "band.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
+    # the band is C0 at alpha 0.2 on white: (1 - 0.2) * 255 + 0.2 * C0, pixel by pixel
+    light = np.array([round(0.8 * 255 + 0.2 * c) for c in BLUE])
+
+    def shaded(path):  # pixels of the band's colour (a line's anti-aliased edge has a few of them too)
+        return int((np.abs(pixels(path) - light).max(axis=-1) <= 2).sum())
+
+    assert shaded(tmp_path / "band.png") > 5000 > 50 * shaded(tmp_path / "plain.png")

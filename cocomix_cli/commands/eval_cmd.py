@@ -85,7 +85,7 @@ def evaluate(
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in stage.MAIN_METRICS.get(task, ()) or _shown_metrics(first):
+        for metric in stage.main_metrics(task) or _shown_metrics(first):
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]

@@ -1,4 +1,4 @@
-"""`cocomix pretrain`: train the student into `<run.dir>/pretrain-<objective>[-online]/`."""
+"""`cocomix pretrain`: train the student into `<run.dir>/pretrain-<name>[-online][-seed<k>]/`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from cocomix_cli.context import INVOCATION, resolve_config
 from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
 from pipelines.config.schema import MODEL_PRESETS, OBJECTIVES, spell_choices
+from pipelines.config.students import student_config
+from pipelines.errors import ConfigError
 
 
 def pretrain(
@@ -19,6 +21,21 @@ def pretrain(
     objective: Annotated[
         str | None,
         typer.Option(help=f"{spell_choices(OBJECTIVES)} (`pretrain.objective`)."),
+    ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="Train the student `[run.variants.NAME]` (its objective and overrides) into "
+            "pretrain-NAME/; instead of --objective.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="The student's seed (init and data order; `pretrain.seed`), trained into "
+            "pretrain-<name>-seed<k>/; default `run.seed` in pretrain-<name>/."
+        ),
     ] = None,
     preset: Annotated[
         str | None, typer.Option(help=f"Model size: {spell_choices(MODEL_PRESETS)} (`pretrain.preset`).")
@@ -48,6 +65,8 @@ def pretrain(
     Under `torchrun --nproc_per_node N` it trains data-parallel: the global batch is
     batch_blocks x N x grad_accum.
     """
+    if variant is not None and objective is not None:
+        raise ConfigError("Pass --objective or --variant, not both: a variant names its own objective.")
     cfg = resolve_config(
         ctx,
         {
@@ -55,8 +74,11 @@ def pretrain(
             "pretrain.preset": preset,
             "pretrain.max_steps": max_steps,
             "pretrain.device": device,
+            "pretrain.seed": seed,
         },
     )
+    if variant is not None:
+        cfg = student_config(cfg, variant, seed)
     from pipelines.stages import pretrain as stage
 
     result = stage.run(

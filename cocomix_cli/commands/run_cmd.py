@@ -30,11 +30,12 @@ def run(
         bool, typer.Option("--json", help="Print the plan or the run summary as JSON.")
     ] = False,
 ) -> None:
-    """Run every stage: prepare, train-sae, extract-concepts, pretrain (each of `run.objectives`), eval,
-    a steering demo and the report.
+    """Run every stage: prepare, train-sae, extract-concepts, pretrain (each name of `run.objectives` once
+    per seed of `run.seeds`), eval, a steering demo and the report.
 
     Finished stages are skipped, an interrupted one resumes where it stopped, and a stage whose settings
-    changed is refused (set `run.dir` to a new folder). Ends with a summary table; the run folder gets
+    changed is refused (set `run.dir` to a new folder). Ends with a summary table (the mean ± sd over
+    seeds) and each student's paired difference from NTP with its 95% t-interval; the run folder gets
     summary.json, report.md and loss_curves.png.
     """
     cfg = resolve_config(ctx)
@@ -75,7 +76,7 @@ def run(
 
 
 def _print_summary(summary: dict) -> None:
-    from pipelines.stages.report import skipped_notes, student_table
+    from pipelines.stages.report import paired_lines, skipped_notes, student_table
 
     table = Table(title=f"cocomix run {summary['run_dir']}", title_justify="left")
     table.add_column("")
@@ -84,6 +85,10 @@ def _print_summary(summary: dict) -> None:
     for label, cells in student_table(summary):
         table.add_row(label, *cells)
     console.print(table)
+    # The comparison the run exists for: each student against NTP on the same seeds, with its interval.
+    ppl_tasks = tuple(t for t in next(iter(summary["objectives"].values()))["tasks"] if t.startswith("ppl:"))
+    for line in paired_lines(summary, metrics=("val_ppl", *(f"{t} perplexity" for t in ppl_tasks))):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in skipped_notes(summary):
         console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)
     for demo in summary["steering"]:

@@ -24,6 +24,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from pipelines.config.schema import (
     DEFAULT_CONFIG_FILE,
+    OBJECTIVES,
     PATH,
     SECTIONS,
     Config,
@@ -90,6 +91,9 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
             if key == "eval.task":
                 values[section][name] = _custom_tasks(value, str(path))
                 continue
+            if key == "run.variants":
+                values[section][name] = _variants(value, str(path))
+                continue
             _, _, ftype = _lookup(key, where=str(path))
             values[section][name] = _check_type(value, ftype, str(path), key)
     return str(path)
@@ -115,6 +119,8 @@ def _read_paths_next_to_the_file(values: dict[str, dict[str, Any]], folder: Path
                 }
             elif (section, name) == ("eval", "data"):
                 table[name] = [_task_path_next_to(folder, item) for item in value]
+            elif (section, name) == ("eval", "tasks"):  # `ppl:PATH` names a file like any path setting
+                table[name] = [_text_task_next_to(folder, item) for item in value]
             elif kind and isinstance(value, list):
                 table[name] = [_next_to(folder, item, kind) for item in value]
             elif kind:
@@ -137,6 +143,11 @@ def _task_path_next_to(folder: Path, item: str) -> str:
     return f"{task}={_next_to(folder, path, PATH)}" if sep else item
 
 
+def _text_task_next_to(folder: Path, task: str) -> str:
+    prefix = "ppl:"
+    return prefix + _next_to(folder, task[len(prefix) :], PATH) if task.startswith(prefix) else task
+
+
 def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError(
@@ -156,6 +167,58 @@ def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
             raise ConfigError(f"{where}: `[eval.task.{task}]` needs {', '.join(missing)}.")
         tasks[task] = CustomTaskConfig(**table)
     return tasks
+
+
+def _variants(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    """`[run.variants.NAME]` tables: an objective and `pretrain.*` overrides, each checked like a `--set`."""
+    from pipelines.config.students import OBJECTIVE_KEYS, RESERVED_KEYS, VARIANT_NAME
+
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(
+            f"{where}: variants are tables `[run.variants.NAME]` holding an `objective` and `pretrain.*` "
+            'overrides, e.g. `cocomix_add = { objective = "cocomix", "pretrain.mixing" = "add" }`.'
+        )
+    variants = {}
+    for name, table in tables.items():
+        label = f"`run.variants.{name}`"
+        if not VARIANT_NAME.match(name) or name in OBJECTIVES:
+            raise ConfigError(
+                f"{where}: {label}: a variant name is lowercase letters, digits and `_`, starting with a "
+                f"letter, and not an objective's name ({', '.join(OBJECTIVES)})."
+            )
+        if table.get("objective") not in OBJECTIVES:
+            raise ConfigError(
+                f"{where}: {label} needs `objective` = {spell_choices(OBJECTIVES)}, got "
+                f"{table.get('objective')!r}."
+            )
+        resolved: dict[str, Any] = {"objective": table["objective"]}
+        for key, value in table.items():
+            if key == "objective":
+                continue
+            if not key.startswith("pretrain.") or key in RESERVED_KEYS:
+                raise ConfigError(
+                    f"{where}: {label} sets `{key}`; a variant overrides `pretrain.*` keys only (not "
+                    f"{', '.join(f'`{k}`' for k in RESERVED_KEYS)}): every student of a run shares its "
+                    "prepare, SAE and extraction. For targets chosen by SAE activation set "
+                    '`"pretrain.concept_targets" = "activation"`; for other upstream settings use another '
+                    "`run.dir`."
+                )
+            _, field_name, ftype = _lookup(key, where=f"{where}: {label}")
+            readers = OBJECTIVE_KEYS.get(field_name, (table["objective"],))
+            if table["objective"] not in readers:
+                raise ConfigError(
+                    f"{where}: {label} sets `{key}`, which objective `{table['objective']}` does not read "
+                    f"(only {', '.join(f'`{o}`' for o in readers)})."
+                )
+            checked = _check_type(value, ftype, f"{where}: {label}", key)
+            choices = field_choices(ftype)
+            if choices and checked not in choices:
+                raise ConfigError(
+                    f"{where}: {label}: `{key}` ({checked!r}) must be {spell_choices(choices)}."
+                )
+            resolved[key] = checked
+        variants[name] = resolved
+    return variants
 
 
 def _lookup(key: str, where: str) -> tuple[str, str, Any]:
@@ -254,9 +317,7 @@ def _validate(cfg: Config, sources: Mapping[str, str], file_label: str) -> None:
         problems.append(f"`data.commit_interval_s` ({d.commit_interval_s}) must be >= 0")
     if not cfg.run.dir:
         problems.append("`run.dir` must name a folder")
-    objectives = cfg.run.objectives
-    if not objectives or len(set(objectives)) < len(objectives):
-        problems.append(f"`run.objectives` ({objectives}) must list distinct objectives, at least one")
+    problems += _validate_students(cfg)
     problems += _values_outside_choices(cfg)
     problems += _non_finite_numbers(cfg)
     problems += _validate_extract(cfg)
@@ -379,6 +440,38 @@ def _validate_pretrain(cfg: Config) -> list[str]:
             problems.append(f"`pretrain.{name}` ({getattr(p, name)}) must be >= 0")
     if cfg.eval.limit < 0:
         problems.append(f"`eval.limit` ({cfg.eval.limit}) must be >= 0 (0 means all)")
+    return problems
+
+
+def _validate_students(cfg: Config) -> list[str]:
+    """`run.objectives` names objectives or declared variants; seeds are distinct; each variant's resolved
+    `[pretrain]` is in range (reported under the variant)."""
+    from pipelines.config.students import student_config
+
+    objectives, seeds = cfg.run.objectives, cfg.run.seeds
+    problems = []
+    if not objectives or len(set(objectives)) < len(objectives):
+        problems.append(f"`run.objectives` ({objectives}) must list distinct names, at least one")
+    unknown = [n for n in objectives if n not in OBJECTIVES and n not in cfg.run.variants]
+    if unknown:
+        declared = f"; declared variants: {', '.join(cfg.run.variants)}" if cfg.run.variants else ""
+        problems.append(
+            f"`run.objectives` names {', '.join(f'`{n}`' for n in unknown)}, which is neither an objective "
+            f"({spell_choices(OBJECTIVES)}) nor a `[run.variants.NAME]`{declared}"
+        )
+    if len(set(seeds)) < len(seeds) or any(seed < 0 for seed in seeds):
+        problems.append(f"`run.seeds` ({seeds}) must list distinct seeds >= 0 (or be empty)")
+    if cfg.pretrain.variant:
+        problems.append(
+            f"`pretrain.variant` ({cfg.pretrain.variant!r}) is set from `run.variants` by `run.objectives` "
+            "and `cocomix pretrain --variant NAME`; leave it empty"
+        )
+    if cfg.pretrain.seed < -1:
+        problems.append(f"`pretrain.seed` ({cfg.pretrain.seed}) must be >= 0, or -1 for `run.seed`")
+    base = set(_validate_pretrain(cfg))
+    for name in cfg.run.variants:
+        variant = _validate_pretrain(student_config(cfg, name))
+        problems += [f"{p} in `run.variants.{name}`" for p in variant if p not in base]
     return problems
 
 

@@ -32,6 +32,9 @@ def to_toml(cfg: Config, with_docs: bool = True) -> str:
             lines.append(f"{f.name} = {_toml_value(value)}")
         for name, sub in tables:
             lines += ["", f"[{name}]"]
+            if isinstance(sub, dict):  # a variant: `objective` and quoted `"pretrain.key"` overrides
+                lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in sub.items()]
+                continue
             lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
     return "\n".join(lines) + "\n"
 
@@ -68,6 +71,10 @@ def field_doc(cls: type, f: dataclasses.Field) -> str:
     if choices and not all(f"`{choice}`" in doc for choice in choices):
         doc += f" Choices: {spell_choices(choices)}."
     return doc
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").isalnum() else f'"{key}"'
 
 
 def _toml_value(value: Any) -> str:

@@ -22,10 +22,11 @@ Objective = Literal["ntp", "cocomix", "kd", "pause"]
 # The names of `pipelines.model.gpt.PRESETS` (a test keeps them equal): reading a config needs no torch.
 ModelPreset = Literal["tiny", "69m", "386m", "1.38b"]
 PretrainDtype = Literal["auto", "float32", "bfloat16"]
-Mixing = Literal["interleave", "add"]
+Mixing = Literal["interleave", "add", "none"]
 TeacherHook = Literal["resid_post", "resid_pre"]
 TeacherDtype = Literal["float32", "bfloat16", "float16"]
 Attribution = Literal["official", "paper"]
+ConceptTargets = Literal["attribution", "activation"]
 EvalBackend = Literal["cocomix", "lm-eval"]
 MissingData = Literal["hub", "skip", "hub_or_skip"]
 
@@ -65,14 +66,32 @@ def _field(
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where a run lives and what seeds it."""
+    """Where a run lives, what seeds it, and which students it trains."""
 
     dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.", relative=PATH)
     seed: int = _field(0, "Seed for every random choice a stage makes.")
-    objectives: list[Objective] = _field(
+    objectives: list[str] = _field(
         ["ntp", "cocomix"],
-        "`cocomix run`: the students to pretrain, one `pretrain-<objective>/` each, evaluated side by side.",
+        "`cocomix run`: the students to pretrain, evaluated side by side: objectives (`ntp`, `cocomix`, "
+        "`kd`, `pause`) or names of `[run.variants.NAME]`; each trains in `pretrain-<name>/`.",
         affects_output=False,
+    )
+    seeds: list[int] = _field(
+        [],
+        "`cocomix run`: train every student once per seed (its initialisation and data order), in "
+        "`pretrain-<name>-seed<k>/`; the report gives the mean and spread over seeds and each student's "
+        "paired difference from `ntp` with a 95% t-interval. Empty: one student each, seeded by `run.seed`. "
+        "Upstream stages (prepare, SAE, extraction) always use `run.seed` and are shared.",
+        affects_output=False,
+    )
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "Named students, one `[run.variants.NAME]` table each: an `objective` plus overrides of "
+            '`pretrain.*` keys, e.g. `cocomix_add = { objective = "cocomix", "pretrain.mixing" = "add" }`; '
+            "list the NAME in `run.objectives`.",
+            "affects_output": False,
+        },
     )
 
 
@@ -218,9 +237,31 @@ class PretrainConfig:
         0, "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets."
     )
     concept_k: int = _field(32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.")
-    mixing: Mixing = _field("interleave", "CoCoMix: `interleave` (the paper) or `add` (ablation).")
+    mixing: Mixing = _field(
+        "interleave",
+        "CoCoMix: `interleave` (the paper: the concept vector is a slot of its own after each token), `add` "
+        "(added to the token's hidden state; ablation) or `none` (concept prediction without mixing).",
+    )
+    concept_targets: ConceptTargets = _field(
+        "attribution",
+        "CoCoMix: the concepts to predict: `attribution` (the extracted top-K by attribution, the paper) "
+        "or `activation` (the K most active SAE latents, from the SAE top-k that "
+        "`extract.store_sae_topk` stores; the paper's ablation).",
+    )
     lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.")
     kd_coef: float = _field(0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.")
+    seed: int = _field(
+        -1,
+        "Seed of the student's initialisation and data order, trained in `pretrain-<name>-seed<k>/`; "
+        "-1 takes `run.seed` and the folder `pretrain-<name>/`. `run.seeds` sets it per student.",
+        affects_output=False,  # recorded in the stage's inputs as the seed it resolves to
+    )
+    variant: str = _field(
+        "",
+        "The `[run.variants.NAME]` this student is (set by `run.objectives` / `cocomix pretrain --variant`); "
+        "its folder is `pretrain-<variant>/`. Empty: the objective names the folder.",
+        affects_output=False,  # the variant's settings are the fingerprint, not its name
+    )
     batch_blocks: int = _field(8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.")
     global_batch_blocks: int = _field(
         0,
@@ -280,8 +321,9 @@ class EvalConfig:
 
     tasks: list[str] = _field(
         ["ppl"],
-        "Tasks: `ppl` (val blocks), `wikitext`, `lambada_openai`, `hellaswag`, `piqa`, `social_iqa`, "
-        "`arc_easy`, `winogrande`.",
+        "Tasks: `ppl` (val blocks), `ppl:<file, folder, glob or pypi: spec>` (perplexity and bits per byte "
+        "on any text), `wikitext`, `lambada_openai`, `hellaswag`, `piqa`, `social_iqa`, `arc_easy`, "
+        "`winogrande`.",
     )
     models: list[str] = _field(
         [],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.config.schema import OBJECTIVES as _OBJECTIVE_NAMES
+
 RUN_MARKER = "run.json"
 
 
@@ -50,14 +52,38 @@ def eval_results_path(run_dir: Path | str, backend: str) -> Path:
     return Path(run_dir) / EVAL_STAGE / EVAL_RESULTS[backend]
 
 
-def pretrain_stage(objective: str, online_teacher: bool = False) -> str:
-    """The folder of one student: `pretrain-cocomix`, `pretrain-cocomix-online`, ..."""
-    return f"pretrain-{objective}" + ("-online" if online_teacher else "")
+def pretrain_stage(name: str, online_teacher: bool = False, seed: int | None = None) -> str:
+    """The folder of one student: `pretrain-cocomix`, `pretrain-cocomix-online`, `pretrain-ntp-seed1`, ...
+
+    `name` is an objective or a variant (`[run.variants.NAME]`, no `-` in it); `seed` is the student's own
+    seed when it has one (`run.seeds`, `pretrain.seed`), None when it takes `run.seed`."""
+    return (
+        f"pretrain-{name}"
+        + ("-online" if online_teacher else "")
+        + (f"-seed{seed}" if seed is not None else "")
+    )
+
+
+def student_stage(cfg, online_teacher: bool = False) -> str:
+    """The folder of the student a config trains (`pipelines.config.students`): its variant or objective,
+    and its own seed when `pretrain.seed` gives one."""
+    from pipelines.config.students import student_name
+
+    seed = cfg.pretrain.seed
+    return pretrain_stage(student_name(cfg), online_teacher, seed if seed >= 0 else None)
 
 
 def stage_command(stage: str) -> str:
-    """The command that (re)makes a stage folder: `pretrain-kd` is `cocomix pretrain --objective kd`."""
+    """The command that (re)makes a stage folder: `pretrain-kd` is `cocomix pretrain --objective kd`, a
+    variant's `pretrain-cocomix_add-seed1` is `cocomix pretrain --variant cocomix_add --seed 1`."""
     if stage.startswith("pretrain-"):
-        objective, _, online = stage.removeprefix("pretrain-").partition("-")
-        return f"cocomix pretrain --objective {objective}" + (" --online-teacher" if online else "")
+        name, *suffixes = stage.removeprefix("pretrain-").split("-")
+        flag = "--objective" if name in _OBJECTIVE_NAMES else "--variant"
+        command = f"cocomix pretrain {flag} {name}"
+        for suffix in suffixes:
+            if suffix == "online":
+                command += " --online-teacher"
+            elif suffix.startswith("seed"):
+                command += f" --seed {suffix.removeprefix('seed')}"
+        return command
     return f"cocomix {stage}"

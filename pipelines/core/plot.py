@@ -23,11 +23,14 @@ def line_chart(
     x_label: str,
     y_label: str,
     title: str,
+    bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None,
 ) -> None:
     """Draw each series of (x, y) points as a line named by its key in the legend; write `path` as a PNG.
 
-    Series without points are left out (of the lines and the legend). The same arguments give the same bytes:
-    matplotlib's default style rather than the user's matplotlibrc, a fixed size, no version in the metadata.
+    `bands` shades a (x, low, high) range around the series of the same name, in its colour (the spread of
+    a mean over seeds). Series without points are left out (of the lines and the legend). The same arguments
+    give the same bytes: matplotlib's default style rather than the user's matplotlibrc, a fixed size, no
+    version in the metadata.
     """
     import matplotlib
     import matplotlib.style
@@ -42,7 +45,13 @@ def line_chart(
         ax = fig.add_subplot()
         for label, points in drawn.items():
             xs, ys = [p[0] for p in points], [p[1] for p in points]
-            ax.plot(xs, ys, label=label, linewidth=1.5, marker="o" if len(points) == 1 else None)
+            (line,) = ax.plot(xs, ys, label=label, linewidth=1.5, marker="o" if len(points) == 1 else None)
+            band = (bands or {}).get(label)
+            if band:
+                ax.fill_between(
+                    [b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                    color=line.get_color(), alpha=0.2, linewidth=0,
+                )  # fmt: skip
         if drawn:
             ax.legend(loc="upper right")
             if all(float(x).is_integer() for points in drawn.values() for x, _ in points):

@@ -14,7 +14,7 @@ from pipelines.core.files import read_json
 from pipelines.core.fingerprints import file_identity
 from pipelines.core.layout import MANIFEST, PREPARE_STAGE
 from pipelines.errors import ConfigError, InputError, first_line
-from pipelines.eval.tasks import PPL_TASK
+from pipelines.eval.tasks import PPL_TASK, is_text_perplexity
 
 
 def task_specs(cfg: Config) -> dict:
@@ -72,7 +72,9 @@ def unavailable_tasks(cfg: Config, data_files: dict[str, Path]) -> dict[str, str
     from pipelines.core.hub import hub_unreachable
     from pipelines.eval.tasks import TASKS
 
-    missing = [t for t in cfg.eval.tasks if t not in data_files and t != PPL_TASK]
+    missing = [
+        t for t in cfg.eval.tasks if t not in data_files and t != PPL_TASK and not is_text_perplexity(t)
+    ]
     if cfg.eval.missing_data == "hub" or not missing:
         return {}
     if cfg.eval.missing_data == "skip":
@@ -92,6 +94,10 @@ def unavailable_tasks(cfg: Config, data_files: dict[str, Path]) -> dict[str, str
 
 
 def data_identity(cfg: Config, task: str, path: Path | None) -> Any:
+    if is_text_perplexity(task):
+        from pipelines.eval import text_perplexity
+
+        return text_perplexity.data_identity(cfg, task)
     if task == PPL_TASK:
         manifest = read_json(Path(cfg.run.dir) / PREPARE_STAGE / MANIFEST) or {}
         return {"prepare": manifest.get("fingerprint")}

@@ -13,9 +13,13 @@ from pipelines.core.files import atomic_write_bytes
 from pipelines.eval import data as task_data
 
 
-def task_metrics(cfg: Config, scorer, task, path: Path | None, samples_path, val_blocks) -> dict:
-    from pipelines.eval.tasks import mean_and_stderr, multiple_choice_scores
+def task_metrics(cfg: Config, scorer, name: str, task, path: Path | None, samples_path, val_blocks) -> dict:
+    from pipelines.eval.tasks import is_text_perplexity, mean_and_stderr, multiple_choice_scores
 
+    if is_text_perplexity(name):
+        from pipelines.eval.text_perplexity import perplexity
+
+        return perplexity(cfg, scorer, name)
     if task is None:
         return _perplexity_on_val_blocks(cfg, scorer, val_blocks())
     examples = task_data.examples(task, path, cfg.eval.limit)

@@ -41,6 +41,10 @@ from pipelines.errors import InputError
 # The task that scores the token store's val blocks (no data file: `prepare` made them).
 PPL_TASK = "ppl"
 
+# `ppl:<spec>`: perplexity and bits per byte of any text (`pipelines.eval.text_perplexity`).
+TEXT_PPL_PREFIX = "ppl:"
+TEXT_PPL_METRICS = ("perplexity", "bits_per_byte")
+
 MAIN_METRICS = {
     "ppl": ("perplexity",),
     "wikitext": ("word_perplexity", "bits_per_byte"),
@@ -51,6 +55,16 @@ MAIN_METRICS = {
     "arc_easy": ("acc", "acc_norm"),
     "winogrande": ("acc",),
 }
+
+
+def is_text_perplexity(task: str) -> bool:
+    """`ppl:<spec>`, the perplexity of a corpus of the user's (not `ppl`, the run's val blocks)."""
+    return task.startswith(TEXT_PPL_PREFIX)
+
+
+def main_metrics(task: str) -> tuple[str, ...]:
+    """The metrics shown for a task in tables; () when it has no entry (declared and lm-eval tasks)."""
+    return TEXT_PPL_METRICS if is_text_perplexity(task) else MAIN_METRICS.get(task, ())
 
 
 @dataclass(frozen=True)

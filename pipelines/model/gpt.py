@@ -4,12 +4,17 @@ One class, three variants chosen by `ModelConfig.variant`:
 - `ntp`: the plain decoder (learned positions, pre-LayerNorm, tanh-GELU MLP, tied embeddings).
 - `cocomix`: before block `insert_layer` the hidden state predicts concept logits; the top `concept_k` are
   compressed into one continuous concept per token, which is interleaved with the token states
-  (h_1, c_1, h_2, c_2, ...) for the remaining blocks, or added to them (`mixing = "add"`). The LM head reads
-  the concept slots, so c_t predicts token t+1. The math follows the paper's official code exactly.
+  (h_1, c_1, h_2, c_2, ...) for the remaining blocks, or added to them (`mixing = "add"`), or not mixed in at
+  all (`mixing = "none"`: concept prediction alone, the paper's Fig. 6 ablation). The LM head reads the
+  concept slots, so c_t predicts token t+1. The math follows the paper's official code exactly.
 - `pause`: the same interleaving with one learned pause vector instead of a concept (paper Fig. 6f).
 
 Positions are embedded once, per token, before any block: interleaved slots get no position of their own,
-so a KV cache counts tokens, not slots (the official code's cached generation got this wrong).
+so a KV cache counts tokens, not slots. (Measured against the official `GPT2CoCoMixLMHeadModel` under
+transformers 4.44.2: its `generate(use_cache=True)` with eager attention is correct; a hand-written cached
+loop that passes no position ids goes wrong only with insert layer 0, whose cache holds two slots per token;
+its SDPA path is wrong in cached steps, where `is_causal=True` aligns the mask top-left when there are fewer
+queries than keys. Ours builds a bottom-right causal mask in cached steps and counts positions by token.)
 Shapes in comments: B batch, T tokens, S slots (T or 2T), C concepts, D model width.
 """
 
@@ -47,7 +52,7 @@ class ModelConfig:
     concept_k: int = 32
     """How many of the largest concept logits are kept and compressed."""
     mixing: str = "interleave"
-    """`interleave` (the paper) or `add` (h_t + c_t, the paper's ablation)."""
+    """`interleave` (the paper), `add` (h_t + c_t) or `none` (concepts predicted, not mixed in): ablations."""
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     concept_norm_eps: float = 1e-5
@@ -318,6 +323,8 @@ class GPT(nn.Module):
             mixed_in, concept_logits = self.concepts(h, intervention)
         if self.config.mixing == "add":
             return h + mixed_in, concept_logits
+        if self.config.mixing == "none":  # the concept loss still trains the head and the blocks below it
+            return h, concept_logits
         B, T, D = h.shape
         return torch.stack([h, mixed_in], dim=2).view(B, 2 * T, D), concept_logits
 

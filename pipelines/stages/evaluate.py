@@ -39,7 +39,7 @@ from pipelines.eval.data import (
     task_specs,
     unavailable_tasks,
 )
-from pipelines.eval.tasks import MAIN_METRICS, PPL_TASK  # noqa: F401 (MAIN_METRICS: the CLI's table)
+from pipelines.eval.tasks import PPL_TASK, is_text_perplexity, main_metrics  # noqa: F401 (the CLI's table)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
     e = cfg.eval
     models = _models(cfg)
     if e.backend == "lm-eval":
+        text_tasks = [t for t in e.tasks if is_text_perplexity(t)]
+        if text_tasks:
+            raise ConfigError(
+                f"The lm-eval backend cannot score {', '.join(f'`{t}`' for t in text_tasks)}: `ppl:` tasks "
+                'are the native backend\'s (`eval.backend = "cocomix"`).'
+            )
         tasks, skipped = list(e.tasks), {}
         declared = declared_data_files(cfg)
         inputs = {"lm_eval": _lm_eval_version()}
@@ -65,7 +71,7 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
         files = input_files({"eval.lmeval_include": e.lmeval_include}) if e.lmeval_include else []
     else:
         specs = task_specs(cfg)
-        unknown = [t for t in e.tasks if t not in specs and t != PPL_TASK]
+        unknown = [t for t in e.tasks if t not in specs and t != PPL_TASK and not is_text_perplexity(t)]
         if unknown:
             raise ConfigError(
                 f"Unknown eval task(s) {', '.join(unknown)}; choose from {PPL_TASK}, {', '.join(specs)}, or "
@@ -163,7 +169,7 @@ def _score(
                     )
                     t0 = time.monotonic()
                     metrics = task_metrics(
-                        cfg, scorer, specs.get(task), paths.get(task), samples_path, val_blocks
+                        cfg, scorer, task, specs.get(task), paths.get(task), samples_path, val_blocks
                     )
                     metrics["seconds"] = round(time.monotonic() - t0, 3)
                     cached = {"model": model.spec, "task": task, "data": data_id, "limit": e.limit}

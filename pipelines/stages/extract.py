@@ -54,9 +54,7 @@ class Shard:
         return cls(index, count)
 
 
-def run(
-    cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()
-) -> StageResult:
+def run(cfg: Config, *, force: bool = False, progress: bool = True, shard: Shard = Shard()) -> StageResult:
     cfg = resolve_assets(cfg)
     with contextlib.ExitStack() as reading:
         return _extract(cfg, reading, force, progress, shard)

@@ -52,9 +52,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResu
         if not session.up_to_date:
             summary = _tokenize_corpus(cfg, corpus, session, progress)
             session.complete(summary, outputs=[TOKENS_STORE])
-        return StageResult(
-            STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint
-        )
+        return StageResult(STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint)
 
 
 def is_validation_document(text: str, val_fraction: float) -> bool:
@@ -80,9 +78,7 @@ class _Progress:
     commit: int = 0
 
 
-def _tokenize_corpus(
-    cfg: Config, corpus: Corpus, session: StageSession, show_progress: bool
-) -> dict:
+def _tokenize_corpus(cfg: Config, corpus: Corpus, session: StageSession, show_progress: bool) -> dict:
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer)
     separator, separator_id = document_separator(tokenizer, data.eos_token)

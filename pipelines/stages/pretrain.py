@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config.schema import Config
+from pipelines.config.students import for_its_objective, student_seed
 from pipelines.core import distributed, stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
 from pipelines.core.fingerprints import fingerprint_fields, fingerprint_path
-from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, TRAIN_SAE_STAGE, pretrain_stage
+from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, TRAIN_SAE_STAGE, pretrain_stage, student_stage
 from pipelines.core.session import StageResult, StageSession, refuse_changed_upstream
 from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
@@ -49,13 +50,18 @@ def run(
     force: bool = False,
     progress: bool = True,
 ) -> StageResult:
-    cfg = resolve_assets(cfg)
+    cfg = for_its_objective(resolve_assets(cfg))
     p = cfg.pretrain
     device = resolve_device(p.device)
     ranks = distributed.start(device)
     device = distributed.rank_device(device, ranks)
     if online_teacher and p.objective != "cocomix":
         raise ConfigError(f"--online-teacher computes CoCoMix targets; objective `{p.objective}` has none.")
+    if online_teacher and p.concept_targets != "attribution":
+        raise ConfigError(
+            "--online-teacher computes targets by attribution; `pretrain.concept_targets = "
+            f'"{p.concept_targets}"` reads the SAE top-k of the concept store: drop one of the two.'
+        )
     with contextlib.ExitStack() as reading:
         return _pretrain(cfg, reading, ranks, device, online_teacher, resume, force, progress)
 
@@ -76,11 +82,12 @@ def _pretrain(
     data = _training_data(cfg, reading, token_store, prepare_fingerprint, online_teacher, device)
     model_config = _model_config(cfg, token_store, data.objective, data.n_concepts)
     per_rank = _per_rank_batch(p, ranks.world)
-    stage = stage_name(p.objective, online_teacher)
+    stage = student_stage(cfg, online_teacher)
     inputs = {
         **{k: v for k, v in fingerprint_fields(p, "pretrain").items() if "batch_blocks" not in k},
         **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
-        "run.seed": cfg.run.seed,
+        # The student's own seed (`pretrain.seed`, else `run.seed`), under the key older runs recorded.
+        "run.seed": student_seed(cfg),
         # The result depends on the global batch, not on how it is split: a run may resume on more ranks.
         "global_batch_blocks": per_rank * ranks.world * p.grad_accum,
         **data.inputs,
@@ -172,6 +179,12 @@ def _training_data(
             _check_kd(store, token_store)
         else:
             n_concepts = store.n_concepts
+        if "sae_ids" in objective.reads and "sae_ids" not in store.arrays:
+            raise StageError(
+                '`pretrain.concept_targets = "activation"` reads the SAE\'s top-k per token, which this '
+                "concept store lacks. Set `extract.store_sae_topk = true` and run `cocomix extract-concepts "
+                "--force`."
+            )
         for split in splits:
             splits[split].update({name: store.split(split)[name] for name in objective.reads})
     if objective.name == "cocomix" and p.n_concepts and p.n_concepts != n_concepts:

@@ -9,16 +9,19 @@ leave them out).
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from pipelines.config.render import to_toml
 from pipelines.config.schema import Config
+from pipelines.config.students import students
 from pipelines.core.files import atomic_write_bytes, read_json
-from pipelines.core.layout import MANIFEST, eval_results_path, pretrain_stage
+from pipelines.core.layout import MANIFEST, eval_results_path, student_stage
 from pipelines.core.plot import line_chart
 from pipelines.core.session import stage_states
-from pipelines.eval.tasks import MAIN_METRICS
+from pipelines.core.stats import mean_and_spread, paired_difference, verdict
+from pipelines.eval.tasks import PPL_TASK, main_metrics
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -29,37 +32,38 @@ def write(cfg: Config) -> dict[str, Any]:
     """Write the three files into the run folder and return the summary; unchanged text is not rewritten."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
+    series, bands = loss_series(run_dir, student_folders(cfg))
+    several = bool(bands)
     line_chart(
         run_dir / LOSS_CURVES,
-        loss_series(run_dir, cfg.run.objectives),
+        series,
+        bands=bands,
         x_label="optimizer step",
         y_label="loss (nats/token)",
-        title="Next-token loss by step: train and validation, per student",
+        title="Next-token loss by step: train and validation, per student"
+        + (" (mean over seeds, shaded: min to max)" if several else ""),
     )
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
     return summary
 
 
+def student_folders(cfg: Config) -> dict[str, dict[int, str]]:
+    """Each name of `run.objectives`: its pretrain folder per seed (`run.seed` when `run.seeds` is empty)."""
+    folders: dict[str, dict[int, str]] = {}
+    for student in students(cfg):
+        seed = student.seed if student.seed is not None else cfg.run.seed
+        folders.setdefault(student.name, {})[seed] = student_stage(student.cfg)
+    return folders
+
+
 def collect(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     results = read_json(eval_results_path(run_dir, cfg.eval.backend)) or {"results": {}}
     objectives = {}
-    for objective in cfg.run.objectives:
-        manifest = (
-            read_json(run_dir / pretrain_stage(objective) / MANIFEST) or {}
-        )
-        trained = manifest.get("summary", {}) if manifest.get("status") == "complete" else {}
-        tasks = results["results"].get(pretrain_stage(objective), {})
-        objectives[objective] = {
-            "steps": trained.get("steps"),
-            "tokens": trained.get("tokens"),
-            "parameters": trained.get("parameters"),
-            "val_loss": trained.get("val_loss"),
-            "val_ppl": trained.get("val_ppl"),
-            "tasks": {task: _main_metrics(task, metrics) for task, metrics in tasks.items()},
-            "wall_s": manifest.get("elapsed_s"),
-        }
+    for name, folders in student_folders(cfg).items():
+        per_seed = {seed: _student(run_dir, folder, results) for seed, folder in folders.items()}
+        objectives[name] = _over_seeds(per_seed)
     stages = {}
     for state in stage_states(run_dir):
         if state["status"] != "not started":
@@ -69,13 +73,126 @@ def collect(cfg: Config) -> dict[str, Any]:
     demo = read_json(run_dir / "steer" / "demo.json")
     return {
         "run_dir": str(run_dir),
+        "seeds": sorted({seed for folders in student_folders(cfg).values() for seed in folders}),
         "objectives": objectives,
+        "paired_with_ntp": _paired_with_ntp(objectives),
         "skipped_tasks": results.get("skipped_tasks", []),
         "skipped_reasons": results.get("skipped_reasons", {}),
         "stages": stages,
         "steering": [_demo_row(p) for p in demo["prompts"]] if demo else [],
         "loss_curves": str(run_dir / LOSS_CURVES),
     }
+
+
+def _student(run_dir: Path, folder: str, results: dict[str, Any]) -> dict[str, Any]:
+    """One trained student (one seed): its training summary and its main eval metrics."""
+    manifest = read_json(run_dir / folder / MANIFEST) or {}
+    trained = manifest.get("summary", {}) if manifest.get("status") == "complete" else {}
+    tasks = results["results"].get(folder, {})
+    return {
+        "stage": folder,
+        "steps": trained.get("steps"),
+        "tokens": trained.get("tokens"),
+        "parameters": trained.get("parameters"),
+        "val_loss": trained.get("val_loss"),
+        "val_ppl": trained.get("val_ppl"),
+        "tasks": {task: _main_metrics(task, metrics) for task, metrics in tasks.items()},
+        "wall_s": manifest.get("elapsed_s"),
+    }
+
+
+COMPARED = ("val_ppl", "val_loss")  # besides each task's main metrics
+
+
+def _over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A name's students over its seeds: the mean of each metric (over the trained seeds) with its spread
+    (sample sd, None for one seed), and every seed's own numbers under `seeds`."""
+    trained = {seed: r for seed, r in per_seed.items() if r["val_ppl"] is not None}
+    first = next(iter(trained.values()), next(iter(per_seed.values())))
+    out: dict[str, Any] = {k: first[k] for k in ("steps", "tokens", "parameters")}
+    spread: dict[str, Any] = {"tasks": {}}
+    for key in COMPARED:
+        out[key], spread[key] = mean_and_spread([r[key] for r in trained.values()])
+    out["tasks"] = {}
+    for task in dict.fromkeys(t for r in trained.values() for t in r["tasks"]):
+        metrics = dict.fromkeys(m for r in trained.values() for m in r["tasks"].get(task, {}))
+        for metric in metrics:
+            values = [
+                r["tasks"][task][metric] for r in trained.values() if metric in r["tasks"].get(task, {})
+            ]
+            if len(trained) == 1 or metric.endswith("_stderr"):  # one seed: its stderr stands
+                out["tasks"].setdefault(task, {})[metric] = values[0] if len(values) == 1 else None
+                continue
+            mean, sd = mean_and_spread(values)
+            out["tasks"].setdefault(task, {})[metric] = mean
+            spread["tasks"].setdefault(task, {})[metric] = sd
+    walls = [r["wall_s"] for r in per_seed.values() if r["wall_s"] is not None]
+    out["wall_s"] = sum(walls) if walls else None  # the time all its seeds took
+    out["n_seeds"] = len(trained)
+    out["spread"] = spread
+    out["seeds"] = {str(seed): r for seed, r in per_seed.items()}
+    return out
+
+
+def _paired_with_ntp(objectives: dict[str, Any]) -> dict[str, Any]:
+    """For each student but `ntp`: its paired difference from `ntp` (same seed) on every compared metric,
+    with the 95% t-interval and a verdict; empty when the run has no `ntp`."""
+    if "ntp" not in objectives:
+        return {}
+
+    def by_seed(name: str, pick) -> dict[int, float]:
+        return {int(seed): v for seed, r in objectives[name]["seeds"].items() if (v := pick(r)) is not None}
+
+    paired = {}
+    for name in objectives:
+        if name == "ntp":
+            continue
+        rows = {}
+        metrics = [(key, None, key) for key in COMPARED]
+        for task, values in objectives[name]["tasks"].items():
+            if task == PPL_TASK:  # the val blocks again: `val_ppl`
+                continue
+            metrics += [
+                (metric, task, f"{task} {metric}") for metric in values if not metric.endswith("_stderr")
+            ]
+        for metric, task, label in metrics:
+
+            def pick(r, metric=metric, task=task):
+                return r[metric] if task is None else r["tasks"].get(task, {}).get(metric)
+
+            difference = paired_difference(by_seed(name, pick), by_seed("ntp", pick))
+            if difference is not None:
+                difference["verdict"] = verdict(difference, lower_is_better=_lower_is_better(metric))
+                rows[label] = difference
+        paired[name] = rows
+    return paired
+
+
+def _lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in ("ppl", "perplexity", "loss", "bits_per_byte"))
+
+
+def paired_lines(summary: dict[str, Any], metrics: tuple[str, ...] | None = None) -> list[str]:
+    """One line per student and metric: `cocomix - ntp, val_ppl: +11.90, 95% CI [-10.05, +33.85] over
+    seeds 0, 1, 2 (not decided ...)`; with one seed, the difference and why there is no interval."""
+    lines = []
+    for name, rows in summary.get("paired_with_ntp", {}).items():
+        for label, d in rows.items():
+            if metrics is not None and not any(label == m or label.startswith(f"{m} ") for m in metrics):
+                continue
+            seeds = ", ".join(map(str, d["seeds"]))
+            if d["ci95"] is None:
+                lines.append(
+                    f"{name} - ntp, {label}: {d['mean']:+.2f} (seed {seeds} only: one seed gives no "
+                    "interval; set `run.seeds`)"
+                )
+                continue
+            low, high = d["ci95"]
+            lines.append(
+                f"{name} - ntp, {label}: {d['mean']:+.2f}, 95% CI [{low:+.2f}, {high:+.2f}] over seeds "
+                f"{seeds}: {name} {d['verdict']}"
+            )
+    return lines
 
 
 def skipped_notes(summary: dict[str, Any]) -> list[str]:
@@ -104,6 +221,7 @@ def markdown(cfg: Config, summary: dict[str, Any]) -> str:
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in student_table(summary)]
     if summary["skipped_tasks"]:
         lines += [""] + [f"Skipped {line}." for line in skipped_notes(summary)]
+    lines += _paired_markdown(summary)
     lines += ["", f"![next-token loss by step, train and validation, per student]({LOSS_CURVES})", ""]
     lines += ["## Stages", "", "| stage | status | wall s |", "|---|---|---|"]
     lines += [f"| {name} | {s['status']} | {_fmt(s['wall_s'], 1)} |" for name, s in summary["stages"].items()]
@@ -116,15 +234,39 @@ def markdown(cfg: Config, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _paired_markdown(summary: dict[str, Any]) -> list[str]:
+    paired = summary.get("paired_with_ntp", {})
+    if not paired:
+        return []
+    lines = ["", "## Against NTP, paired by seed", ""]
+    lines += [
+        "Each student minus `ntp` trained with the same seed (the same data order), over the seeds both "
+        "have: the mean difference and its 95% t-interval (n - 1 degrees of freedom).",
+        "",
+    ]
+    lines += ["| student | metric | difference | 95% CI | seeds | verdict |", "|---|---|---:|---|---|---|"]
+    for name, rows in paired.items():
+        for label, d in rows.items():
+            interval = f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "-"
+            seeds = ", ".join(map(str, d["seeds"]))
+            lines.append(f"| {name} | {label} | {d['mean']:+.4f} | {interval} | {seeds} | {d['verdict']} |")
+    return lines
+
+
 def student_table(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """Rows (label, one cell per objective): val perplexity, each task's main metrics, tokens, wall time.
 
     The `ppl` task is the val perplexity again (over the same blocks), so it is not repeated."""
     rows = list(summary["objectives"].values())
     tasks = sorted({t for row in rows for t in row["tasks"]} - {"ppl"})
-    table = [("val perplexity", [_fmt(r["val_ppl"], 2) for r in rows])]
+    several = any(r.get("n_seeds", 1) > 1 for r in rows)
+    table = []
+    if several:
+        table.append(("seeds", [str(r["n_seeds"]) for r in rows]))
+    cells = [_fmt(r["val_ppl"], 2) + _spread(r.get("spread", {}).get("val_ppl"), 2) for r in rows]
+    table.append(("val perplexity" + (" (mean ± sd)" if several else ""), cells))
     for task in tasks:
-        for metric in MAIN_METRICS.get(task) or sorted({m for r in rows for m in r["tasks"].get(task, {})}):
+        for metric in main_metrics(task) or sorted({m for r in rows for m in r["tasks"].get(task, {})}):
             if metric.endswith("_stderr"):
                 continue
             cells = []
@@ -133,15 +275,20 @@ def student_table(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
                     r["tasks"].get(task, {}).get(metric),
                     r["tasks"].get(task, {}).get(f"{metric}_stderr"),
                 )
-                cells.append(_fmt(value) + (f" ± {stderr:.4f}" if stderr is not None else ""))
+                sd = r.get("spread", {}).get("tasks", {}).get(task, {}).get(metric)
+                cells.append(_fmt(value) + (f" ± {stderr:.4f}" if stderr is not None else _spread(sd, 4)))
             table.append((f"{task} {metric}", cells))
     table.append(("tokens", [f"{r['tokens']:,}" if r["tokens"] else "-" for r in rows]))
     table.append(("wall s", [_fmt(r["wall_s"], 1) for r in rows]))
     return table
 
 
+def _spread(sd: float | None, digits: int) -> str:
+    return f" ± {sd:.{digits}f}" if sd is not None else ""
+
+
 def _main_metrics(task: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = MAIN_METRICS.get(task) or [k for k, v in metrics.items() if isinstance(v, float)]
+    keys = main_metrics(task) or [k for k, v in metrics.items() if isinstance(v, float)]
     out = {k: metrics[k] for k in keys if k in metrics}
     out.update({f"{k}_stderr": metrics[f"{k}_stderr"] for k in keys if f"{k}_stderr" in metrics})
     return out
@@ -156,17 +303,35 @@ def _demo_row(prompt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def loss_series(run_dir: Path, objectives: list[str]) -> dict[str, list[tuple[float, float]]]:
-    """The chart's lines, by legend label: "<objective> train" (the NTP part of the train loss, comparable
-    across objectives) and "<objective> val" for each student; a student not trained yet has empty ones."""
-    series = {}
-    for objective in objectives:
-        path = run_dir / pretrain_stage(objective) / "metrics.jsonl"
-        text = path.read_text() if path.exists() else ""
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        series[f"{objective} train"] = [(r["step"], r["ntp_loss"]) for r in rows if r.get("kind") == "train"]
-        series[f"{objective} val"] = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
-    return series
+def loss_series(
+    run_dir: Path, folders: dict[str, dict[int, str]]
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float, float]]]]:
+    """The chart's lines by legend label, "<name> train" (the NTP part of the train loss, comparable across
+    objectives) and "<name> val", and their bands. One seed: its points, no bands. Several: the mean over
+    the seeds at each step they all logged, and a (step, min, max) band; a name not trained yet has empty
+    lines."""
+    series, bands = {}, {}
+    for name, by_seed in folders.items():
+        curves = [_curves(run_dir / folder / "metrics.jsonl") for folder in by_seed.values()]
+        for kind in ("train", "val"):
+            runs = [dict(c[kind]) for c in curves if c[kind]]
+            label = f"{name} {kind}"
+            if len(by_seed) == 1:
+                series[label] = curves[0][kind]
+                continue
+            steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+            series[label] = [(step, statistics.fmean(r[step] for r in runs)) for step in steps]
+            bands[label] = [(step, min(r[step] for r in runs), max(r[step] for r in runs)) for step in steps]
+    return series, bands
+
+
+def _curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+    text = path.read_text() if path.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {
+        "train": [(r["step"], r["ntp_loss"]) for r in rows if r.get("kind") == "train"],
+        "val": [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"],
+    }
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

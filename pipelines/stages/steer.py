@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config.schema import Config
+from pipelines.config.students import first_student
 from pipelines.core.files import atomic_write_json
 from pipelines.core.fingerprints import fingerprint_fields
-from pipelines.core.layout import CONCEPTS_STORE, EXTRACT_STAGE, FINAL_MODEL, pretrain_stage
+from pipelines.core.layout import CONCEPTS_STORE, EXTRACT_STAGE, FINAL_MODEL, stage_command, student_stage
 from pipelines.core.session import StageResult, StageSession, Upstream, finished_output, finished_upstream
 from pipelines.errors import ConfigError
 
@@ -30,30 +31,38 @@ log = logging.getLogger(__name__)
 
 STAGE = "steer"
 DEMO = "demo.json"
-STUDENT_STAGE = pretrain_stage("cocomix")
+
+
+def demo_student_stage(cfg: Config) -> str:
+    """The run's CoCoMix student: the first `cocomix` of `run.objectives`, at its first seed."""
+    student = first_student(cfg, "cocomix")
+    return student_stage(student.cfg if student else cfg)
 
 
 def run(cfg: Config) -> StageResult:
     run_dir = Path(cfg.run.dir)
+    stage = demo_student_stage(cfg)
     with contextlib.ExitStack() as reading:
         student = reading.enter_context(
             finished_upstream(
                 run_dir,
-                STUDENT_STAGE,
+                stage,
                 FINAL_MODEL,
-                missing=f"{run_dir} has no finished `{STUDENT_STAGE}`. Run `cocomix pretrain --objective "
-                "cocomix`.",
+                missing=f"{run_dir} has no finished `{stage}`. Run `{stage_command(stage)}`.",
             )
         )
         concepts = None
         if finished_output(run_dir, EXTRACT_STAGE, CONCEPTS_STORE):  # optional: labels
             concepts = reading.enter_context(finished_upstream(run_dir, EXTRACT_STAGE, CONCEPTS_STORE))
         input_artifacts = {
-            STUDENT_STAGE: student.fingerprint,
+            stage: student.fingerprint,
             **({EXTRACT_STAGE: concepts.fingerprint} if concepts else {}),
         }
         inputs = {k: v for k, v in fingerprint_fields(cfg.steer, "steer").items() if k != "steer.model"}
-        with StageSession(run_dir, STAGE, inputs, input_artifacts=input_artifacts) as session:
+        # The demo is cheap and derived, like eval: another student or setting redoes it, without --force.
+        with StageSession(
+            run_dir, STAGE, inputs, input_artifacts=input_artifacts, rerun_on_change=True
+        ) as session:
             if not session.up_to_date:
                 demo = _demo(cfg, student.path, run_dir, concepts)
                 atomic_write_json(session.dir / DEMO, demo)
@@ -125,7 +134,7 @@ def _student(cfg: Config, device: str):
     from pipelines.model.steering import SteeringModel
     from pipelines.sae import dictionary
 
-    spec = cfg.steer.model or str(Path(cfg.run.dir) / STUDENT_STAGE / FINAL_MODEL)
+    spec = cfg.steer.model or str(Path(cfg.run.dir) / demo_student_stage(cfg) / FINAL_MODEL)
     # The labels are empty until `cocomix concepts build`.
     return SteeringModel.load(spec, device), dictionary.labels(Path(cfg.run.dir))
 

@@ -1,10 +1,11 @@
 """`cocomix run`: every stage from one config, in order, each skipped when up to date and resumed when not.
 
-The steps are prepare -> train-sae (when `sae.path` is empty and an objective needs concepts) ->
-extract-concepts (for `cocomix` and `kd`) -> pretrain (one stage per objective in `run.objectives`) -> eval
--> steer (the demo, when `cocomix` is trained) -> report. Each step is the stage's own `run`, so the rules of
-the single commands hold: a finished stage with the same fingerprint is skipped, an interrupted one resumes,
-one whose inputs changed is refused with the differences. The report (`summary.json`, `report.md`,
+The steps are prepare -> train-sae (when `sae.path` is empty and a student needs concepts) ->
+extract-concepts (for `cocomix` and `kd`) -> pretrain (one stage per student: each name of `run.objectives`,
+an objective or a `[run.variants.NAME]`, once per seed of `run.seeds`; `pipelines.config.students`) -> eval
+-> steer (the demo, on the first `cocomix` student) -> report. Each step is the stage's own `run`, so the
+rules of the single commands hold: a finished stage with the same fingerprint is skipped, an interrupted one
+resumes, one whose inputs changed is refused with the differences. The report (`summary.json`, `report.md`,
 `loss_curves.png` in the run folder) is rebuilt from the stages' files, so an interrupted and resumed run
 reports what an uninterrupted one does.
 """
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config.schema import Config
+from pipelines.config.students import Student, first_student, students
 from pipelines.core.files import read_json
-from pipelines.core.layout import FINAL_MODEL, MANIFEST, pretrain_stage
+from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_stage
 from pipelines.core.locks import writer_holders
 from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs, stage_states  # noqa: F401 (`cocomix status`)
 from pipelines.errors import ConfigError
@@ -97,7 +99,8 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
     from pipelines.core import stage_inputs
     from pipelines.core.fingerprints import fingerprint_fields
 
-    objectives = cfg.run.objectives
+    trained = students(cfg)
+    objectives = list(dict.fromkeys(s.objective for s in trained))
     needs_concepts = any(o in CONCEPT_OBJECTIVES for o in objectives)
     if "kd" in objectives and not cfg.extract.store_teacher_topk:
         raise ConfigError(
@@ -109,7 +112,15 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
             f"`run.objectives` has {', '.join(o for o in objectives if o in CONCEPT_OBJECTIVES)}, "
             "which needs a teacher: set `teacher.model`."
         )
-    d, s, p = cfg.data, cfg.sae, cfg.pretrain
+    by_activation = [
+        s.name for s in trained if s.objective == "cocomix" and s.cfg.pretrain.concept_targets == "activation"
+    ]
+    if by_activation and not cfg.extract.store_sae_topk:
+        raise ConfigError(
+            f'`{by_activation[0]}` sets `pretrain.concept_targets = "activation"`, which reads the SAE '
+            "top-k of the extraction: set `extract.store_sae_topk = true`."
+        )
+    d, s = cfg.data, cfg.sae
     stages = [
         (
             "prepare",
@@ -139,16 +150,22 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 stage_inputs.extract_concepts(cfg),
             )
         )
-    steps = f"{p.max_steps:,} steps of {_batch_text(p, d.block_size)}"
-    for objective in objectives:
-        inputs = fingerprint_fields(_for_objective(cfg, objective).pretrain, "pretrain")
-        detail = f"{objective} student, preset {p.preset}, {steps}"
-        stages.append(("pretrain", pretrain_stage(objective), detail, inputs))
+    for student in trained:
+        sp = student.cfg.pretrain
+        inputs = fingerprint_fields(sp, "pretrain")
+        steps = f"{sp.max_steps:,} steps of {_batch_text(sp, d.block_size)}"
+        seed = f", seed {student.seed}" if student.seed is not None else ""
+        what = f"{student.name} ({sp.objective})" if sp.variant else student.name
+        detail = f"{what} student{seed}, preset {sp.preset}, {steps}"
+        stages.append(("pretrain", _student_stage(student), detail, inputs))
     tasks = ", ".join(cfg.eval.tasks)
-    stages.append(("eval", "eval", f"{tasks} for {', '.join(objectives)}", {}))
-    if "cocomix" in objectives:
+    names = ", ".join(cfg.run.objectives)
+    seeds = f" x seeds {', '.join(map(str, cfg.run.seeds))}" if cfg.run.seeds else ""
+    stages.append(("eval", "eval", f"{tasks} for {names}{seeds}", {}))
+    demo = first_student(cfg, "cocomix")
+    if demo is not None:
         stages.append(
-            ("steer", "steer", f"inspect and sweep {cfg.steer.demo_scales} on the CoCoMix student", {})
+            ("steer", "steer", f"inspect and sweep {cfg.steer.demo_scales} on {_student_stage(demo)}", {})
         )
     stages.append(("report", "report", "summary.json, report.md, loss_curves.png", {}))
     return stages
@@ -199,13 +216,16 @@ def _state(run_dir: Path, step: str, stage: str, inputs: dict[str, Any]) -> tupl
 
 
 def _command(row: PlannedStage) -> str:
-    if row.step == "pretrain":
-        return f"pretrain --objective {row.stage.removeprefix('pretrain-')}"
-    return row.step
+    return stage_command(row.stage).removeprefix("cocomix ")
 
 
-def _for_objective(cfg: Config, objective: str) -> Config:
-    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, objective=objective))
+def _student_stage(student: Student) -> str:
+    return student_stage(student.cfg)
+
+
+def student_stages(cfg: Config) -> list[str]:
+    """The pretrain folders of the run's students, in `students` order."""
+    return [_student_stage(s) for s in students(cfg)]
 
 
 # --- the steps ---------------------------------------------------------------------------------------
@@ -232,8 +252,8 @@ def _extract(cfg: Config, row: PlannedStage, progress: bool) -> None:
 def _pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import pretrain
 
-    objective = row.stage.removeprefix("pretrain-")
-    result = pretrain.run(_for_objective(cfg, objective), resume=True, progress=progress)
+    (student,) = [s for s in students(cfg) if _student_stage(s) == row.stage]
+    result = pretrain.run(student.cfg, resume=True, progress=progress)
     if "stopped_at_step" in result.summary:  # SIGTERM / Ctrl-C: saved; the next `cocomix run` resumes
         raise KeyboardInterrupt
 
@@ -246,8 +266,7 @@ def _eval(cfg: Config, row: PlannedStage, progress: bool) -> None:
 
 def _eval_config(cfg: Config) -> Config:
     models = cfg.eval.models or [
-        str(Path(cfg.run.dir) / pretrain_stage(o) / FINAL_MODEL)
-        for o in cfg.run.objectives
+        str(Path(cfg.run.dir) / stage / FINAL_MODEL) for stage in student_stages(cfg)
     ]
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, models=models))
 

@@ -123,6 +123,26 @@ class CoCoMix(Objective):
         return {"concept_loss": (loss, self.p.lam_concept)}
 
 
+class CoCoMixByActivation(CoCoMix):
+    """CoCoMix whose targets are the K most active SAE latents of each token instead of the K with the
+    largest attribution (`pretrain.concept_targets = "activation"`, the paper's ablation of attribution).
+
+    Read from the SAE top-k that `extract.store_sae_topk` stores (sorted here by activation, so the order on
+    disk does not matter); K is `extract.concepts_per_token`, as for attribution targets, and the positions
+    scored are the same (`valid`), so the two differ only in which latents they pick."""
+
+    reads = ("sae_ids", "sae_acts", "valid")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.k = cfg.extract.concepts_per_token
+
+    def inputs(self, tokens, batch):
+        arrays = super().inputs(tokens, batch)
+        order = arrays["sae_acts"].argsort(dim=-1, descending=True, stable=True)[..., : self.k]
+        return {"concept_ids": arrays["sae_ids"].gather(-1, order), "valid": arrays["valid"]}
+
+
 class OnlineCoCoMix(CoCoMix):
     """CoCoMix with targets computed in the loop by the teacher and SAE (`--online-teacher`, the official
     code's way); its concept loss on val is not reported (the targets are not cached to compare)."""
@@ -173,4 +193,6 @@ def objective_for(cfg: Config, online: tuple[Any, Any] | None = None) -> Objecti
     """The objective of `pretrain.objective`; CoCoMix with targets from `online` (teacher, sae) when given."""
     if online is not None:
         return OnlineCoCoMix(cfg, *online)
+    if cfg.pretrain.objective == "cocomix" and cfg.pretrain.concept_targets == "activation":
+        return CoCoMixByActivation(cfg)
     return OBJECTIVES[cfg.pretrain.objective](cfg)

@@ -41,7 +41,10 @@ class Parallelism:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(model, device_ids=ids)
+            # Concepts predicted but not mixed in (`mixing = "none"`) leave the compression without a
+            # gradient, which DDP must be told about.
+            unused = getattr(getattr(model, "config", None), "mixing", "") == "none"
+            wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         if self.compile:
             wrapped = torch.compile(wrapped)
         return wrapped

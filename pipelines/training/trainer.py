@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.config.schema import Config
+from pipelines.config.students import student_seed
 from pipelines.core import distributed
 from pipelines.core.files import truncate_jsonl_after
 from pipelines.core.layout import FINAL_MODEL
@@ -73,7 +74,7 @@ class Trainer:
 
         self.cfg, self.p, self.data, self.ranks, self.device = cfg, cfg.pretrain, data, ranks, device
         self.dir, self.fingerprint, self.model_config = stage_dir, fingerprint, model_config
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(student_seed(cfg))
         self.model = GPT(model_config).to(device)
         self.objective = data.objective
         self.parallel = Parallelism(ranks, device, fsdp=self.p.fsdp, compile=self.p.compile)
@@ -85,7 +86,7 @@ class Trainer:
         self.per_rank = per_rank
         self.global_batch = per_rank * ranks.world * self.p.grad_accum
         self.tokens_per_step = self.global_batch * model_config.context_length
-        self.order = BatchOrder(data.train.n_blocks, cfg.run.seed, self.global_batch)
+        self.order = BatchOrder(data.train.n_blocks, student_seed(cfg), self.global_batch)
         self.autocast = _autocast_dtype(self.p.dtype, device)
         self._stop_signal: str | None = None
         self.trackers = None
