@@ -40,8 +40,9 @@ def write(cfg: Config) -> dict[str, Any]:
         bands=bands,
         x_label="optimizer step",
         y_label="loss (nats/token)",
-        title="Next-token loss by step: train and validation, per student"
-        + (" (mean over seeds, shaded: min to max)" if several else ""),
+        title="Next-token loss by step, per student: mean of the seeds, min to max shaded"
+        if several
+        else "Next-token loss by step: train and validation, per student",
     )
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
