@@ -103,7 +103,10 @@ def main() -> None:
         "final": final["objectives"],
         "final_paired": final["paired_with_ntp"],
         "final_paired_with_kd": paired_with(
-            final, chosen, "kd", ["val_ppl", *(f"{t} perplexity" for t in tasks)]
+            final,
+            chosen,
+            "kd",
+            ["val_ppl", *(f"{t} {m}" for t in HELD_OUT.values() for m in ("perplexity", "bits_per_byte"))],
         ),
         "held_out": HELD_OUT,
         "wall_s": round(time.monotonic() - started, 1),
