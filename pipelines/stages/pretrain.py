@@ -27,7 +27,7 @@ from pipelines.core import distributed, stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
 from pipelines.core.fingerprints import fingerprint_fields, fingerprint_path
-from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, TRAIN_SAE_STAGE, pretrain_stage, student_stage
+from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, TRAIN_SAE_STAGE, student_stage
 from pipelines.core.session import StageResult, StageSession, refuse_changed_upstream
 from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
@@ -38,8 +38,6 @@ from pipelines.training.state import Checkpoints
 from pipelines.training.trainer import METRICS, Trainer, TrainingData
 
 log = logging.getLogger(__name__)
-
-stage_name = pretrain_stage
 
 
 def run(

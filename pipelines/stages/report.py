@@ -61,8 +61,9 @@ def student_folders(cfg: Config) -> dict[str, dict[int, str]]:
 def collect(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     results = read_json(eval_results_path(run_dir, cfg.eval.backend)) or {"results": {}}
+    by_name = student_folders(cfg)
     objectives = {}
-    for name, folders in student_folders(cfg).items():
+    for name, folders in by_name.items():
         per_seed = {seed: _student(run_dir, folder, results) for seed, folder in folders.items()}
         objectives[name] = _over_seeds(per_seed)
     stages = {}
@@ -74,7 +75,7 @@ def collect(cfg: Config) -> dict[str, Any]:
     demo = read_json(run_dir / "steer" / "demo.json")
     return {
         "run_dir": str(run_dir),
-        "seeds": sorted({seed for folders in student_folders(cfg).values() for seed in folders}),
+        "seeds": sorted({seed for folders in by_name.values() for seed in folders}),
         "objectives": objectives,
         "paired_with_ntp": _paired_with_ntp(objectives),
         "skipped_tasks": results.get("skipped_tasks", []),

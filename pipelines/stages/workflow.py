@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config.schema import Config
-from pipelines.config.students import Student, first_student, students
+from pipelines.config.students import first_student, students
 from pipelines.core.files import read_json
 from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_stage
 from pipelines.core.locks import writer_holders
@@ -157,7 +157,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
         seed = f", seed {student.seed}" if student.seed is not None else ""
         what = f"{student.name} ({sp.objective})" if sp.variant else student.name
         detail = f"{what} student{seed}, preset {sp.preset}, {steps}"
-        stages.append(("pretrain", _student_stage(student), detail, inputs))
+        stages.append(("pretrain", student_stage(student.cfg), detail, inputs))
     tasks = ", ".join(cfg.eval.tasks)
     names = ", ".join(cfg.run.objectives)
     seeds = f" x seeds {', '.join(map(str, cfg.run.seeds))}" if cfg.run.seeds else ""
@@ -165,7 +165,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
     demo = first_student(cfg, "cocomix")
     if demo is not None:
         stages.append(
-            ("steer", "steer", f"inspect and sweep {cfg.steer.demo_scales} on {_student_stage(demo)}", {})
+            ("steer", "steer", f"inspect and sweep {cfg.steer.demo_scales} on {student_stage(demo.cfg)}", {})
         )
     stages.append(("report", "report", "summary.json, report.md, loss_curves.png", {}))
     return stages
@@ -219,13 +219,9 @@ def _command(row: PlannedStage) -> str:
     return stage_command(row.stage).removeprefix("cocomix ")
 
 
-def _student_stage(student: Student) -> str:
-    return student_stage(student.cfg)
-
-
 def student_stages(cfg: Config) -> list[str]:
     """The pretrain folders of the run's students, in `students` order."""
-    return [_student_stage(s) for s in students(cfg)]
+    return [student_stage(s.cfg) for s in students(cfg)]
 
 
 # --- the steps ---------------------------------------------------------------------------------------
@@ -252,7 +248,7 @@ def _extract(cfg: Config, row: PlannedStage, progress: bool) -> None:
 def _pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import pretrain
 
-    (student,) = [s for s in students(cfg) if _student_stage(s) == row.stage]
+    (student,) = [s for s in students(cfg) if student_stage(s.cfg) == row.stage]
     result = pretrain.run(student.cfg, resume=True, progress=progress)
     if "stopped_at_step" in result.summary:  # SIGTERM / Ctrl-C: saved; the next `cocomix run` resumes
         raise KeyboardInterrupt
