@@ -21,6 +21,7 @@ from cocomix_cli.commands import (
     concepts_cmd,
     config_cmd,
     eval_cmd,
+    export_cmd,
     extract_cmd,
     prepare_cmd,
     pretrain_cmd,
@@ -192,6 +193,7 @@ app.command("extract-concepts")(extract_cmd.extract_concepts)
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("eval")(eval_cmd.evaluate)
 app.command("steer")(steer_cmd.steer)
+app.command("export")(export_cmd.export)
 app.command("status")(status_cmd.status)
 app.add_typer(concepts_cmd.app, name="concepts")
 app.add_typer(config_cmd.app, name="config")

@@ -187,6 +187,7 @@ def test_the_fields_with_choices_are_the_expected_ones():
         "pretrain.objective": ("ntp", "cocomix", "kd", "pause"),
         "pretrain.preset": ("tiny", "69m", "386m", "1.38b"),
         "pretrain.mixing": ("interleave", "add", "none"),
+        "pretrain.wandb_mode": ("offline", "online", "disabled"),
         "pretrain.concept_targets": ("attribution", "activation"),
         "pretrain.dtype": ("auto", "float32", "bfloat16"),
         "eval.backend": ("cocomix", "lm-eval"),

@@ -13,7 +13,8 @@ from pipelines.config.loading import load_config
 from pipelines.errors import InputError
 from pipelines.eval.scoring import ScoringModel, rolling_windows
 from pipelines.eval.tasks import TASKS, mean_and_stderr, wikitext_detokenizer
-from pipelines.model.checkpoint import export_hf_gpt2, load_model
+from pipelines.model.checkpoint import load_model
+from pipelines.model.hf_export import export_hf_gpt2
 from pipelines.stages import evaluate, pretrain
 from tests.conftest import FIXTURE_EVAL, bpe_tokenizer, eval_results, prepared_run, run_in
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from pipelines.core.layout import HF_MODEL
 from pipelines.eval.tasks import TASKS as OUR_TASKS
-from pipelines.model.checkpoint import export_hf_gpt2, load_model
+from pipelines.model.checkpoint import load_model
+from pipelines.model.hf_export import export_student
 from pipelines.stages import evaluate, pretrain
 from tests.conftest import FIXTURE_EVAL, REPO, bpe_tokenizer, eval_results, prepared_run, run_in
 
@@ -78,8 +80,6 @@ def source(request, monkeypatch) -> Source:
 def students(tmp_path_factory):
     """`students(block_size)`: a tiny NTP student trained on the committed corpus with that context, and
     its transformers export with the same tokenizer, as (model folder, hf folder); built once each."""
-    from transformers import PreTrainedTokenizerFast
-
     built: dict[int, tuple[Path, Path]] = {}
 
     def student(block_size: int) -> tuple[Path, Path]:
@@ -90,10 +90,8 @@ def students(tmp_path_factory):
             model_dir = base / result.dir / "model"
             assert (model_dir / "tokenizer.json").read_bytes() == bpe_tokenizer().json.read_bytes()
             assert load_model(model_dir).config.context_length == block_size
-            hf_dir = export_hf_gpt2(load_model(model_dir), base / "hf", bpe_tokenizer().separator_id)
-            PreTrainedTokenizerFast(
-                tokenizer_file=str(bpe_tokenizer().json), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-            ).save_pretrained(hf_dir)
+            hf_dir = base / result.dir / HF_MODEL  # what pretrain exports beside the model
+            assert (hf_dir / "tokenizer.json").exists() and base / result.summary["hf_model"] == hf_dir
             built[block_size] = model_dir, hf_dir
         return built[block_size]
 
@@ -117,20 +115,18 @@ def load_tasks(names: list[str]) -> dict:
 
 
 def save_with_export(model, folder: Path) -> tuple[Path, Path]:
-    """An NTP `model` saved as ours (`folder/ntp`) and exported to transformers (`folder/hf`), both with the
-    test BPE."""
-    from transformers import PreTrainedTokenizerFast
-
+    """`model` saved as ours (`folder/<variant>`, with the test BPE) and exported by `export_student`
+    (`folder/hf`): a GPT-2 folder for NTP, a `CocomixForCausalLM` one with its code for the others."""
     from pipelines.model.checkpoint import save_model
 
     tokenizer = bpe_tokenizer()
-    ours = save_model(model, folder / "ntp", {"tokenizer": {"separator_id": tokenizer.separator_id}})
+    ours = save_model(
+        model,
+        folder / model.config.variant,
+        {"tokenizer": {"separator": "<|endoftext|>", "separator_id": tokenizer.separator_id}},
+    )
     (ours / "tokenizer.json").write_bytes(tokenizer.json.read_bytes())
-    hf_dir = export_hf_gpt2(model, folder / "hf", tokenizer.separator_id)
-    PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer.json), eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    ).save_pretrained(hf_dir)
-    return ours, hf_dir
+    return ours, export_student(ours, folder / "hf")
 
 
 def run_folder(path: Path) -> Path:
@@ -205,21 +201,7 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
             "lm-eval",
             {k: v for k, v in theirs[f"local_{task}"].items() if "stderr" not in k},
         )
-    for task in TASKS:
-        reference = theirs[f"local_{task}"]
-        compared = 0
-        for metric in ("acc", "acc_norm"):
-            if f"{metric},none" in reference:
-                assert ours[task][metric] == reference[f"{metric},none"], (task, metric)
-                assert ours[task][f"{metric}_stderr"] == pytest.approx(
-                    reference[f"{metric}_stderr,none"], rel=1e-9
-                ), (task, metric)
-                compared += 1
-        if "perplexity,none" in reference:
-            assert ours[task]["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-3), task
-            compared += 1
-        assert compared == len(OUR_TASKS[task].metrics), task  # every metric of ours has lm-eval's twin
-        assert ours[task]["examples"] == source.examples(task)
+    assert_same_metrics(ours, theirs, source)
 
     # The same student through `--backend lm-eval` (our LM adapter inside lm-eval) gives the same numbers.
     adapter = run_in(
@@ -243,6 +225,70 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
     assert (adapter["acc_stderr"], adapter["acc_norm_stderr"]) == pytest.approx(
         (native["acc_stderr"], native["acc_norm_stderr"]), rel=1e-9
     )
+
+
+def assert_same_metrics(ours: dict, theirs: dict, source: Source) -> None:
+    """cocomix's results per task equal lm-eval's: accuracies exactly, standard errors to 1e-9,
+    perplexities to 1e-3, every metric of ours compared, on every example."""
+    for task in TASKS:
+        reference = theirs[f"local_{task}"]
+        compared = 0
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in reference:
+                assert ours[task][metric] == reference[f"{metric},none"], (task, metric)
+                assert ours[task][f"{metric}_stderr"] == pytest.approx(
+                    reference[f"{metric}_stderr,none"], rel=1e-9
+                ), (task, metric)
+                compared += 1
+        if "perplexity,none" in reference:
+            assert ours[task]["perplexity"] == pytest.approx(reference["perplexity,none"], rel=1e-3), task
+            compared += 1
+        assert compared == len(OUR_TASKS[task].metrics), task  # every metric of ours has lm-eval's twin
+        assert ours[task]["examples"] == source.examples(task)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["cocomix", "pause"])
+def test_lm_eval_hf_scores_exported_cocomix_and_pause_students_as_cocomix_eval_does(
+    variant, source, tmp_path
+):
+    """lm-eval's own `hf` model on the export (its remote code, `trust_remote_code=True`) against
+    `cocomix eval` on our folder. The students are seeded, with weights scaled up from the init so that
+    their choices are not near-ties, and have the source's context (left truncation compared too)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from pipelines.model.gpt import GPT
+    from tests.conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    config = tiny_model_config(
+        variant=variant, vocab_size=bpe_tokenizer().vocab_size, context_length=source.block_size
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln" not in name:
+                param.mul_(4.0)
+    folder, hf_dir = save_with_export(model, tmp_path)
+    ours = run_in(
+        run_folder(tmp_path),
+        eval_results,
+        [f"eval.data_dir={source.eval_dir}", f"eval.limit={source.limit}", f'eval.models=["{folder}"]',
+         "eval.tasks=[" + ",".join(f'"{t}"' for t in TASKS) + "]", "eval.device=cpu"],
+    )["results"][variant]  # fmt: skip
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32", trust_remote_code=True)
+    assert type(lm.model).__name__ == "CocomixForCausalLM" and lm.max_length == source.block_size
+    theirs = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[f"local_{t}" for t in TASKS],
+        limit=source.lm_eval_limit,
+        task_manager=task_manager(),
+        num_fewshot=0,
+    )["results"]
+    for task in TASKS:  # shown with `pytest -s`, for the record
+        print(variant, task, {k: round(v, 6) for k, v in ours[task].items() if k in ("acc", "acc_norm")})
+    assert_same_metrics(ours, theirs, source)
 
 
 def test_wikitext_rolling_perplexities_equal_lm_evals(source, tmp_path):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from pipelines.model.checkpoint import export_hf_gpt2, load_model, save_model
+from pipelines.model.checkpoint import load_model, save_model
 from pipelines.model.generation import generate
 from pipelines.model.gpt import GPT, ConceptIntervention, concept_loss, normalize_features
+from pipelines.model.hf_export import export_hf_gpt2
 from tests.conftest import tiny_model_config
 
 VARIANTS = [
@@ -90,7 +91,7 @@ def test_cached_logits_match_uncached_at_every_step():
         model(idx[:, i : i + 1], kv_cache=cache) for i in range(10, 24)
     ]
     stepped = torch.cat([p.logits for p in pieces], dim=1)
-    assert cache.n_tokens == 24
+    assert model.tokens_in(cache) == 24
     assert cache.layers[0].length == 24 and cache.layers[-1].length == 48  # two slots above the insert layer
     assert torch.allclose(stepped, full.logits, atol=1e-10)
 

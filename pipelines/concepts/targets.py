@@ -37,7 +37,8 @@ def resolve_sae_path(cfg: Config, reading: contextlib.ExitStack) -> tuple[Config
             TRAINED_SAE,
             expected=stage_inputs.train_sae(cfg),
             missing="`sae.path` is not set and this run has no trained SAE. Run `cocomix train-sae`, or set "
-            "`sae.path` to an SAE (OpenAI .pt or SAELens folder).",
+            "`sae.path` to an SAE (OpenAI .pt, SAELens or sparsify folder, Gemma Scope params.npz, "
+            "`saelens:RELEASE/SAE_ID`).",
         )
     )
     cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, path=str(trained.path)))
@@ -47,7 +48,7 @@ def resolve_sae_path(cfg: Config, reading: contextlib.ExitStack) -> tuple[Config
 def load_teacher_and_sae(cfg: Config, token_store: TokenStore, prepare_fingerprint: str, device):
     """The SAE and the source of hidden states and gradients: the teacher, or a store of them."""
     from pipelines.concepts.teacher import load_teacher_for
-    from pipelines.sae.topk import load_sae
+    from pipelines.sae.formats import load_sae
 
     sae = load_sae(cfg.sae.path).sae.to(device).eval().requires_grad_(False)
     if cfg.extract.hidden_from:
@@ -65,9 +66,15 @@ def _check_sae(cfg: Config, sae, d_model: int, teacher_spec: str) -> None:
             f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{teacher_spec}` has "
             f"hidden size {d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
         )
-    if cfg.extract.concepts_per_token > sae.k:
+    k = getattr(sae, "k", None)  # TopK SAEs only: their targets come from the k active latents
+    if k is not None and cfg.extract.concepts_per_token > k:
         raise InputError(
             f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({sae.k})."
+        )
+    if cfg.extract.concepts_per_token > sae.d_sae:
+        raise InputError(
+            f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the width of SAE "
+            f"`{cfg.sae.path}` ({sae.d_sae} latents)."
         )
 
 
@@ -134,7 +141,8 @@ class StoredHidden:
 def online_concept_targets(teacher, sae, tokens, top_k: int, attribution: str):
     """CoCoMix targets computed now by the teacher and SAE, as `extract-concepts` caches them.
 
-    Returns ids (B, T, K) and valid (B, T): the last position of a block has no next token.
+    Returns ids (B, T, K) and valid (B, T): the last position of a block has no next token, and a token
+    without an active SAE latent has no concept (`pipelines.sae.attribution`).
     """
     import torch
 
@@ -148,4 +156,4 @@ def online_concept_targets(teacher, sae, tokens, top_k: int, attribution: str):
         )
     valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
     valid[:, -1] = False
-    return targets.ids.reshape(B, T, -1), valid
+    return targets.ids.reshape(B, T, -1), valid & targets.has_active.reshape(B, T)

@@ -29,6 +29,7 @@ Attribution = Literal["official", "paper"]
 ConceptTargets = Literal["attribution", "activation"]
 EvalBackend = Literal["cocomix", "lm-eval"]
 MissingData = Literal["hub", "skip", "hub_or_skip"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
@@ -161,8 +162,9 @@ class SaeConfig:
 
     path: str = _field(
         "",
-        "SAE: an OpenAI `.pt` state dict, a SAELens folder, or `hf:REPO[/SUBFOLDER]` on the hub; "
-        "empty uses the one `train-sae` trained in this run.",
+        "SAE: an OpenAI `.pt` state dict, a SAELens folder (topk, standard or jumprelu), a Gemma Scope "
+        "`params.npz` (or its folder), an EleutherAI sparsify folder, `hf:REPO[/PATH]` or "
+        "`saelens:RELEASE/SAE_ID`; empty uses the one `train-sae` trained in this run.",
         local_path=True,
     )
     latents: int = _field(4096, "`train-sae`: SAE width (number of latents).")
@@ -202,7 +204,9 @@ class ExtractConfig:
     )
     store_hidden: bool = _field(False, "Also store the teacher's hidden state and its gradient (float16).")
     store_sae_topk: bool = _field(
-        False, "Also store the SAE's top-k ids and activations (concept dictionary)."
+        False,
+        "Also store the SAE's largest activations and their ids (the k of a TopK SAE, else 64) for the "
+        "concept dictionary.",
     )
     store_teacher_topk: int = _field(0, "Also store the teacher's top-N next-token log-probs (KD); 0 = off.")
     device: str = _field(
@@ -295,9 +299,22 @@ class PretrainConfig:
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
-    tensorboard: bool = _field(False, "Also log to TensorBoard (needs `tensorboard`).", affects_output=False)
+    tensorboard: bool = _field(
+        False,
+        "Also log to TensorBoard, in `pretrain-<name>/tensorboard/` (needs the `tracking` extra).",
+        affects_output=False,
+    )
     wandb_project: str = _field(
-        "", "Also log to this Weights & Biases project (needs `wandb`).", affects_output=False
+        "",
+        "Also log to this Weights & Biases project, in `pretrain-<name>/wandb/` (needs the `tracking` "
+        "extra); empty: no W&B.",
+        affects_output=False,
+    )
+    wandb_mode: WandbMode = _field(
+        "offline",
+        "W&B with `wandb_project` set: `offline` (files only, no network or login; upload them later with "
+        "`wandb sync`), `online` (streams to the W&B server; needs `wandb login`) or `disabled`.",
+        affects_output=False,
     )
 
 

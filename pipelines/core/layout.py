@@ -30,6 +30,7 @@ CONCEPTS_STORE = "concepts.zarr"  # in extract-concepts/
 
 
 FINAL_MODEL = "model"  # in each pretrain-OBJECTIVE/
+HF_MODEL = "hf"  # beside it: the same student as a transformers folder (`pipelines.model.hf_export`)
 
 
 EVAL_STAGE = "eval"

@@ -14,7 +14,6 @@ Requests are sorted by length (longest first) and batched with right padding, wh
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ class ScoringModel:
 
     def _load_ours(self, folder: Path) -> None:
         from pipelines.data.tokenizer import document_separator, load_tokenizer
-        from pipelines.model.checkpoint import load_model, model_folder
+        from pipelines.model.checkpoint import load_model, model_folder, saved_separator
 
         folder = model_folder(folder)
         self.model = load_model(folder, self.device).eval()
@@ -61,8 +60,7 @@ class ScoringModel:
                 "(`pretrain` writes it beside the weights)."
             )
         tokenizer = load_tokenizer(str(tokenizer_file))
-        saved = json.loads((folder / "config.json").read_text()).get("tokenizer", {})
-        separator_id = saved.get("separator_id")
+        separator_id = saved_separator(folder)[1]
         self.prefix_token_id = (
             separator_id if separator_id is not None else document_separator(tokenizer, "")[1]
         )

@@ -1,8 +1,8 @@
-"""Model folders on disk: `config.json` + `model.safetensors`, and export of NTP models to transformers.
+"""Model folders on disk: `config.json` + `model.safetensors`, ours or a transformers export.
 
-A saved folder round-trips exactly. An NTP student exports to a `GPT2LMHeadModel` folder that
-`AutoModelForCausalLM.from_pretrained` loads with the same logits, so lm-eval's `hf` model, HF generate and
-the rest of the ecosystem can use our baselines as they are.
+A saved folder round-trips exactly. `load_model` also reads the folders `hf_export` writes (a
+`CocomixForCausalLM` or, for NTP students, a `GPT2LMHeadModel`), so an exported or downloaded student
+loads back into cocomix with the same weights.
 """
 
 from __future__ import annotations
@@ -51,48 +51,63 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> GPT:
     if not config_path.exists() or not weights_path.exists():
         raise InputError(f"{folder} is not a cocomix model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
     meta = json.loads(config_path.read_text())
-    if meta.get("format") != MODEL_FORMAT:
-        raise InputError(f"{config_path} is not a cocomix model config (format {meta.get('format')!r}).")
-    model = GPT(ModelConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    if meta.get("model_type") not in TRANSFORMERS_LOADERS and meta.get("format") != MODEL_FORMAT:
+        raise InputError(
+            f"{config_path} is not a cocomix student: neither a cocomix model config (format "
+            f"{MODEL_FORMAT!r}) nor a transformers export (model_type {' or '.join(TRANSFORMERS_LOADERS)}); "
+            f"it has format {meta.get('format')!r}, model_type {meta.get('model_type')!r}."
+        )
+    state = load_file(str(weights_path), device="cpu")
+    if meta.get("model_type") in TRANSFORMERS_LOADERS:
+        config, state = TRANSFORMERS_LOADERS[meta["model_type"]](meta, state)
+    else:
+        config = ModelConfig.from_dict(meta["model"])
+    model = GPT(config)
+    model.load_state_dict(state)
     return model.to(device)
 
 
-def export_hf_gpt2(model: GPT, folder: Path, separator_id: int | None = None) -> Path:
-    """Write an NTP student as a transformers `GPT2LMHeadModel` folder (Conv1D weights are transposed).
+def saved_separator(folder: Path) -> tuple[str | None, int | None]:
+    """The document separator (token, id) a student was trained with, as its folder records it: ours in
+    config.json's `tokenizer`, an export as its BOS token. (None, None) when the folder does not say."""
+    folder = model_folder(folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if "tokenizer" in meta:
+        return meta["tokenizer"].get("separator"), meta["tokenizer"].get("separator_id")
+    tokenizer_config = folder / "tokenizer_config.json"
+    token = json.loads(tokenizer_config.read_text()).get("bos_token") if tokenizer_config.exists() else None
+    return (token if isinstance(token, str) else None), meta.get("bos_token_id")
 
-    `separator_id` (the token store's document separator) becomes the config's BOS and EOS id; without it
-    they are left unset, since GPT2Config's default 50256 lies outside a smaller vocabulary.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = model.config
-    if config.variant != "ntp":
-        raise ValueError(f"only NTP models export to GPT2LMHeadModel, not {config.variant!r}")
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.context_length,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=config.layer_norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=separator_id,
-        eos_token_id=separator_id,
+def _from_cocomix_export(meta: dict, state: dict) -> tuple[ModelConfig, dict]:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in meta.items() if k in fields})
+    return config, {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def _from_gpt2_export(meta: dict, state: dict) -> tuple[ModelConfig, dict]:
+    """The inverse of `hf_export.export_hf_gpt2` (GPT-2's Conv1D weights are stored transposed)."""
+    if meta.get("activation_function", "gelu_new") != "gelu_new":
+        raise InputError(
+            f"GPT-2 folder with activation {meta['activation_function']!r}: students use gelu_new."
+        )
+    config = ModelConfig(
+        variant="ntp",
+        vocab_size=meta["vocab_size"],
+        context_length=meta["n_positions"],
+        n_layer=meta["n_layer"],
+        n_head=meta["n_head"],
+        n_embd=meta["n_embd"],
+        layer_norm_eps=meta.get("layer_norm_epsilon", 1e-5),
     )
-    hf_model = GPT2LMHeadModel(hf_config)
-    state = {}
-    for name, tensor in model.state_dict().items():
+    ours = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied head, GPT-2's mask buffers
+        name = name.removeprefix("transformer.")
         is_conv1d = name.endswith(".weight") and any(p in name for p in ("c_attn", "c_proj", "c_fc"))
-        state[f"transformer.{name}"] = tensor.t().contiguous() if is_conv1d else tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    # GPT-2 registers non-persistent attention buffers; anything else missing would be a real gap.
-    if unexpected or [m for m in missing if not m.endswith((".attn.bias", ".attn.masked_bias"))]:
-        raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
-    hf_model.save_pretrained(str(folder))
-    return Path(folder)
+        ours[name] = tensor.t().contiguous() if is_conv1d else tensor
+    return config, ours
+
+
+TRANSFORMERS_LOADERS = {"cocomix": _from_cocomix_export, "gpt2": _from_gpt2_export}

@@ -16,22 +16,24 @@ loop that passes no position ids goes wrong only with insert layer 0, whose cach
 its SDPA path is wrong in cached steps, where `is_causal=True` aligns the mask top-left when there are fewer
 queries than keys. Ours builds a bottom-right causal mask in cached steps and counts positions by token.)
 Shapes in comments: B batch, T tokens, S slots (T or 2T), C concepts, D model width.
+
+This file imports only torch and the standard library: `cocomix export` copies it as it is into every
+exported folder, where transformers' `trust_remote_code` runs it without cocomix installed (see
+`modeling_cocomix.py`). So the model math has one implementation, the one cocomix trains and evaluates.
 """
 
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.config.schema import Mixing
-
 VARIANTS = ("ntp", "cocomix", "pause")
-MIXINGS = typing.get_args(Mixing)
+# The values of `pipelines.config.schema.Mixing` (a test keeps the two equal): this file imports no cocomix.
+MIXINGS = ("interleave", "add", "none")
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,11 @@ class LayerCache:
 
 
 class KVCache:
-    """A cache per block; `n_tokens` counts tokens (positions), whatever the number of slots per token."""
+    """A cache per block. `GPT.forward` reads any object with such `layers` (each with `length` and
+    `update`), so transformers' own cache serves too, through a view (`modeling_cocomix.py`)."""
 
     def __init__(self, n_layer: int) -> None:
         self.layers = [LayerCache() for _ in range(n_layer)]
-        self.n_tokens = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -299,7 +301,7 @@ class GPT(nn.Module):
     ) -> ModelOutput:
         """Logits for `idx` (B, T); with a cache, `idx` holds only the tokens after those it has seen."""
         B, T = idx.shape
-        start = kv_cache.n_tokens if kv_cache is not None else 0
+        start = self.tokens_in(kv_cache)
         if start + T > self.config.context_length:
             raise ValueError(f"{start + T} tokens exceed the context length {self.config.context_length}")
         positions = torch.arange(start, start + T, device=idx.device)
@@ -311,8 +313,6 @@ class GPT(nn.Module):
             x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
         if self.config.doubles_length:
             x = x[:, 1::2]  # the mixed-in slot of each token predicts the next token
-        if kv_cache is not None:
-            kv_cache.n_tokens += T
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings
         return ModelOutput(logits=logits, concept_logits=concept_logits)
 
@@ -330,6 +330,14 @@ class GPT(nn.Module):
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
+
+    def tokens_in(self, kv_cache) -> int:
+        """Tokens (positions) a cache has seen, from its first block: one slot per token there, two when
+        concepts or pauses are interleaved from block 0 on."""
+        if kv_cache is None:
+            return 0
+        slots_per_token = 2 if self.config.doubles_length and self.config.insert_layer == 0 else 1
+        return kv_cache.layers[0].length // slots_per_token
 
 
 def concept_loss(concept_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def sweep(
 
 
 def amplify_latents(sae, latent_ids: list[int], scale: float):
-    """`h -> h'` that multiplies the latents' activations (ReLU of their pre-activation) by `scale`.
+    """`h -> h'` that multiplies the latents' activations (their ReLU or JumpReLU gate) by `scale`.
 
     In the SAE's normalised space the latents add `a_j W_dec[j]`; the edit adds `(scale - 1) a_j W_dec[j]`
     and maps the change back through the input normalisation, leaving everything else in h as it was.
@@ -131,8 +131,8 @@ def amplify_latents(sae, latent_ids: list[int], scale: float):
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.float()
         x, _, std = sae.prepare_input(h)
-        pre = (x - sae.b_dec) @ sae.W_enc[:, ids] + sae.b_enc[ids]  # (..., n) only the steered latents
-        delta = (scale - 1.0) * pre.relu() @ sae.W_dec[ids]
+        acts = sae.latent_activations(x, ids)  # (..., n) only the steered latents, by the SAE's own gate
+        delta = (scale - 1.0) * acts @ sae.W_dec[ids]
         return h + (delta * std if std is not None else delta)
 
     return edit

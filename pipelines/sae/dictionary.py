@@ -1,10 +1,10 @@
 """The concept dictionary: what each SAE latent means, from the run's own data, without an external service.
 
 Built from a concept store written with `store_sae_topk` (`extract-concepts --store-sae-topk`): for every
-latent, how often it is active (among the SAE's top-k of a token), how often it is a CoCoMix target, the
-tokens it activates on most (by summed activation) and its strongest contexts with the token marked. The
-label is its top tokens. Stored as `<run.dir>/concepts/dictionary.json`; `cocomix concepts` reads it and
-`cocomix steer` shows the labels.
+latent, how often it is active (among the SAE activations stored for a token), how often it is a CoCoMix
+target, the tokens it activates on most (by summed activation) and its strongest contexts with the token
+marked. The label is its top tokens. Stored as `<run.dir>/concepts/dictionary.json`; `cocomix concepts`
+reads it and `cocomix steer` shows the labels.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
             mask = acts > 0
             np.add.at(active, ids[mask], 1)
             valid = group["valid"][start : start + step]
-            np.add.at(targeted, group["concept_ids"][start : start + step].astype(np.int64)[valid].ravel(), 1)
+            np.add.at(targeted, _once_per_token(group["concept_ids"][start : start + step][valid]), 1)
             latent = ids[mask]
             token = np.broadcast_to(toks[..., None], ids.shape)[mask]
             keys, sums = _sum_by_key(latent * vocab + token, acts[mask])
@@ -170,6 +170,15 @@ def search(dictionary: dict[str, Any], text: str) -> list[dict[str, Any]]:
 
 def most_targeted(dictionary: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return sorted(dictionary["latents"].values(), key=lambda e: -e["target_frequency"])[:n]
+
+
+def _once_per_token(ids: np.ndarray) -> np.ndarray:
+    """The distinct ids of each row of (n, K) `ids`, flattened: a token with fewer than K active latents
+    repeats them in its targets (`pipelines.sae.attribution`), and is still one token per latent."""
+    ordered = np.sort(ids.astype(np.int64), axis=-1)
+    first = np.ones(ordered.shape, dtype=bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return ordered[first]
 
 
 def _sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -185,6 +185,7 @@ def _batch_arrays(out, targets, cfg: Config, B: int, T: int) -> dict:
 
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[:, -1] = False  # the last position has no next token
+    valid &= targets.has_active.reshape(B, T).cpu()  # nor has a token without an active SAE latent
     arrays = {
         "concept_ids": targets.ids.reshape(B, T, -1),
         "concept_scores": targets.scores.reshape(B, T, -1),
@@ -202,8 +203,11 @@ def _batch_arrays(out, targets, cfg: Config, B: int, T: int) -> dict:
 
 
 def _open_writer(session: StageSession, token_store: TokenStore, cfg: Config, sae, teacher):
+    from pipelines.sae.attribution import stored_sae_width
+
     vocab = token_store.attrs["tokenizer"]["vocab_size"]
-    layout = concept_layout(cfg.extract, sae.d_sae, sae.k, teacher.d_model, vocab)
+    sae_width = stored_sae_width(sae, cfg.extract.concepts_per_token)
+    layout = concept_layout(cfg.extract, sae.d_sae, sae_width, teacher.d_model, vocab)
     with session.manifest_lock():  # the first worker creates the store, the others open it
         writer = ConceptStoreWriter(
             session.dir / CONCEPTS_STORE,
@@ -228,7 +232,13 @@ def _provenance(session: StageSession, teacher, sae, prepare_fingerprint: str) -
             "vocab_size": getattr(teacher, "vocab_size", None),  # None for stored hidden states
         },
         "hidden_from": str(getattr(teacher, "path", "")),
-        "sae": {"spec": inputs["sae.path"], "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k},
+        "sae": {
+            "spec": inputs["sae.path"],
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "k": getattr(sae, "k", None),  # None: active latents vary by token
+            "architecture": sae.architecture,
+        },
         "files": {f["path"]: f["sha256"] for f in session.files},
         "concepts_per_token": inputs["extract.concepts_per_token"],
         "attribution": inputs["extract.attribution"],

@@ -4,7 +4,8 @@ Objectives (`[pretrain] objective`, one class each in `pipelines.training.object
 NTP + lam_concept x concept loss on the cached targets of `extract-concepts` (or targets computed in the
 loop with `--online-teacher`, the official way); `kd` = NTP + kd_coef x KL to the cached teacher top-N;
 `pause` = NTP with the pause model. Each writes `<run.dir>/pretrain-<objective>[-online]/`: `model/` (the
-final student), `checkpoints/`, `metrics.jsonl`, `loss_curve.png` and the manifest with the summary.
+final student), `hf/` (the same student as a transformers folder, what `cocomix export` writes),
+`checkpoints/`, `metrics.jsonl`, `loss_curve.png` and the manifest with the summary.
 
 Exactness: the batch of step s is a function of (seed, s) (`pipelines.data.batches`), the learning rate a
 function of s (`pipelines.training.optim`), and a checkpoint holds model, optimizer and RNG states, so an
@@ -27,7 +28,7 @@ from pipelines.core import distributed, stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
 from pipelines.core.fingerprints import fingerprint_fields, fingerprint_path
-from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, TRAIN_SAE_STAGE, student_stage
+from pipelines.core.layout import EXTRACT_STAGE, FINAL_MODEL, HF_MODEL, TRAIN_SAE_STAGE, student_stage
 from pipelines.core.session import StageResult, StageSession, refuse_changed_upstream
 from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
@@ -109,7 +110,7 @@ def _pretrain(
             return StageResult(stage, run_dir / stage, False, stopped, decision["fingerprint"])
         summary = trainer.finish()
         if session is not None:
-            session.complete(summary, outputs=[FINAL_MODEL])
+            session.complete(summary, outputs=[FINAL_MODEL, HF_MODEL])
         ranks.barrier()
         return StageResult(stage, run_dir / stage, False, summary, decision["fingerprint"])
 

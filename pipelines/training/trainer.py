@@ -28,7 +28,7 @@ from pipelines.config.schema import Config
 from pipelines.config.students import student_seed
 from pipelines.core import distributed
 from pipelines.core.files import truncate_jsonl_after
-from pipelines.core.layout import FINAL_MODEL
+from pipelines.core.layout import FINAL_MODEL, HF_MODEL
 from pipelines.data.batches import BatchOrder, BatchReader, SplitArrays
 from pipelines.errors import StageError
 from pipelines.training.objectives import Objective
@@ -89,16 +89,7 @@ class Trainer:
         self.order = BatchOrder(data.train.n_blocks, student_seed(cfg), self.global_batch)
         self.autocast = _autocast_dtype(self.p.dtype, device)
         self._stop_signal: str | None = None
-        self.trackers = None
-        if ranks.main:
-            from pipelines.training.tracking import Trackers
-
-            self.trackers = Trackers(
-                stage_dir / "tensorboard" if self.p.tensorboard else None,
-                self.p.wandb_project,
-                f"{Path(cfg.run.dir).name}/{stage_dir.name}",
-                dataclasses.asdict(cfg),
-            )
+        self.trackers = None  # opened by `train`, once `restore` has set the step they continue from
 
     # -- state --
 
@@ -167,10 +158,11 @@ class Trainer:
             dynamic_ncols=True,
         )
         previous_handlers = self._install_signal_handlers()
-        if self.step == 0:
-            self._log({"kind": "val", "step": 0, **self.evaluate()})
-        window_started, window_steps = time.monotonic(), 0
         try:
+            self._open_trackers()
+            if self.step == 0:
+                self._log({"kind": "val", "step": 0, **self.evaluate()})
+            window_started, window_steps = time.monotonic(), 0
             while self.step < p.max_steps:
                 lr = learning_rate(self.step, p)
                 for group in self.optimizer.param_groups:
@@ -206,8 +198,17 @@ class Trainer:
             reader.close()
             if self.trackers is not None:
                 self.trackers.close()
+                self.trackers = None
             self._restore_signal_handlers(previous_handlers)
         return None
+
+    def _open_trackers(self) -> None:
+        if not self.ranks.main:
+            return
+        from pipelines.training.tracking import Trackers
+
+        run_name = f"{Path(self.cfg.run.dir).name}/{self.dir.name}"
+        self.trackers = Trackers(self.p, self.dir, self.step, run_name, dataclasses.asdict(self.cfg))
 
     def _train_step(self, micro_batches) -> tuple[dict[str, float], float]:
         p = self.p
@@ -355,6 +356,9 @@ class Trainer:
             {"tokenizer": {k: tokenizer[k] for k in ("spec", "vocab_hash", "separator", "separator_id")}},
         )
         load_tokenizer(tokenizer["spec"]).backend.save(str(self.dir / FINAL_MODEL / "tokenizer.json"))
+        from pipelines.model.hf_export import export_student
+
+        export_student(self.dir / FINAL_MODEL, self.dir / HF_MODEL)
         rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
         train_rows = [r for r in rows if r["kind"] == "train"]
         val_rows = [r for r in rows if r["kind"] == "val"]
@@ -372,6 +376,7 @@ class Trainer:
         counts = parameter_counts(self.model_config)
         return {
             "model": str(self.dir / FINAL_MODEL),
+            "hf_model": str(self.dir / HF_MODEL),
             "objective": self.p.objective,
             "steps": self.step,
             "tokens": self.step * self.tokens_per_step,
