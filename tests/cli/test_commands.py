@@ -20,6 +20,7 @@ COMMANDS = {
     "pretrain",
     "eval",
     "steer",
+    "export",
     "concepts",
     "status",
     "config",
