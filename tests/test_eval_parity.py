@@ -184,13 +184,7 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
 
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32")
     assert lm.max_length == source.block_size
-    theirs = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[f"local_{t}" for t in TASKS],
-        limit=source.lm_eval_limit,
-        task_manager=task_manager(),
-        num_fewshot=0,
-    )["results"]
+    theirs = lm_eval_on_every_task(lm, source)
 
     for task in TASKS:  # shown with `pytest -s`, for the record
         shown = {k: round(v, 6) for k, v in ours[task].items() if k in ("acc", "acc_norm", "perplexity")}
@@ -225,6 +219,17 @@ def test_cocomix_eval_equals_lm_eval_hf_on_the_same_examples(students, source, t
     assert (adapter["acc_stderr"], adapter["acc_norm_stderr"]) == pytest.approx(
         (native["acc_stderr"], native["acc_norm_stderr"]), rel=1e-9
     )
+
+
+def lm_eval_on_every_task(lm, source: Source) -> dict:
+    """lm-eval's results of `lm` on the local twins of TASKS, zero-shot, on the source's rows."""
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[f"local_{t}" for t in TASKS],
+        limit=source.lm_eval_limit,
+        task_manager=task_manager(),
+        num_fewshot=0,
+    )["results"]
 
 
 def assert_same_metrics(ours: dict, theirs: dict, source: Source) -> None:
@@ -279,13 +284,7 @@ def test_lm_eval_hf_scores_exported_cocomix_and_pause_students_as_cocomix_eval_d
     )["results"][variant]  # fmt: skip
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=16, dtype="float32", trust_remote_code=True)
     assert type(lm.model).__name__ == "CocomixForCausalLM" and lm.max_length == source.block_size
-    theirs = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[f"local_{t}" for t in TASKS],
-        limit=source.lm_eval_limit,
-        task_manager=task_manager(),
-        num_fewshot=0,
-    )["results"]
+    theirs = lm_eval_on_every_task(lm, source)
     for task in TASKS:  # shown with `pytest -s`, for the record
         print(variant, task, {k: round(v, 6) for k, v in ours[task].items() if k in ("acc", "acc_norm")})
     assert_same_metrics(ours, theirs, source)
