@@ -10,7 +10,6 @@ import typer
 
 from cocomix_cli.console import console
 from cocomix_cli.options import AsJson, Force
-from pipelines.errors import InputError
 
 
 def export(
@@ -42,58 +41,21 @@ def export(
     folders with their modeling code: load them with `trust_remote_code=True` where cocomix is not
     installed. Every folder holds the tokenizer and loads back into cocomix (`cocomix eval`, `steer`).
     """
-    from pipelines.model import hf_export
+    from pipelines.stages import export as export_stage
 
-    if push_to_hub and not dry_run:
-        from huggingface_hub import get_token
-
-        if not get_token():  # before the export, so that a long export does not end in this error
-            raise InputError(
-                f"--push-to-hub {push_to_hub} needs a HuggingFace token: {hf_export.TOKEN_HELP}."
-            )
-    out = out.absolute()
-    _check_out(out, force)
-    folder = hf_export.export_student(model, out)
-    plan = hf_export.upload_plan(folder)
-    summary = {
-        "model": str(model),
-        "out": str(folder),
-        "class": json.loads((folder / "config.json").read_text())["architectures"][0],
-        "files": [{"path": path, "bytes": size} for path, size in plan],
-        "bytes": sum(size for _, size in plan),
-    }
-    if push_to_hub:
-        summary["repo"] = push_to_hub
-        if dry_run:
-            summary["uploaded"] = False
-        else:
-            summary["commit"] = hf_export.push_to_hub(folder, push_to_hub, private=private)
-            summary["uploaded"] = True
+    summary = export_stage.run(model, out, push_to_hub, private=private, dry_run=dry_run, force=force)
     if as_json:
         typer.echo(json.dumps(summary))
         return
     console.print(
-        f"export: {summary['class']} -> {folder} ({len(plan)} files, {summary['bytes'] / 1e6:.1f} MB)",
+        f"export: {summary['class']} -> {summary['out']} "
+        f"({len(summary['files'])} files, {summary['bytes'] / 1e6:.1f} MB)",
         highlight=False,
         soft_wrap=True,
     )
     if push_to_hub and dry_run:
         console.print(f"would upload to {push_to_hub}:", highlight=False)
-        for path, size in plan:
-            console.print(f"  {path}  {size:,} bytes", highlight=False, soft_wrap=True)
+        for entry in summary["files"]:
+            console.print(f"  {entry['path']}  {entry['bytes']:,} bytes", highlight=False, soft_wrap=True)
     elif push_to_hub:
         console.print(f"uploaded to {push_to_hub}: {summary['commit']}", highlight=False, soft_wrap=True)
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Never replace a folder that is not an earlier export unless told to: it may hold anything."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder; choose another OUT.")
-    config = out / "config.json"
-    earlier = config.exists() and json.loads(config.read_text()).get("model_type") in ("cocomix", "gpt2")
-    if any(out.iterdir()) and not earlier and not force:
-        raise InputError(
-            f"{out} is not empty and holds no earlier export; choose another OUT or pass --force."
-        )
