@@ -7,7 +7,8 @@ Without `--teacher` the activations come from `tests.conftest.tiny_teacher` (a r
 reviews from ../shared/data; `--sparse-embeddings` replaces its token embeddings by sums of 2 of 512 unit
 features in a 16-dimensional subspace and hooks `resid_pre` of block 0 (activations with a sparse ground
 truth). Prints the dead fraction at every evaluation and the final FVU for AuxK off (`sae.aux_coef = 0`)
-and on (the default 1/32). Results and their reading are in docs/BENCHMARKS.md.
+and on (the default 1/32), both with `sae.dead_latents = "auxk"` (so no resampling). Results and their
+reading are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
                 "sae.dead_after_tokens": args.dead_after,
                 "sae.eval_every_tokens": args.tokens // args.evals,
                 "sae.eval_tokens": 2048,
+                "sae.dead_latents": "auxk",  # the default is `resample`; this script measures AuxK alone
                 "sae.aux_coef": coef,
             }
             cfg = load_config(base / "cocomix.toml", [f"{k}={v}" for k, v in values.items()])

@@ -1,6 +1,8 @@
 """train-sae on a tiny random teacher: it learns, resumes exactly, and rejects bad settings clearly."""
 
+import contextlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -203,3 +205,143 @@ def test_auxk_loss_equals_openais_formula_and_only_trains_dead_latents():
     torch.testing.assert_close(grad_pre, ref_pre, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_dec, ref_dec, rtol=1e-10, atol=1e-12)
     assert grad_pre[:, ~dead].abs().max() == 0 and grad_dec[~dead].abs().max() == 0
+
+
+# Latents die here within the run: 512 latents, k=2 and a high learning rate on the tiny teacher, with a
+# dead window of 8 steps (measured: a third of the latents dead at the end without a remedy).
+DYING = {
+    "sae.latents": 512,
+    "sae.k": 2,
+    "sae.lr": 1e-2,
+    "sae.dead_after_tokens": 4096,
+    "sae.eval_every_tokens": 8192,
+}
+
+
+def test_the_default_dead_latent_method_lowers_the_dead_fraction_against_off(setup):
+    from pipelines.config.schema import SaeConfig
+
+    default = SaeConfig().dead_latents
+    assert default != "off"
+    final = {}
+    for method in ("off", default):
+        run_stage(setup, overrides(setup, **DYING, **{"sae.dead_latents": method}), force=True)
+        rows = [json.loads(line) for line in (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+        final[method] = rows[-1]
+    assert final["off"]["dead_fraction"] > 0.2  # the setting does what it is for
+    assert final[default]["dead_fraction"] < 0.75 * final["off"]["dead_fraction"], final
+    if default == "resample":
+        assert final["off"]["resampled"] == 0 and final[default]["resampled"] > 0
+
+
+def test_resampling_restarts_dead_latents_towards_poorly_reconstructed_inputs(setup):
+    """One event by hand: dead latents restart on poorly reconstructed inputs of the pool, their Adam
+    moments are zeroed, and the rest of the SAE and of the optimizer state is untouched."""
+    from pipelines.concepts.teacher import load_teacher_for
+    from pipelines.data.token_store import open_prepared_tokens
+
+    cfg = run_in(
+        setup, lambda cfg, progress: cfg, overrides(setup, **DYING, **{"sae.dead_latents": "resample"})
+    )
+    reading = contextlib.ExitStack()
+    with reading:
+        store, _ = open_prepared_tokens(reading, setup / cfg.run.dir)
+        teacher = load_teacher_for(cfg.teacher, torch.device("cpu"), store.attrs)
+        (setup / "stage").mkdir()
+        trainer = train_sae.SaeTrainer(cfg, teacher, store, setup / "stage", torch.device("cpu"))
+        trainer.restore(resume=False)
+        check_one_resampling_event(trainer, cfg.sae)
+
+
+def check_one_resampling_event(trainer, settings):
+    def dead_latents():
+        return trainer.tokens_since_fired >= settings.dead_after_tokens
+
+    while not (trainer._resample_due() and bool(dead_latents().any())):  # train up to the first event
+        assert trainer.step < 4 * trainer.window_steps, "no latent died"
+        trainer._train_step(trainer._batch(trainer.step))
+        trainer.step += 1
+    dead = dead_latents()
+    assert 0 < int(dead.sum()) < settings.latents
+    sae = trainer.sae
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moments = {
+        name: {m: trainer.optimizer.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")}
+        for name, p in sae.named_parameters()
+    }
+    pool = trainer._buffer_activations(trainer.step // trainer.steps_per_buffer)
+    outlier = 7
+    with torch.no_grad():  # before the event
+        pool[outlier] *= 50  # in place, in the buffer: an input the SAE reconstructs far worse than any
+        _, _, top_k_values, recon = trainer._encode_decode(pool)
+        top_k_mean, errors = top_k_values.mean(-1), (pool - recon).pow(2).sum(-1)
+    assert errors[outlier] > 100 * errors.median()
+
+    assert trainer.resample_dead_latents() == int(dead.sum()) == trainer.resampled
+    torch.testing.assert_close(sae.W_dec[dead].norm(dim=-1), torch.ones(int(dead.sum())))
+    directions = torch.nn.functional.normalize(pool - before["b_dec"], dim=-1)
+    # every restarted decoder row is the unit direction (from b_dec) of one input of the pool, its source
+    match = (sae.W_dec[dead] @ directions.t()).max(-1)
+    assert match.values.min() > 1 - 1e-5
+    sources = match.indices
+    # the encoder column points the same way, and on its source the latent's pre-activation is the mean of
+    # the source's k largest, so that it enters the top k there
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(sae.W_enc[:, dead].t(), dim=-1), sae.W_dec[dead], rtol=0, atol=1e-5
+    )
+    pre_on_source = ((pool[sources] - sae.b_dec) * sae.W_enc[:, dead].t()).sum(-1) + sae.b_enc[dead]
+    torch.testing.assert_close(pre_on_source, top_k_mean[sources], rtol=1e-4, atol=1e-5)
+    # drawn in proportion to the squared error: the outlier is one of the sources
+    assert outlier in sources.tolist()
+    assert bool((sae.b_enc[dead] == 0).all()) and bool((trainer.tokens_since_fired[dead] == 0).all())
+    restarted = {"W_dec": dead, "W_enc": (slice(None), dead), "b_enc": dead, "b_dec": slice(0, 0)}
+    for name, param in sae.named_parameters():
+        index = restarted[name]
+        kept = before[name].clone()
+        kept[index] = param.detach()[index]
+        assert torch.equal(param.detach(), kept), f"{name} changed outside the dead latents"
+        for moment, value in moments[name].items():
+            expected = value.clone()
+            expected[index] = 0
+            assert torch.equal(trainer.optimizer.state[param][moment], expected), (name, moment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["train-sae resampled", "train-sae checkpoint after resampling"])
+def test_a_kill_across_a_resampling_event_then_resume_gives_the_same_final_weights(setup, kill_at):
+    """Killed right after an event (the newest checkpoint predates it: the resume replays it), or right
+    after the first checkpoint that holds restarted latents (the resume must carry them and their moments)."""
+    settings = {
+        **DYING,
+        "sae.dead_latents": "resample",
+        "sae.train_tokens": 20480,
+        "sae.checkpoint_every_tokens": 1536,
+    }
+    args = [a for o in overrides(setup, **settings) for a in ("--set", o)]
+    env = {**os.environ, "COCOMIX_KILL_AT": kill_at}
+    killed = cocomix_subprocess([*args, "train-sae"], cwd=setup, env=env)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    checkpoint = torch.load(setup / "run/train-sae/checkpoint.pt", weights_only=True)
+    # killed after the first event: the newest checkpoint is from before it, and the resume replays it;
+    # killed after the first checkpoint that follows an event: the resume starts from the restarted latents
+    assert (checkpoint["resampled"] > 0) == (kill_at == "train-sae checkpoint after resampling")
+    resumed = cocomix_subprocess(["--verbose", *args, "train-sae"], cwd=setup, stderr=-1, text=True)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f"resuming train-sae at step {checkpoint['step']} of 40" in stderr
+
+    (setup / "clean").mkdir()
+    tiny_teacher(setup / "clean" / "teacher")
+    prepared_run(setup / "clean", documents=200, block_size=64)
+    clean = run_stage(setup / "clean", overrides(setup, **settings))
+    assert clean.summary["resampled"] > 0
+    a = load_sae(str(setup / "run/train-sae/sae")).sae
+    b = load_sae(str(setup / "clean/run/train-sae/sae")).sae
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+    def rows(run: Path) -> list[dict]:
+        lines = (run / "train-sae/metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+    assert rows(setup / "run") == rows(setup / "clean/run")

@@ -18,7 +18,8 @@ def train_sae(
     force: Force = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a TopK sparse autoencoder on the teacher's activations (Gao et al. recipe); resumable."""
+    """Train a TopK sparse autoencoder on the teacher's activations (Gao et al. recipe; dead latents
+    resampled by default, `sae.dead_latents`); resumable."""
     cfg = resolve_config(ctx, {"sae.device": device})
     from pipelines.stages import train_sae as stage
 
@@ -28,7 +29,8 @@ def train_sae(
         as_json,
         lambda s: (
             f"{s['latents']} latents, k={s['k']}, {s['tokens']:,} tokens -> {s['sae']}: FVU {s['fvu']:.4f}, "
-            f"L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}, loss {s['loss_clean']:.3f} -> "
+            f"L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%} ({s.get('resampled', 0):,} restarts), "
+            f"loss {s['loss_clean']:.3f} -> "
             f"{s['loss_spliced']:.3f} spliced ({s['loss_zero_ablation']:.3f} zeroed)"
         ),
     )

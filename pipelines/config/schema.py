@@ -30,6 +30,7 @@ ConceptTargets = Literal["attribution", "activation"]
 EvalBackend = Literal["cocomix", "lm-eval"]
 MissingData = Literal["hub", "skip", "hub_or_skip"]
 WandbMode = Literal["offline", "online", "disabled"]
+DeadLatents = Literal["auxk", "resample", "off"]
 
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
@@ -177,10 +178,17 @@ class SaeConfig:
     lr: float = _field(
         0.0, "`train-sae`: Adam learning rate; 0 scales 2e-4 by 1/sqrt(latents / 2^14) (Gao et al.)."
     )
+    dead_latents: DeadLatents = _field(
+        "resample",
+        "`train-sae`: what revives dead latents: `auxk` (Gao et al.'s auxiliary loss), `resample` (every "
+        "`dead_after_tokens`, dead latents restart towards inputs the SAE reconstructs worst) or `off`.",
+    )
     aux_k: int = _field(0, "`train-sae`: dead latents used by the AuxK loss; 0 means d_in / 2.")
-    aux_coef: float = _field(1 / 32, "`train-sae`: weight of the AuxK loss; 0 turns it off.")
+    aux_coef: float = _field(
+        1 / 32, '`train-sae`: weight of the AuxK loss (with `dead_latents = "auxk"`); 0 turns it off.'
+    )
     dead_after_tokens: int = _field(
-        1_000_000, "`train-sae`: a latent silent this many tokens counts as dead."
+        1_000_000, "`train-sae`: a latent silent this many tokens counts as dead (and the resampling period)."
     )
     eval_every_tokens: int = _field(500_000, "`train-sae`: evaluate on held-out activations this often.")
     eval_tokens: int = _field(16_384, "`train-sae`: held-out (val) tokens per evaluation.")

@@ -4,9 +4,12 @@ The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, TopK activation,
 norm (their gradient's radial part removed before each step), encoder initialised as the decoder's
 transpose, pre-bias initialised to the mean of the first buffer, Adam with the learning rate scaled by
 1/sqrt(width / 2^14), gradient clipping at 1, and the AuxK loss that reconstructs the residual from the
-top `aux_k` dead latents. Activations stream from the teacher (its forward stops after the hooked block)
-over the train blocks through a shuffling buffer. Buffer r is a pure function of (seed, r), so a checkpoint
-needs only the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted
+top `aux_k` dead latents (`sae.dead_latents = "auxk"`), or instead, with `"resample"`, Anthropic's
+resampling (Bricken et al. 2023): at every multiple of the dead window, dead latents restart towards the
+inputs the SAE reconstructs worst, with their Adam state reset. Activations stream from the teacher (its
+forward stops after the hooked block) over the train blocks through a shuffling buffer. Buffer r is a pure
+function of (seed, r), so a checkpoint needs only the step, and a resampling event is a pure function of the
+state and the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted
 one (on CPU).
 
 Run it with `cocomix train-sae` (see its `--help`). Output: `train-sae/sae/`, a SAELens folder.
@@ -29,6 +32,7 @@ from pipelines.config.schema import Config
 from pipelines.core import stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
+from pipelines.core.failpoints import kill_point
 from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
 from pipelines.core.fingerprints import input_files
 from pipelines.core.layout import TRAINED_SAE
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 STAGE = "train-sae"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# Inputs scored to choose the restart directions: the first rows of the (already shuffled) current buffer.
+RESAMPLE_POOL_TOKENS = 65_536
 
 
 def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResult:
@@ -128,6 +134,8 @@ class SaeTrainer:
             self.sae.W_enc.copy_(self.sae.W_dec.t())
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.tokens_since_fired = torch.zeros(self.s.latents, dtype=torch.long, device=device)
+        self.window_steps = -(-self.s.dead_after_tokens // self.s.batch_tokens)
+        self.resampled = 0  # latents restarted so far
         self.step = 0
         self._buffer: tuple[int, Any] | None = None
         self._epoch_order: tuple[int, Any] = (-1, None)
@@ -183,6 +191,7 @@ class SaeTrainer:
             self.sae.load_state_dict(state["sae"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.tokens_since_fired = state["tokens_since_fired"]
+            self.resampled = int(state["resampled"])
             self.step = int(state["step"])
             truncate_jsonl_after(self.dir / METRICS, self.step)
             log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
@@ -199,7 +208,7 @@ class SaeTrainer:
 
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-            if not {"sae", "optimizer", "tokens_since_fired", "step"} <= set(state):
+            if not {"sae", "optimizer", "tokens_since_fired", "resampled", "step"} <= set(state):
                 raise KeyError("missing entries")
             return state
         except Exception as exc:  # torch reports a torn zip or pickle with many exception types
@@ -222,6 +231,8 @@ class SaeTrainer:
         )
         started = time.monotonic()
         while self.step < self.total_steps:
+            if self._resample_due() and self.resample_dead_latents():
+                kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
             losses = self._train_step(self._batch(self.step))
             self.step += 1
             bar.update(self.s.batch_tokens)
@@ -241,8 +252,8 @@ class SaeTrainer:
                 self._save_checkpoint()
         bar.close()
 
-    def _train_step(self, x) -> dict[str, float]:
-        import torch
+    def _encode_decode(self, x):
+        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`."""
         import torch.nn.functional as F
 
         sae = self.sae
@@ -250,12 +261,19 @@ class SaeTrainer:
         values, ids = pre.topk(sae.k, dim=-1)
         values = values.relu()
         recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+        return pre, ids, values, recon
+
+    def _train_step(self, x) -> dict[str, float]:
+        import torch
+
+        sae = self.sae
+        pre, ids, values, recon = self._encode_decode(x)
         variance = (x - x.mean(0)).pow(2).sum(-1).mean()
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
         loss, aux = mse, torch.zeros((), device=x.device)
         dead = self.tokens_since_fired >= self.s.dead_after_tokens
-        if self.s.aux_coef > 0 and bool(dead.any()):
+        if self.s.dead_latents == "auxk" and self.s.aux_coef > 0 and bool(dead.any()):
             aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
             loss = loss + self.s.aux_coef * aux
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,6 +290,59 @@ class SaeTrainer:
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[fired] = 0
         return {"loss": round(mse.item(), 6), "aux_loss": round(aux.item(), 6)}
+
+    def _resample_due(self) -> bool:
+        """At every multiple of the dead window, except where fewer than one window of training is left
+        (a latent restarted then could not show that it lives before the run ends)."""
+        return (
+            self.s.dead_latents == "resample"
+            and self.step > 0
+            and self.step % self.window_steps == 0
+            and self.step + self.window_steps <= self.total_steps
+        )
+
+    def resample_dead_latents(self) -> int:
+        """Restart every dead latent on an input drawn with probability proportional to its squared
+        reconstruction error, as Bricken et al. (2023) do: decoder row = the input's unit direction from
+        b_dec, encoder bias 0, Adam moments 0. The encoder column is that direction too, scaled, unlike
+        theirs (0.2 x the live columns' mean norm, made for ReLU SAEs), so that the latent's pre-activation
+        on its input equals the mean of that input's k largest: under TopK a latent fires only among the k
+        largest, and it must fire to learn. Returns how many latents restarted."""
+        import torch
+        import torch.nn.functional as F
+
+        sae = self.sae
+        dead = self.tokens_since_fired >= self.s.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        pool = self._buffer_activations(self.step // self.steps_per_buffer)[:RESAMPLE_POOL_TOKENS]
+        with torch.no_grad():
+            errors = torch.cat(
+                [(x - self._encode_decode(x)[3]).pow(2).sum(-1) for x in pool.split(self.s.batch_tokens)]
+            )
+            generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + 7_919 * self.step)
+            weights = errors.double().cpu().clamp_min(1e-30)  # a perfect reconstruction: draw uniformly
+            rows = torch.multinomial(weights, n_dead, replacement=n_dead > len(pool), generator=generator).to(
+                pool.device
+            )
+            sources = pool[rows]
+            top_k_mean = self._encode_decode(sources)[2].mean(-1, keepdim=True)
+            offsets = sources - sae.b_dec
+            sae.W_dec[dead] = F.normalize(offsets, dim=-1)
+            # pre-activation on the source = offsets . column = top_k_mean (b_enc is 0)
+            squared_norms = offsets.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+            sae.W_enc[:, dead] = (offsets * (top_k_mean / squared_norms)).t()
+            sae.b_enc[dead] = 0.0
+            for param, index in ((sae.W_dec, dead), (sae.W_enc, (slice(None), dead)), (sae.b_enc, dead)):
+                state = self.optimizer.state.get(param, {})
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in state:
+                        state[moment][index] = 0.0
+            self.tokens_since_fired[dead] = 0
+        self.resampled += n_dead
+        log.info("train-sae step %d: resampled %d dead latents", self.step, n_dead)
+        return n_dead
 
     # -- evaluation --
 
@@ -296,6 +367,7 @@ class SaeTrainer:
             "fvu": round(fvu.item(), 6),
             "l0": round(l0.item(), 3),
             "dead_fraction": round(dead.item(), 6),
+            "resampled": self.resampled,
             "loss_clean": round(clean, 6),
             "loss_spliced": round(spliced, 6),
             "loss_zero_ablation": round(zero, 6),
@@ -325,11 +397,14 @@ class SaeTrainer:
             "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
+            "resampled": self.resampled,
             "step": self.step,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
+        if self.resampled:
+            kill_point("train-sae checkpoint after resampling")
 
     def finish(self) -> dict[str, Any]:
         from pipelines.sae.topk import save_saelens
