@@ -272,7 +272,7 @@ class SaeTrainer:
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
         loss, aux = mse, torch.zeros((), device=x.device)
-        dead = self.tokens_since_fired >= self.s.dead_after_tokens
+        dead = self.dead_latents()
         if self.s.dead_latents == "auxk" and self.s.aux_coef > 0 and bool(dead.any()):
             aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
             loss = loss + self.s.aux_coef * aux
@@ -290,6 +290,10 @@ class SaeTrainer:
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[fired] = 0
         return {"loss": round(mse.item(), 6), "aux_loss": round(aux.item(), 6)}
+
+    def dead_latents(self):
+        """(latents,) bool: silent for at least `sae.dead_after_tokens` training tokens."""
+        return self.tokens_since_fired >= self.s.dead_after_tokens
 
     def _resample_due(self) -> bool:
         """At every multiple of the dead window, except where fewer than one window of training is left
@@ -312,7 +316,7 @@ class SaeTrainer:
         import torch.nn.functional as F
 
         sae = self.sae
-        dead = self.tokens_since_fired >= self.s.dead_after_tokens
+        dead = self.dead_latents()
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
@@ -362,7 +366,7 @@ class SaeTrainer:
             clean = self.teacher.next_token_loss(ids)
             spliced = self.teacher.next_token_loss(ids, replace=lambda h: self.sae(h.float()))
             zero = self.teacher.next_token_loss(ids, replace=torch.zeros_like)
-        dead = (self.tokens_since_fired >= self.s.dead_after_tokens).float().mean()
+        dead = self.dead_latents().float().mean()
         return {
             "fvu": round(fvu.item(), 6),
             "l0": round(l0.item(), 3),
