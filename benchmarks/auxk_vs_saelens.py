@@ -1,4 +1,4 @@
-"""Our AuxK term (`pipelines.stages.train_sae.auxk_loss`) against SAELens's TopK AuxK on the same tensors.
+"""Our AuxK term (`pipelines.sae.trainer.auxk_loss`) against SAELens's TopK AuxK on the same tensors.
 
     /work/venv-saelens/bin/python benchmarks/auxk_vs_saelens.py
 
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.stages.train_sae import auxk_loss  # noqa: E402
+from pipelines.sae.trainer import auxk_loss  # noqa: E402
 
 D_IN, D_SAE, K, TOKENS, OURS_COEF = 64, 512, 8, 256, 1 / 32
 

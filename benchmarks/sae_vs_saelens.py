@@ -26,7 +26,7 @@ input layer norm (`pipelines.sae.normalization.normalize_input`) is applied once
 training rows are shuffled once with a fixed seed, so all trainers see the same normalised batches in the
 same order.
 
-Ours: `pipelines.stages.train_sae.SaeTrainer` (Gao et al. 2024) with its buffer fed from the cache; the loop
+Ours: `pipelines.sae.trainer.SaeTrainer` (Gao et al. 2024) with its buffer fed from the cache; the loop
 of `train()` (resampling, then `_train_step`) runs timed without `train()`'s teacher-based `evaluate()`.
 SAELens: `TopKTrainingSAE` + `SAETrainer.fit()` with a data provider over the same batches, no wandb, no
 checkpoints, its defaults otherwise (AuxK coefficient 1, decoder init norm 0.1, activations rescaled by
@@ -137,7 +137,7 @@ def main() -> None:
     recent = train[n_train - dead_window :]
 
     from pipelines.config.schema import SaeConfig
-    from pipelines.stages.train_sae import SaeTrainer
+    from pipelines.sae.trainer import SaeTrainer
 
     lr = args.lr or 2e-4 / math.sqrt(args.latents / 2**14)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]

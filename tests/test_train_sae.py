@@ -12,6 +12,7 @@ import torch
 
 from pipelines.config.loading import load_config
 from pipelines.errors import ConfigError
+from pipelines.sae import trainer as sae_trainer
 from pipelines.sae.topk import load_sae
 from pipelines.stages import train_sae
 from tests.conftest import (
@@ -192,7 +193,7 @@ def test_auxk_loss_equals_openais_formula_and_only_trains_dead_latents():
     dead = torch.zeros(c, dtype=torch.bool)
     dead[[1, 4, 5, 9, 13, 17, 20, 23]] = True
 
-    ours = train_sae.auxk_loss(pre, residual, dead, aux_k, W_dec)
+    ours = sae_trainer.auxk_loss(pre, residual, dead, aux_k, W_dec)
     (grad_pre, grad_dec) = torch.autograd.grad(ours, (pre, W_dec))
 
     values, ids = (pre * dead).topk(aux_k, dim=-1)  # OpenAI's auxk_mask_fn, then topk
@@ -248,7 +249,7 @@ def test_resampling_restarts_dead_latents_towards_poorly_reconstructed_inputs(se
         store, _ = open_prepared_tokens(reading, setup / cfg.run.dir)
         teacher = load_teacher_for(cfg.teacher, torch.device("cpu"), store.attrs)
         (setup / "stage").mkdir()
-        trainer = train_sae.SaeTrainer(cfg, teacher, store, setup / "stage", torch.device("cpu"))
+        trainer = sae_trainer.SaeTrainer(cfg, teacher, store, setup / "stage", torch.device("cpu"))
         trainer.restore(resume=False)
         check_one_resampling_event(trainer, cfg.sae)
 

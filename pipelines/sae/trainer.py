@@ -1,0 +1,386 @@
+"""The TopK SAE trainer of `train-sae` (Gao et al. 2024), over a resumable stream of teacher activations.
+
+The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, TopK activation, decoder rows kept at unit
+norm (their gradient's radial part removed before each step), encoder initialised as the decoder's
+transpose, pre-bias initialised to the mean of the first buffer, Adam with the learning rate scaled by
+1/sqrt(width / 2^14) and gradient clipping at 1. Dead latents (`sae.dead_latents`): the AuxK loss that
+reconstructs the residual from the top `aux_k` dead latents (`"auxk"`), or Anthropic's resampling (Bricken
+et al. 2023, `"resample"`): at every multiple of the dead window, dead latents restart towards the inputs
+the SAE reconstructs worst, with their Adam state reset. Activations come from the teacher (its forward stops
+after the hooked block) over the train blocks through a shuffling buffer. Buffer r is a pure function of
+(seed, r), so a checkpoint needs only the step, and a resampling event is a pure function of the state and
+the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted one (on CPU).
+
+The stage around it (inputs, session, summary) is `pipelines.stages.train_sae`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config.schema import Config
+from pipelines.core.failpoints import kill_point
+from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
+from pipelines.core.layout import TRAINED_SAE
+from pipelines.data.token_store import TokenStore
+from pipelines.errors import first_line
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# Inputs scored to choose the restart directions: the first rows of the (already shuffled) current buffer.
+RESAMPLE_POOL_TOKENS = 65_536
+
+
+class SaeTrainer:
+    """Gao et al.'s TopK SAE training loop over a deterministic, resumable stream of teacher activations."""
+
+    def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device, on_eval=None):
+        import torch
+
+        from pipelines.sae.topk import TopKSAE
+
+        self.cfg, self.s = cfg, cfg.sae
+        self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
+        self.block_size = token_store.block_size
+        self.blocks_per_buffer = max(1, self.s.buffer_tokens // self.block_size)
+        self.steps_per_buffer = self.blocks_per_buffer * self.block_size // self.s.batch_tokens
+        self.total_steps = -(-self.s.train_tokens // self.s.batch_tokens)  # at least train_tokens
+        self.aux_k = self.s.aux_k or max(1, teacher.d_model // 2)
+        self.lr = self.s.lr or 2e-4 / math.sqrt(self.s.latents / 2**14)
+        torch.manual_seed(cfg.run.seed)
+        self.sae = TopKSAE(teacher.d_model, self.s.latents, self.s.k, normalize="layer_norm").to(device)
+        with torch.no_grad():
+            self.sae.W_dec.normal_()
+            self.sae.W_dec.div_(self.sae.W_dec.norm(dim=-1, keepdim=True))
+            self.sae.W_enc.copy_(self.sae.W_dec.t())
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.tokens_since_fired = torch.zeros(self.s.latents, dtype=torch.long, device=device)
+        self.window_steps = -(-self.s.dead_after_tokens // self.s.batch_tokens)
+        self.resampled = 0  # latents restarted so far
+        self.step = 0
+        self._buffer: tuple[int, Any] | None = None
+        self._epoch_order: tuple[int, Any] = (-1, None)
+        self.on_eval = on_eval or (
+            lambda **progress: None
+        )  # e.g. the manifest's progress for `cocomix status`
+
+    # -- data --
+
+    def _block_order(self, position: int) -> int:
+        """Train block index at `position` of the endless stream: one seeded permutation per epoch."""
+        n = self.token_store.split("train").shape[0]
+        epoch, offset = divmod(position, n)
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n))
+        return int(self._epoch_order[1][offset])
+
+    def _buffer_activations(self, index: int):
+        """Buffer `index`: normalised activations of its blocks, shuffled by a generator seeded by index."""
+        import torch
+
+        if self._buffer is not None and self._buffer[0] == index:
+            return self._buffer[1]
+        positions = range(index * self.blocks_per_buffer, (index + 1) * self.blocks_per_buffer)
+        rows = [self._block_order(p) for p in positions]
+        blocks = self.token_store.split("train")
+        acts = []
+        batch_blocks = max(1, 8192 // self.block_size)
+        for start in range(0, len(rows), batch_blocks):
+            ids = torch.from_numpy(
+                np.stack([blocks[r] for r in rows[start : start + batch_blocks]]).astype(np.int64)
+            )
+            acts.append(self.teacher.hidden_states(ids.to(self.device)).float().flatten(0, 1))
+        acts = self.sae.prepare_input(torch.cat(acts))[0]
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + index)
+        acts = acts[torch.randperm(len(acts), generator=generator).to(acts.device)]
+        self._buffer = (index, acts)
+        return acts
+
+    def _batch(self, step: int):
+        index, within = divmod(step, self.steps_per_buffer)
+        acts = self._buffer_activations(index)
+        return acts[within * self.s.batch_tokens : (within + 1) * self.s.batch_tokens]
+
+    # -- steps --
+
+    def restore(self, resume: bool) -> None:
+        import torch
+
+        path = self.dir / CHECKPOINT
+        state = self._read_checkpoint(path) if resume and path.exists() else None
+        if state is not None:
+            self.sae.load_state_dict(state["sae"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.tokens_since_fired = state["tokens_since_fired"]
+            self.resampled = int(state["resampled"])
+            self.step = int(state["step"])
+            truncate_jsonl_after(self.dir / METRICS, self.step)
+            log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
+            return
+        (self.dir / METRICS).unlink(missing_ok=True)
+        with torch.no_grad():  # Gao et al.: the pre-bias starts at the data's centre
+            self.sae.b_dec.copy_(self._batch(0).mean(0))
+        self._log({"step": 0, "loss": None, "aux_loss": None, **self.evaluate(), "tokens_per_s": None})
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+        """The resume state, or None when the file is damaged: training is a pure function of the
+        settings, so starting over ends with the same weights, only later."""
+        import torch
+
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if not {"sae", "optimizer", "tokens_since_fired", "resampled", "step"} <= set(state):
+                raise KeyError("missing entries")
+            return state
+        except Exception as exc:  # torch reports a torn zip or pickle with many exception types
+            log.warning("%s is damaged (%s); training from the start", path, first_line(exc))
+            return None
+
+    def train(self, show_progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        eval_every = max(1, self.s.eval_every_tokens // self.s.batch_tokens)
+        checkpoint_every = max(1, self.s.checkpoint_every_tokens // self.s.batch_tokens)
+        bar = tqdm(
+            total=self.total_steps * self.s.batch_tokens,
+            initial=self.step * self.s.batch_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc="train-sae",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        started = time.monotonic()
+        while self.step < self.total_steps:
+            if self._resample_due() and self.resample_dead_latents():
+                kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
+            losses = self._train_step(self._batch(self.step))
+            self.step += 1
+            bar.update(self.s.batch_tokens)
+            if self.step % eval_every == 0 or self.step == self.total_steps:
+                self._log(
+                    {
+                        "step": self.step,
+                        **losses,
+                        **self.evaluate(),
+                        "tokens_per_s": round(
+                            self.s.batch_tokens * eval_every / (time.monotonic() - started), 1
+                        ),
+                    }
+                )
+                started = time.monotonic()
+            if self.step % checkpoint_every == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+        bar.close()
+
+    def _encode_decode(self, x):
+        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`."""
+        import torch.nn.functional as F
+
+        sae = self.sae
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        values, ids = pre.topk(sae.k, dim=-1)
+        values = values.relu()
+        recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+        return pre, ids, values, recon
+
+    def _train_step(self, x) -> dict[str, float]:
+        import torch
+
+        sae = self.sae
+        pre, ids, values, recon = self._encode_decode(x)
+        variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+        residual = x - recon
+        mse = residual.pow(2).sum(-1).mean() / variance
+        loss, aux = mse, torch.zeros((), device=x.device)
+        dead = self.dead_latents()
+        if self.s.dead_latents == "auxk" and self.s.aux_coef > 0 and bool(dead.any()):
+            aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
+            loss = loss + self.s.aux_coef * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            # Unit-norm decoder rows: drop the gradient's radial part, step, then renormalise.
+            grad = sae.W_dec.grad
+            grad -= (grad * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            self.optimizer.step()
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+            fired = torch.zeros_like(dead)
+            fired[ids[values > 0]] = True
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+        return {"loss": round(mse.item(), 6), "aux_loss": round(aux.item(), 6)}
+
+    def dead_latents(self):
+        """(latents,) bool: silent for at least `sae.dead_after_tokens` training tokens."""
+        return self.tokens_since_fired >= self.s.dead_after_tokens
+
+    def _resample_due(self) -> bool:
+        """At every multiple of the dead window, except where fewer than one window of training is left
+        (a latent restarted then could not show that it lives before the run ends)."""
+        return (
+            self.s.dead_latents == "resample"
+            and self.step > 0
+            and self.step % self.window_steps == 0
+            and self.step + self.window_steps <= self.total_steps
+        )
+
+    def resample_dead_latents(self) -> int:
+        """Restart every dead latent on an input drawn with probability proportional to its squared
+        reconstruction error, as Bricken et al. (2023) do: decoder row = the input's unit direction from
+        b_dec, encoder bias 0, Adam moments 0. The encoder column is that direction too, scaled, unlike
+        theirs (0.2 x the live columns' mean norm, made for ReLU SAEs), so that the latent's pre-activation
+        on its input equals the mean of that input's k largest: under TopK a latent fires only among the k
+        largest, and it must fire to learn. Returns how many latents restarted."""
+        import torch
+        import torch.nn.functional as F
+
+        sae = self.sae
+        dead = self.dead_latents()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        pool = self._buffer_activations(self.step // self.steps_per_buffer)[:RESAMPLE_POOL_TOKENS]
+        with torch.no_grad():
+            errors = torch.cat(
+                [(x - self._encode_decode(x)[3]).pow(2).sum(-1) for x in pool.split(self.s.batch_tokens)]
+            )
+            generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + 7_919 * self.step)
+            weights = errors.double().cpu().clamp_min(1e-30)  # a perfect reconstruction: draw uniformly
+            rows = torch.multinomial(weights, n_dead, replacement=n_dead > len(pool), generator=generator).to(
+                pool.device
+            )
+            sources = pool[rows]
+            top_k_mean = self._encode_decode(sources)[2].mean(-1, keepdim=True)
+            offsets = sources - sae.b_dec
+            sae.W_dec[dead] = F.normalize(offsets, dim=-1)
+            # pre-activation on the source = offsets . column = top_k_mean (b_enc is 0)
+            squared_norms = offsets.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+            sae.W_enc[:, dead] = (offsets * (top_k_mean / squared_norms)).t()
+            sae.b_enc[dead] = 0.0
+            for param, index in ((sae.W_dec, dead), (sae.W_enc, (slice(None), dead)), (sae.b_enc, dead)):
+                state = self.optimizer.state.get(param, {})
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in state:
+                        state[moment][index] = 0.0
+            self.tokens_since_fired[dead] = 0
+        self.resampled += n_dead
+        log.info("train-sae step %d: resampled %d dead latents", self.step, n_dead)
+        return n_dead
+
+    # -- evaluation --
+
+    def evaluate(self) -> dict[str, float]:
+        """FVU and L0 on held-out activations, dead fraction, teacher loss with the SAE spliced in."""
+        import torch
+
+        val = self.token_store.split("val")
+        blocks = max(1, min(val.shape[0], self.s.eval_tokens // self.block_size))
+        ids = torch.from_numpy(val[:blocks].astype(np.int64)).to(self.device)
+        with torch.no_grad():
+            hidden = self.teacher.hidden_states(ids).float()
+            flat = hidden.flatten(0, 1)
+            recon = self.sae(flat)
+            fvu = (flat - recon).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
+            l0 = (self.sae.encode_topk(flat).values > 0).sum(-1).float().mean()
+            clean = self.teacher.next_token_loss(ids)
+            spliced = self.teacher.next_token_loss(ids, replace=lambda h: self.sae(h.float()))
+            zero = self.teacher.next_token_loss(ids, replace=torch.zeros_like)
+        dead = self.dead_latents().float().mean()
+        return {
+            "fvu": round(fvu.item(), 6),
+            "l0": round(l0.item(), 3),
+            "dead_fraction": round(dead.item(), 6),
+            "resampled": self.resampled,
+            "loss_clean": round(clean, 6),
+            "loss_spliced": round(spliced, 6),
+            "loss_zero_ablation": round(zero, 6),
+            "loss_increase": round(spliced - clean, 6),
+        }
+
+    # -- files --
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.dir / METRICS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.on_eval(
+            step=row["step"], steps=self.total_steps, fvu=row["fvu"], dead_fraction=row["dead_fraction"]
+        )
+        log.info(
+            "train-sae step %d: fvu %.4f, dead %.3f, loss +%.4f",
+            row["step"],
+            row["fvu"],
+            row["dead_fraction"],
+            row["loss_increase"],
+        )
+
+    def _save_checkpoint(self) -> None:
+        import torch
+
+        state = {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "resampled": self.resampled,
+            "step": self.step,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
+        if self.resampled:
+            kill_point("train-sae checkpoint after resampling")
+
+    def finish(self) -> dict[str, Any]:
+        from pipelines.sae.topk import save_saelens
+
+        rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        final = rows[-1]
+        save_saelens(
+            self.sae,
+            self.dir / TRAINED_SAE,
+            {
+                "model_name": self.teacher.spec,
+                "hook_name": f"layer{self.teacher.layer}.{self.teacher.hook}",
+                "hook_layer": self.teacher.layer,
+                "trained_tokens": self.step * self.s.batch_tokens,
+                # Not the throughput: the folder's hash enters every downstream fingerprint, which must
+                # not change with the wall time of a rerun that trained the same weights.
+                "metrics": {k: v for k, v in final.items() if k not in ("step", "tokens_per_s")},
+            },
+        )
+        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        return {
+            "sae": str(self.dir / TRAINED_SAE),
+            "steps": self.step,
+            "tokens": self.step * self.s.batch_tokens,
+            "latents": self.s.latents,
+            "k": self.s.k,
+            "lr": self.lr,
+            **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss")},
+        }
+
+
+def auxk_loss(pre, residual, dead, aux_k: int, W_dec):
+    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents.
+
+    pre (N, C) pre-activations, residual (N, d) = x - reconstruction, dead (C,) bool, W_dec (C, d). The
+    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`.
+    """
+    import torch.nn.functional as F
+
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    values, ids = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+    recon = F.embedding_bag(ids, W_dec, per_sample_weights=values.relu(), mode="sum")
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    return (residual - recon).pow(2).sum(-1).mean() / variance
