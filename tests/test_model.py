@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pipelines.model import gpt
 from pipelines.model.checkpoint import load_model, save_model
 from pipelines.model.generation import generate
 from pipelines.model.gpt import GPT, ConceptIntervention, concept_loss, normalize_features
@@ -229,3 +231,49 @@ def test_bf16_autocast_forward_and_backward(overrides):
     loss.backward()
     assert (out.logits.float() - reference).abs().max() < 0.05
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def loss_and_grads(model, idx, targets):
+    """NTP loss (+ 0.1 x the concept loss for CoCoMix) and the gradient of every parameter."""
+    from pipelines.training.objectives import next_token_loss
+
+    model.zero_grad(set_to_none=True)
+    out = model(idx)
+    loss = next_token_loss(out.logits, idx)
+    if out.concept_logits is not None:
+        loss = loss + 0.1 * concept_loss(out.concept_logits, targets, torch.ones_like(idx, dtype=torch.bool))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=IDS)
+def test_padded_attention_heads_give_the_same_loss_and_gradients(monkeypatch, overrides):
+    """Head dim 78, as the 69M preset's: padded to 80 (as on CUDA), the math is the unpadded one."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append(q.shape[-1])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = build(dtype=torch.float32, n_embd=156, n_head=2, **overrides).train()
+    idx = tokens(length=24)
+    targets = torch.randint(0, 64, (2, 24, 4), generator=torch.Generator().manual_seed(2))
+    loss, grads = loss_and_grads(model, idx, targets)
+    assert set(seen) == {78}
+    seen.clear()
+    monkeypatch.setitem(gpt.HEAD_DIM_MULTIPLE, "cpu", 8)
+    padded_loss, padded_grads = loss_and_grads(model, idx, targets)
+    assert set(seen) == {80}
+    torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=1e-6)
+    assert padded_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # With a cache the heads keep their size (transformers' cache shares it): the logits still agree.
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        cached = torch.cat(
+            [model(idx[:, :10], kv_cache=cache).logits, model(idx[:, 10:], kv_cache=cache).logits], 1
+        )
+        torch.testing.assert_close(cached, model(idx).logits, atol=1e-5, rtol=1e-5)

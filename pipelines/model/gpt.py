@@ -167,6 +167,13 @@ class KVCache:
         self.layers = [LayerCache() for _ in range(n_layer)]
 
 
+# Head dims are padded with zeros to a multiple of this, per device type, before attention: on CUDA the
+# memory-efficient and cuDNN kernels of `scaled_dot_product_attention` refuse a head dim that is not a
+# multiple of 8 (the 69M preset's is 624 / 8 = 78) and flash pads it itself, one tensor at a time. Zero
+# columns add exact zeros to every q . k and give zero output columns, which are sliced off: the same math.
+HEAD_DIM_MULTIPLE = {"cuda": 8}
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -177,20 +184,27 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, S, D = x.shape
-        q, k, v = (
-            t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, 2)
-        )
+        head_dim = D // self.n_head
+        # Without a cache only: a cache (and transformers' cache, through its view) holds real head dims.
+        pad = 0 if cache is not None else -head_dim % HEAD_DIM_MULTIPLE.get(x.device.type, 1)
+        qkv = self.c_attn(x).view(B, S, 3, self.n_head, head_dim)
+        if pad:
+            qkv = F.pad(qkv, (0, pad))  # one copy of the packed q, k, v
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, head_dim + pad) each
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)
         dropout = self.dropout if self.training else 0.0
+        scale = 1.0 / math.sqrt(head_dim)  # SDPA's default, of the unpadded head dim
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
         else:
             # New slots see every cached slot and the new slots up to themselves (bottom-right causal).
             mask = torch.ones(S, past + S, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        if pad:
+            y = y[..., :head_dim]
         return self.c_proj(y.transpose(1, 2).reshape(B, S, D))
 
 
