@@ -10,7 +10,7 @@ d=768, the paper's teacher shape) hooked after block 5, with a random 32k-latent
 shape); targets are extracted once before the timed runs, except for `cocomix --online-teacher`, which
 computes them every step as the official code does. Targets: CoCoMix (cached) at most 1.1x its bare step,
 and well under the online step. MFU is printed on CUDA devices with a known peak (see
-`pipelines.training.trainer.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
+`pipelines.model.flops.PEAK_FLOPS`); on CPU the achieved GFLOP/s is shown instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.config.loading import load_config
-from pipelines.model.flops import train_flops_per_token
+from pipelines.model.flops import peak_flops, train_flops_per_token
 from pipelines.model.gpt import GPT
 from pipelines.sae.topk import TopKSAE, save_saelens
 from pipelines.stages import extract, prepare, pretrain
@@ -170,10 +170,7 @@ def time_bare_step(config, args) -> float:
 
 
 def mfu_of(flops_per_s: float, device: str) -> str | None:
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    peak = next((v for k, v in trainer.PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(device)
     return f"{flops_per_s / peak:.1%}" if peak else None
 
 

@@ -252,6 +252,61 @@ def cocomix_subprocess(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen
 # --- models ---------------------------------------------------------------------------------------------
 
 
+class ReadBacks:
+    """Records each call by cocomix's own code (`pipelines/`) that reads a tensor's value back to the host
+    (on a GPU, a wait for every kernel queued before it), and the calls of `trainer_class._train_step`
+    between them: which steps of a training loop read values back."""
+
+    def __init__(self, monkeypatch, trainer_class):
+        import torch
+
+        self.events: list[str] = []
+        train_step = trainer_class._train_step
+        recorder = self
+
+        def marked(trainer, *args):
+            recorder.events.append("step")
+            return train_step(trainer, *args)
+
+        monkeypatch.setattr(trainer_class, "_train_step", marked)
+        reads = {
+            torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+            torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+        }  # fmt: skip
+        prefix = str(REPO / "pipelines")
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                caller = sys._getframe(1).f_code.co_filename
+                if func in reads and caller.startswith(prefix):
+                    recorder.events.append(f"{Path(caller).name}:{func.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self) -> ReadBacks:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.mode.__exit__(*exc_info)
+
+    @property
+    def steps(self) -> int:
+        return self.events.count("step")
+
+    def after_step(self) -> dict[int, list[str]]:
+        """The read-backs after each step (0: before the first), for the steps that have any."""
+        found: dict[int, list[str]] = {}
+        step = 0
+        for event in self.events:
+            if event == "step":
+                step += 1
+            else:
+                found.setdefault(step, []).append(event)
+        return found
+
+
 def tiny_model_config(**overrides):
     """A model small enough for exhaustive CPU tests; every variant-specific field is set."""
     from pipelines.model.gpt import ModelConfig

@@ -28,6 +28,7 @@ from pipelines.stages import extract, prepare, pretrain
 from pipelines.training.objectives import kd_loss
 from tests import conftest
 from tests.conftest import (
+    ReadBacks,
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
     cocomix_subprocess,
     prepared_run,
@@ -555,6 +556,18 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     for tensor in load_file(str(stage / "checkpoints" / latest / "model.safetensors")).values():
         assert torch.isfinite(tensor).all()
     assert latest in str(caught.value)
+
+
+def test_the_loop_reads_values_back_only_at_log_eval_and_checkpoint_steps(run, monkeypatch):
+    from pipelines.training.trainer import Trainer
+
+    settings = {"pretrain.objective": "cocomix", "pretrain.log_every": 5, "pretrain.eval_every": 6}
+    with ReadBacks(monkeypatch, Trainer) as recorder:
+        run_in(run, pretrain.run, overrides(run, **settings, **{"pretrain.save_every": 4}))
+    after_step = recorder.after_step()
+    assert recorder.steps == 12
+    assert set(after_step) - {0} == {4, 5, 6, 8, 10, 12}, after_step  # the steps that log, evaluate or save
+    assert "trainer.py:tolist" in after_step[5]  # the logged losses, read once
 
 
 def test_config_rejects_unknown_objective():

@@ -180,7 +180,7 @@ def test_a_variant_trains_with_exactly_its_overrides_and_reuses_the_shared_stage
 
 
 def test_targets_by_activation_are_the_k_most_active_sae_latents():
-    from pipelines.training.objectives import CoCoMixByActivation, objective_for
+    from pipelines.training.objectives import CoCoMixByActivation, host_tensors, objective_for
 
     cfg = load_config(None, ["pretrain.concept_targets=activation", "extract.concepts_per_token=2"])
     objective = objective_for(cfg)
@@ -188,7 +188,8 @@ def test_targets_by_activation_are_the_k_most_active_sae_latents():
     sae_ids = np.array([[[7, 3, 9, 1], [2, 4, 6, 8]]], dtype=np.int32)
     sae_acts = np.array([[[0.5, 2.0, 1.0, 0.1], [0.3, 0.2, 0.9, 0.4]]], dtype=np.float16)
     valid = np.array([[True, False]])
-    inputs = objective.inputs(torch.zeros(1, 2), {"sae_ids": sae_ids, "sae_acts": sae_acts, "valid": valid})
+    batch = host_tensors({"sae_ids": sae_ids, "sae_acts": sae_acts, "valid": valid})
+    inputs = objective.inputs(torch.zeros(1, 2), batch)
     assert inputs["concept_ids"].tolist() == [[[3, 9], [6, 8]]]
     assert inputs["valid"].tolist() == [[True, False]]
 

@@ -9,6 +9,7 @@ one trains.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -57,25 +58,34 @@ class SplitArrays:
 
 
 class BatchReader:
-    """This rank's micro-batches of each step, read one step ahead in a background thread."""
+    """This rank's micro-batches of each step, read one step ahead in a background thread, where
+    `convert` (if given) also turns each micro-batch into what the trainer takes (e.g. pinned tensors)."""
 
     def __init__(
-        self, split: SplitArrays, order: BatchOrder, per_rank: int, accum: int, rank: int, world: int
+        self,
+        split: SplitArrays,
+        order: BatchOrder,
+        per_rank: int,
+        accum: int,
+        rank: int,
+        world: int,
+        convert: Callable[[dict[str, np.ndarray]], Any] | None = None,
     ):
         self.split, self.order = split, order
         self.per_rank, self.accum, self.rank, self.world = per_rank, accum, rank, world
+        self.convert = convert or (lambda batch: batch)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._ahead: tuple[int, Future] | None = None
 
-    def _read_step(self, step: int) -> list[dict[str, np.ndarray]]:
+    def _read_step(self, step: int) -> list[Any]:
         rows = self.order.rows(step)
         micro = []
         for a in range(self.accum):
             start = (a * self.world + self.rank) * self.per_rank
-            micro.append(self.split.read(rows[start : start + self.per_rank]))
+            micro.append(self.convert(self.split.read(rows[start : start + self.per_rank])))
         return micro
 
-    def step(self, step: int) -> list[dict[str, np.ndarray]]:
+    def step(self, step: int) -> list[Any]:
         """The `accum` micro-batches of `step` for this rank; starts reading `step + 1`."""
         if self._ahead is not None and self._ahead[0] == step:
             batches = self._ahead[1].result()

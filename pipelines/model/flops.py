@@ -3,12 +3,16 @@
 FLOPs count a multiply-add as 2. Per slot and block: 24 D^2 for the projections and MLP, plus 4 D S for
 attention scores and their weighted sum over S slots (the PaLM convention: no causal halving). CoCoMix and
 pause run the blocks from `insert_layer` on over two slots per token (S = 2T); CoCoMix adds its concept head
-(2 D C) and the sparse compression (2 k D). Training is 3x the forward (backward = 2x forward).
+(2 D C) and the sparse compression (2 k D). Training is 3x the forward (backward = 2x forward). MFU is
+those FLOPs per second over the GPU's dense bf16 peak, as nanoGPT, llm.c and torchtitan report it.
 """
 
 from __future__ import annotations
 
 from pipelines.model.gpt import ModelConfig
+
+# Dense bf16 peak FLOP/s per GPU, by a part of its name; other devices report no MFU rather than a guess.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -48,3 +52,22 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 3.0 * forward_flops_per_token(config, seq_len)
+
+
+def peak_flops(device) -> float | None:
+    """The dense bf16 peak of a CUDA `device` whose name `PEAK_FLOPS` knows; None for any other."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, device, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation of `devices` GPUs training at `tokens_per_s`; None off a known GPU."""
+    peak = peak_flops(device)
+    if peak is None:
+        return None
+    return train_flops_per_token(config, seq_len) * tokens_per_s / (peak * devices)

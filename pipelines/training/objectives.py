@@ -18,13 +18,23 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipelines.config.schema import Config
 from pipelines.model.gpt import concept_loss
 
-__all__ = ["OBJECTIVES", "Objective", "concept_loss", "kd_loss", "next_token_loss", "objective_for"]
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveLoss",
+    "concept_loss",
+    "host_tensors",
+    "kd_loss",
+    "next_token_loss",
+    "objective_for",
+]
 
-Batch = Mapping[str, np.ndarray]
+Batch = Mapping[str, torch.Tensor]
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -78,8 +88,9 @@ class Objective:
         return {"mixing": "interleave"}
 
     def inputs(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        """What the loss reads besides the tokens, as tensors beside them; made before the forward pass."""
-        return {name: _tensor(batch[name], tokens.device) for name in self.reads}
+        """What the loss reads besides the tokens, from the batch's arrays (on the tokens' device, as
+        `host_tensors` typed them); made before the forward pass."""
+        return {name: batch[name] for name in self.reads}
 
     def loss(
         self, out: Any, tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor]
@@ -175,13 +186,41 @@ class KnowledgeDistillation(Objective):
         return {"kd_loss": (kd, self.p.kd_coef)}
 
 
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A stored array as the loss wants it: ids as int64, float16 values as float32, masks as bool."""
-    if np.issubdtype(array.dtype, np.integer):
-        array = array.astype(np.int64)
-    elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    return torch.from_numpy(array).to(device)
+def host_tensors(batch: Mapping[str, np.ndarray], pin: bool = False) -> dict[str, torch.Tensor]:
+    """A batch's stored arrays as the losses want them, still on the host: ids as int64, float16 values
+    as float32, masks as bool; in page-locked memory when `pin`, so that the copy to a GPU is asynchronous."""
+    tensors = {}
+    for name, array in batch.items():
+        if np.issubdtype(array.dtype, np.integer):
+            array = array.astype(np.int64)
+        elif np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+        tensor = torch.from_numpy(array)
+        tensors[name] = tensor.pin_memory() if pin else tensor
+    return tensors
+
+
+class ObjectiveLoss(nn.Module):
+    """The student and its objective's loss as one module: what DDP wraps and `torch.compile` compiles.
+
+    Compiled with the model, the cross-entropies over the (B, T, V) token logits and the (B, T, C) concept
+    logits fuse their float32 upcast into the kernels that read the bfloat16 logits, where eagerly each
+    `.float()` writes a float32 copy of the logits and the softmax and its backward read and write more.
+    The student runs under autocast (`autocast`; None: float32), the loss outside it.
+    """
+
+    def __init__(self, student: nn.Module, objective: Objective, autocast: torch.dtype | None):
+        super().__init__()
+        self.student = student
+        self.objective = objective  # not a module: it holds no parameters
+        self.autocast = autocast
+
+    def forward(
+        self, tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(tokens.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.student(tokens)
+        return self.objective.loss(out, tokens, inputs)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

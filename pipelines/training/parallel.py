@@ -25,18 +25,20 @@ class Parallelism:
     def sharded(self) -> bool:
         return self.fsdp and self.ranks.world > 1
 
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """`model` wrapped for this many ranks: FSDP per block and at the root, or DDP; compiled if asked.
+    def apply(self, model: torch.nn.Module, loss: torch.nn.Module) -> torch.nn.Module:
+        """`loss`, a module whose forward runs `model` (which it holds), ready to train on these ranks:
+        `model` sharded by FSDP per block and at its root, or `loss` wrapped by DDP; compiled if asked,
+        so that the loss compiles with the model. `loss` itself stays usable as it is (for evaluation).
 
         Build the optimizer after this: FSDP replaces the parameters with sharded ones, which it must hold.
         """
-        wrapped = model
+        wrapped = loss
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
             for block in model.h:
                 fully_shard(block)
-            wrapped = fully_shard(model)
+            fully_shard(model)
         elif self.ranks.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -44,7 +46,7 @@ class Parallelism:
             # Concepts predicted but not mixed in (`mixing = "none"`) leave the compression without a
             # gradient, which DDP must be told about.
             unused = getattr(getattr(model, "config", None), "mixing", "") == "none"
-            wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+            wrapped = DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=unused)
         if self.compile:
             wrapped = torch.compile(wrapped)
         return wrapped

@@ -31,7 +31,8 @@ from pipelines.core.files import truncate_jsonl_after
 from pipelines.core.layout import FINAL_MODEL, HF_MODEL
 from pipelines.data.batches import BatchOrder, BatchReader, SplitArrays
 from pipelines.errors import StageError
-from pipelines.training.objectives import Objective
+from pipelines.training.health import NonFiniteWatch
+from pipelines.training.objectives import Objective, ObjectiveLoss, host_tensors
 from pipelines.training.parallel import Parallelism
 from pipelines.training.state import Checkpoints, rng_state, set_rng_state
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
-# Dense bf16 peak FLOP/s per GPU for MFU; other devices report no MFU rather than a guess.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 @dataclass
@@ -78,7 +77,9 @@ class Trainer:
         self.model = GPT(model_config).to(device)
         self.objective = data.objective
         self.parallel = Parallelism(ranks, device, fsdp=self.p.fsdp, compile=self.p.compile)
-        self.wrapped = self.parallel.apply(self.model)
+        # Training runs the objective's loss wrapped (and compiled); evaluation runs it as it is.
+        self.objective_loss = ObjectiveLoss(self.model, self.objective, _autocast_dtype(self.p.dtype, device))
+        self.wrapped = self.parallel.apply(self.model, self.objective_loss)
         # After wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold.
         self.optimizer = build_optimizer(self.model, self.p, device)
         self.step = 0
@@ -87,13 +88,14 @@ class Trainer:
         self.global_batch = per_rank * ranks.world * self.p.grad_accum
         self.tokens_per_step = self.global_batch * model_config.context_length
         self.order = BatchOrder(data.train.n_blocks, student_seed(cfg), self.global_batch)
-        self.autocast = _autocast_dtype(self.p.dtype, device)
+        self.non_finite = NonFiniteWatch(device)
         self._stop_signal: str | None = None
         self.trackers = None  # opened by `train`, once `restore` has set the step they continue from
 
     # -- state --
 
     def save_checkpoint(self) -> None:
+        self._check_finite()
         for name, param in self.model.named_parameters():
             if not bool(torch.isfinite(param.detach()).all()):
                 raise StageError(
@@ -146,9 +148,7 @@ class Trainer:
         from pipelines.training.optim import learning_rate
 
         p = self.p
-        reader = BatchReader(
-            self.data.train, self.order, self.per_rank, p.grad_accum, self.ranks.rank, self.ranks.world
-        )
+        reader = self.batch_reader()
         bar = tqdm(
             total=p.max_steps,
             initial=self.step,
@@ -171,7 +171,10 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                # The host reads values back from the device only here, at log steps.
                 if self.step % p.log_every == 0 or self.step == p.max_steps:
+                    self._check_finite()
+                    parts, grad_norm = self._read_back(parts, grad_norm)
                     elapsed = time.monotonic() - window_started
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed if elapsed > 0 else None
                     row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
@@ -180,10 +183,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
                     window_started, window_steps = time.monotonic(), 0
                 if self.step % p.eval_every == 0 or self.step == p.max_steps:
+                    self._check_finite()
                     self._log({"kind": "val", "step": self.step, **self.evaluate()})
                     if on_progress is not None:
                         on_progress(step=self.step, steps=p.max_steps)
-                stop = self.ranks.any(self._stop_signal is not None, self.device)
+                stop = self.ranks.any(self._stop_signal is not None)
                 if stop or (self.step % p.save_every == 0 and self.step < p.max_steps):
                     self.save_checkpoint()
                 if stop:
@@ -202,6 +206,20 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
         return None
 
+    def batch_reader(self) -> BatchReader:
+        """This rank's micro-batches of each step, as host tensors read ahead (page-locked on CUDA, so
+        that their copies to the GPU do not make the host wait)."""
+        pin = self.device.type == "cuda"
+        return BatchReader(
+            self.data.train,
+            self.order,
+            self.per_rank,
+            self.p.grad_accum,
+            self.ranks.rank,
+            self.ranks.world,
+            convert=lambda batch: host_tensors(batch, pin=pin),
+        )
+
     def _open_trackers(self) -> None:
         if not self.ranks.main:
             return
@@ -210,7 +228,8 @@ class Trainer:
         run_name = f"{Path(self.cfg.run.dir).name}/{self.dir.name}"
         self.trackers = Trackers(self.p, self.dir, self.step, run_name, dataclasses.asdict(self.cfg))
 
-    def _train_step(self, micro_batches) -> tuple[dict[str, float], float]:
+    def _train_step(self, micro_batches) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step; returns the loss parts and the gradient norm as device tensors, unread."""
         p = self.p
         totals: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
@@ -221,41 +240,42 @@ class Trainer:
                 else self.wrapped.no_sync()
             )
             with sync:
-                loss, parts = self._loss(batch, train=True)
+                loss, parts = self._loss(batch, self.wrapped)
                 (loss / len(micro_batches)).backward()
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / len(micro_batches)
-        names = sorted(totals)
-        values = torch.stack([totals[name].float() for name in names])
-        if self.ranks.world > 1:  # the logged losses are the global batch's, as one process would see them
-            torch.distributed.all_reduce(values)
-            values /= self.ranks.world
-        parts = dict(zip(names, values.tolist(), strict=True))
-        if not math.isfinite(parts["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise StageError(
-                f"pretrain: the loss is {parts['loss']} at step {self.step + 1}. {self._last_good()}"
-            )
         clip = p.grad_clip if p.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise StageError(
-                f"pretrain: the gradient norm is {grad_norm} at step {self.step + 1}. {self._last_good()}"
-            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP, replicated on every rank
+            grad_norm = grad_norm.full_tensor()
+        self.non_finite.observe(self.step + 1, totals["loss"], grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {name: round(value, 6) for name, value in parts.items()}, round(grad_norm, 6)
+        return totals, grad_norm
 
-    def _loss(
-        self, batch: dict[str, np.ndarray], train: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(self.device)
-        inputs = self.objective.inputs(tokens, batch)
-        model = self.wrapped if train else self.model
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = model(tokens)
-        return self.objective.loss(out, tokens, inputs)
+    def _read_back(
+        self, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor
+    ) -> tuple[dict[str, float], float]:
+        """A step's loss parts (the global batch's, as one process would see them) and gradient norm."""
+        names = sorted(parts)
+        values = torch.stack([parts[name].float() for name in names])
+        if self.ranks.world > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.ranks.world
+        *values, norm = torch.cat([values, grad_norm.detach().float().reshape(1)]).tolist()
+        return {name: round(v, 6) for name, v in zip(names, values, strict=True)}, round(norm, 6)
+
+    def _check_finite(self) -> None:
+        problem = self.non_finite.first_problem(self.ranks)
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            step, what = problem
+            raise StageError(f"pretrain: {what} at step {step}. {self._last_good()}")
+
+    def _loss(self, batch: dict[str, torch.Tensor], module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        tokens = batch["tokens"]
+        return module(tokens, self.objective.inputs(tokens, batch))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -265,14 +285,14 @@ class Trainer:
         blocks = val.n_blocks if not p.eval_blocks else min(p.eval_blocks, val.n_blocks)
         mine = range(self.ranks.rank * self.per_rank, blocks, self.per_rank * self.ranks.world)
         names = ("ntp_loss", *self.objective.val_parts)
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # a sum per part, then the blocks
+        # A sum per part, then the blocks, kept on the device: read back once, at the end.
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
         was_training = self.model.training
         self.model.eval()
         for start in mine:
             rows = np.arange(start, min(start + self.per_rank, blocks))
-            _, parts = self._loss(val.read(rows), train=False)
-            for index, name in enumerate(names):
-                sums[index] += parts[name].item() * len(rows)
+            _, parts = self._loss(host_tensors(val.read(rows)), self.objective_loss)
+            sums[:-1] += torch.stack([parts[name].double() for name in names]) * len(rows)
             sums[-1] += len(rows)
         self.model.train(was_training)
         if self.ranks.world > 1:
@@ -284,16 +304,13 @@ class Trainer:
         return result
 
     def _mfu(self, tokens_per_s: float | None) -> float | None:
-        from pipelines.model.flops import train_flops_per_token
+        from pipelines.model.flops import mfu
 
-        if tokens_per_s is None or self.device.type != "cuda":
+        if tokens_per_s is None:
             return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-        if peak is None:
-            return None
-        flops = train_flops_per_token(self.model_config, self.model_config.context_length)
-        return flops * tokens_per_s / (peak * self.ranks.world)
+        return mfu(
+            self.model_config, self.model_config.context_length, tokens_per_s, self.device, self.ranks.world
+        )
 
     # -- signals --
 
