@@ -16,6 +16,7 @@ from pipelines.sae import trainer as sae_trainer
 from pipelines.sae.topk import load_sae
 from pipelines.stages import train_sae
 from tests.conftest import (
+    ReadBacks,
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
     cocomix_subprocess,
     prepared_run,
@@ -235,23 +236,71 @@ def test_the_default_dead_latent_method_lowers_the_dead_fraction_against_off(set
         assert final["off"]["resampled"] == 0 and final[default]["resampled"] > 0
 
 
-def test_resampling_restarts_dead_latents_towards_poorly_reconstructed_inputs(setup):
-    """One event by hand: dead latents restart on poorly reconstructed inputs of the pool, their Adam
-    moments are zeroed, and the rest of the SAE and of the optimizer state is untouched."""
+@contextlib.contextmanager
+def trainer_of(setup: Path, **settings):
+    """A `SaeTrainer` on the prepared run, restored to step 0 (its pre-bias at the first buffer's mean)."""
     from pipelines.concepts.teacher import load_teacher_for
     from pipelines.data.token_store import open_prepared_tokens
 
-    cfg = run_in(
-        setup, lambda cfg, progress: cfg, overrides(setup, **DYING, **{"sae.dead_latents": "resample"})
-    )
-    reading = contextlib.ExitStack()
-    with reading:
+    cfg = run_in(setup, lambda cfg, progress: cfg, overrides(setup, **settings))
+    with contextlib.ExitStack() as reading:
         store, _ = open_prepared_tokens(reading, setup / cfg.run.dir)
         teacher = load_teacher_for(cfg.teacher, torch.device("cpu"), store.attrs)
         (setup / "stage").mkdir()
         trainer = sae_trainer.SaeTrainer(cfg, teacher, store, setup / "stage", torch.device("cpu"))
         trainer.restore(resume=False)
-        check_one_resampling_event(trainer, cfg.sae)
+        yield trainer
+
+
+def test_resampling_restarts_dead_latents_towards_poorly_reconstructed_inputs(setup):
+    """One event by hand: dead latents restart on poorly reconstructed inputs of the pool, their Adam
+    moments are zeroed, and the rest of the SAE and of the optimizer state is untouched."""
+    with trainer_of(setup, **DYING, **{"sae.dead_latents": "resample"}) as trainer:
+        check_one_resampling_event(trainer, trainer.s)
+
+
+def test_the_loop_reads_values_back_only_at_evaluations_and_resampling_checks(setup, monkeypatch):
+    with ReadBacks(monkeypatch, sae_trainer.SaeTrainer) as recorder:
+        run_stage(setup, overrides(setup))
+    assert recorder.steps == 80
+    # Evaluations every 20 steps; the dead latents counted at every resampling event (every 16 steps).
+    assert set(recorder.after_step()) - {0} == {16, 20, 32, 40, 48, 60, 64, 80}, recorder.after_step()
+
+
+@pytest.mark.parametrize("dead_latents", ["resample", "auxk"])
+def test_the_sparse_top_k_backward_gives_the_dense_gradients(setup, dead_latents):
+    """The training step's top-k values, recomputed from the k encoder columns chosen, are the dense
+    product's, and so are the gradients of every parameter (the AuxK term's included)."""
+    with trainer_of(setup, **{"sae.dead_latents": dead_latents, "sae.aux_coef": 0.5}) as trainer:
+        sae, x = trainer.sae, trainer._batch(0)
+        with torch.no_grad():
+            sae.b_enc.normal_()  # so that no term hides behind a zero
+        dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+        dead[::3] = True
+
+        def loss_and_grads(encode):
+            sae.zero_grad(set_to_none=True)
+            pre, ids, values, recon = encode()
+            loss = (x - recon).pow(2).sum(-1).mean()
+            if dead_latents == "auxk":
+                loss = loss + 0.5 * sae_trainer.auxk_loss(pre, (x - recon).detach(), dead, 16, sae.W_dec)
+            loss.backward()
+            return ids, values, recon, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+        def dense():
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            values, ids = pre.topk(sae.k, dim=-1)
+            values = values.relu()
+            return pre, ids, values, torch.einsum("nk,nkd->nd", values, sae.W_dec[ids]) + sae.b_dec
+
+        sparse = loss_and_grads(lambda: trainer._encode_decode(x, dense_pre_grad=dead_latents == "auxk"))
+        reference = loss_and_grads(dense)
+        assert torch.equal(sparse[0], reference[0])
+        torch.testing.assert_close(sparse[1], reference[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sparse[2], reference[2], rtol=1e-5, atol=1e-6)
+        for name, grad in reference[3].items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(sparse[3][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def check_one_resampling_event(trainer, settings):

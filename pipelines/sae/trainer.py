@@ -63,7 +63,9 @@ class SaeTrainer:
             self.sae.W_dec.normal_()
             self.sae.W_dec.div_(self.sae.W_dec.norm(dim=-1, keepdim=True))
             self.sae.W_enc.copy_(self.sae.W_dec.t())
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        fused = torch.device(device).type == "cuda" or None  # the fast kernel on CUDA; foreach on the CPU
+        params = self.sae.parameters()
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=fused)
         self.tokens_since_fired = torch.zeros(self.s.latents, dtype=torch.long, device=device)
         self.window_steps = -(-self.s.dead_after_tokens // self.s.batch_tokens)
         self.resampled = 0  # latents restarted so far
@@ -171,7 +173,7 @@ class SaeTrainer:
                 self._log(
                     {
                         "step": self.step,
-                        **losses,
+                        **{name: round(value.item(), 6) for name, value in losses.items()},
                         **self.evaluate(),
                         "tokens_per_s": round(
                             self.s.batch_tokens * eval_every / (time.monotonic() - started), 1
@@ -183,28 +185,40 @@ class SaeTrainer:
                 self._save_checkpoint()
         bar.close()
 
-    def _encode_decode(self, x):
-        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`."""
+    def _encode_decode(self, x, dense_pre_grad: bool = False):
+        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`.
+
+        The top k are chosen without a graph and their values recomputed from the k encoder columns chosen:
+        the same values, whose backward reads k columns per token where the dense pre-activations' would be
+        two more (N x C) products. `pre` keeps a graph only where the AuxK loss reads it (`dense_pre_grad`).
+        """
+        import torch
         import torch.nn.functional as F
 
         sae = self.sae
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        values, ids = pre.topk(sae.k, dim=-1)
-        values = values.relu()
+        centred = x - sae.b_dec
+        with torch.set_grad_enabled(dense_pre_grad and torch.is_grad_enabled()):
+            pre = centred @ sae.W_enc + sae.b_enc
+        ids = pre.detach().topk(sae.k, dim=-1).indices  # (N, k)
+        # Rows of a contiguous copy of W_enc^T: a column of W_enc itself is strided by C.
+        columns = F.embedding(ids, sae.W_enc.t().contiguous())  # (N, k, d_in)
+        values = (torch.einsum("nkd,nd->nk", columns, centred) + sae.b_enc[ids]).relu()
         recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
         return pre, ids, values, recon
 
-    def _train_step(self, x) -> dict[str, float]:
+    def _train_step(self, x) -> dict:
+        """One optimizer step; its losses as device tensors, read back only when they are logged."""
         import torch
 
         sae = self.sae
-        pre, ids, values, recon = self._encode_decode(x)
+        auxk = self.s.dead_latents == "auxk" and self.s.aux_coef > 0
+        pre, ids, values, recon = self._encode_decode(x, dense_pre_grad=auxk)
         variance = (x - x.mean(0)).pow(2).sum(-1).mean()
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
         loss, aux = mse, torch.zeros((), device=x.device)
         dead = self.dead_latents()
-        if self.s.dead_latents == "auxk" and self.s.aux_coef > 0 and bool(dead.any()):
+        if auxk and bool(dead.any()):
             aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
             loss = loss + self.s.aux_coef * aux
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,11 +230,13 @@ class SaeTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             self.optimizer.step()
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
-            fired = torch.zeros_like(dead)
-            fired[ids[values > 0]] = True
+            # Which latents fired, by a scatter: a boolean index would make the host wait for the GPU.
+            fired = torch.zeros_like(self.tokens_since_fired).scatter_add_(
+                0, ids.flatten(), (values > 0).flatten().long()
+            )
             self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired] = 0
-        return {"loss": round(mse.item(), 6), "aux_loss": round(aux.item(), 6)}
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        return {"loss": mse.detach(), "aux_loss": aux.detach()}
 
     def dead_latents(self):
         """(latents,) bool: silent for at least `sae.dead_after_tokens` training tokens."""
