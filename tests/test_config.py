@@ -182,7 +182,7 @@ def test_the_fields_with_choices_are_the_expected_ones():
     assert {f"{section}.{name}": choices for section, name, choices, _ in choice_fields()} == {
         "data.txt_sample_by": ("line", "paragraph", "document"),
         "teacher.hook": ("resid_post", "resid_pre"),
-        "teacher.dtype": ("float32", "bfloat16", "float16"),
+        "teacher.dtype": ("float32", "tf32", "bfloat16", "float16"),
         "sae.dead_latents": ("auxk", "resample", "off"),
         "extract.attribution": ("official", "paper"),
         "pretrain.objective": ("ntp", "cocomix", "kd", "pause"),

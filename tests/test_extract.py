@@ -117,6 +117,24 @@ def naive_dense_official(sae, hidden, grad):
     return (grad @ sae.W_dec.t()) * activations, pre
 
 
+def test_a_tf32_teacher_sets_tf32_matmuls_only_while_it_runs_and_is_float32_on_the_cpu(models):
+    teacher_dir, _ = models
+    ids = torch.randint(0, bpe_tokenizer().vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    matmul = torch.backends.cuda.matmul
+    setting = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, setting)
+    teacher = load_teacher(str(teacher_dir), layer=1, hook="resid_post", dtype="tf32")
+    seen = []
+    teacher.block.register_forward_pre_hook(lambda *_: seen.append(getattr(matmul, setting)))
+    out = teacher.hidden_and_grad(ids)
+    teacher.hidden_states(ids)
+    assert seen == [{"fp32_precision": "tf32", "allow_tf32": True}[setting]] * 2
+    assert getattr(matmul, setting) == before
+    assert next(teacher.model.parameters()).dtype == torch.float32
+    reference = load_teacher(str(teacher_dir), layer=1, hook="resid_post").hidden_and_grad(ids)
+    assert torch.equal(out.hidden, reference.hidden) and torch.equal(out.grad, reference.grad)
+
+
 @pytest.mark.parametrize(
     "architecture, hook", [("gpt2", "resid_post"), ("gpt2", "resid_pre"), ("llama", "resid_post")]
 )

@@ -8,6 +8,7 @@ the backward stops there and computes no weight gradient. `hidden_states` stops 
 
 from __future__ import annotations
 
+import contextlib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,11 @@ class TeacherOutput:
 
 
 class Teacher:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, spec: str, layer: int, hook: str):
+    def __init__(
+        self, model: nn.Module, tokenizer: Tokenizer, spec: str, layer: int, hook: str, tf32: bool = False
+    ):
         self.model = model.eval().requires_grad_(False)
+        self.tf32 = tf32  # float32 matmuls in TensorFloat-32 on CUDA (`teacher.dtype = "tf32"`)
         self.tokenizer = tokenizer
         self.spec = spec
         self.n_layers = model.config.num_hidden_layers
@@ -84,7 +88,7 @@ class Teacher:
 
     def hidden_and_grad(self, ids: torch.Tensor, with_log_probs: bool = False) -> TeacherOutput:
         captured: dict[str, torch.Tensor] = {}
-        with self._hooked(captured, stop=False), torch.enable_grad():
+        with self._hooked(captured, stop=False), torch.enable_grad(), self._matmuls():
             logits = self.model(input_ids=ids, use_cache=False).logits
             # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, and back again.
             labels = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
@@ -97,7 +101,7 @@ class Teacher:
     def next_token_loss(self, ids: torch.Tensor, replace=None) -> float:
         """Mean next-token loss, with the hidden state at the hook swapped for `replace(hidden)` if given."""
         captured: dict[str, torch.Tensor] = {}
-        with self._hooked(captured, stop=False, replace=replace):
+        with self._hooked(captured, stop=False, replace=replace), self._matmuls():
             logits = self.model(input_ids=ids, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
 
@@ -105,21 +109,40 @@ class Teacher:
     def logits(self, ids: torch.Tensor, replace=None) -> torch.Tensor:
         """(B, T, V) next-token logits, with the hidden state at the hook swapped for `replace(hidden)`."""
         captured: dict[str, torch.Tensor] = {}
-        if replace is None:
-            return self.model(input_ids=ids, use_cache=False).logits
-        with self._hooked(captured, stop=False, replace=replace):
-            return self.model(input_ids=ids, use_cache=False).logits
+        with self._matmuls():
+            if replace is None:
+                return self.model(input_ids=ids, use_cache=False).logits
+            with self._hooked(captured, stop=False, replace=replace):
+                return self.model(input_ids=ids, use_cache=False).logits
 
     @torch.no_grad()
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T, D) at the hook, without running the layers above it."""
         captured: dict[str, torch.Tensor] = {}
-        with self._hooked(captured, stop=True):
+        with self._hooked(captured, stop=True), self._matmuls():
             try:
                 self.model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
         return captured["hidden"]
+
+    @contextlib.contextmanager
+    def _matmuls(self):
+        """TensorFloat-32 for the float32 matmuls on CUDA inside the block when `tf32`, restored after."""
+        if not self.tf32:
+            yield
+            return
+        matmul = torch.backends.cuda.matmul
+        # torch >= 2.9 has `fp32_precision` and refuses reads of `allow_tf32` once it has been set.
+        name, value = (
+            ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+        )
+        previous = getattr(matmul, name)
+        setattr(matmul, name, value)
+        try:
+            yield
+        finally:
+            setattr(matmul, name, previous)
 
     def _hooked(self, captured: dict, stop: bool, replace=None):
         def swap(hidden: torch.Tensor) -> torch.Tensor:
@@ -174,7 +197,7 @@ def load_teacher(
         raise InputError(
             f"Teacher `{spec}` does not exist. Set `teacher.model` to a hub id, a folder or a .gguf file."
         )
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
     try:
         if path.is_file() and path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(
@@ -190,6 +213,7 @@ def load_teacher(
         spec,
         layer,
         hook,
+        tf32=dtype == "tf32",
     )
 
 

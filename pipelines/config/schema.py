@@ -24,7 +24,7 @@ ModelPreset = Literal["tiny", "69m", "386m", "1.38b"]
 PretrainDtype = Literal["auto", "float32", "bfloat16"]
 Mixing = Literal["interleave", "add", "none"]
 TeacherHook = Literal["resid_post", "resid_pre"]
-TeacherDtype = Literal["float32", "bfloat16", "float16"]
+TeacherDtype = Literal["float32", "tf32", "bfloat16", "float16"]
 Attribution = Literal["official", "paper"]
 ConceptTargets = Literal["attribution", "activation"]
 EvalBackend = Literal["cocomix", "lm-eval"]
@@ -154,7 +154,12 @@ class TeacherConfig:
     hook: TeacherHook = _field(
         "resid_post", "`resid_post` (after the block, the paper's location) or `resid_pre`."
     )
-    dtype: TeacherDtype = _field("float32", "Teacher weights: `float32`, `bfloat16` or `float16`.")
+    dtype: TeacherDtype = _field(
+        "float32",
+        "Teacher precision: `float32`; `tf32` (float32 weights, TensorFloat-32 matmuls on CUDA, float32 "
+        "elsewhere); `bfloat16` or `float16` weights. Lower precisions are faster on a GPU but change a "
+        "share of the concept targets (docs/BENCHMARKS.md measures it).",
+    )
 
 
 @dataclass(frozen=True)
