@@ -60,21 +60,24 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines.concepts.teacher import Teacher, load_teacher
-from pipelines.config.loading import load_config
-from pipelines.core.distributed import Ranks
-from pipelines.data.batches import SplitArrays
-from pipelines.data.token_store import open_prepared_tokens
-from pipelines.model.flops import mfu, train_flops_per_token
-from pipelines.model.gpt import preset
-from pipelines.sae.attribution import concept_targets, official_scores
-from pipelines.sae.trainer import SaeTrainer
-from pipelines.stages import prepare
-from pipelines.training.objectives import objective_for
-from pipelines.training.optim import learning_rate
-from pipelines.training.trainer import Trainer, TrainingData
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs without the project installed, as on an offline GPU box
+
+from pipelines.concepts.teacher import Teacher, load_teacher  # noqa: E402
+from pipelines.config.loading import load_config  # noqa: E402
+from pipelines.core.distributed import Ranks  # noqa: E402
+from pipelines.data.batches import SplitArrays  # noqa: E402
+from pipelines.data.token_store import open_prepared_tokens  # noqa: E402
+from pipelines.errors import CocomixError  # noqa: E402
+from pipelines.model.flops import mfu, train_flops_per_token  # noqa: E402
+from pipelines.model.gpt import preset  # noqa: E402
+from pipelines.sae.attribution import concept_targets, official_scores  # noqa: E402
+from pipelines.sae.trainer import SaeTrainer  # noqa: E402
+from pipelines.stages import prepare  # noqa: E402
+from pipelines.training.objectives import objective_for  # noqa: E402
+from pipelines.training.optim import learning_rate  # noqa: E402
+from pipelines.training.trainer import Trainer, TrainingData  # noqa: E402
+
 SECTIONS = ("sae", "attribution", "students")
 PRECISIONS = ("float64", "float32", "tf32", "tf32-emulated", "bfloat16")
 CONCEPTS_PER_TOKEN = 4
@@ -84,6 +87,7 @@ CONCEPTS_PER_TOKEN = 4
 class Sizes:
     block_size: int
     data_tokens: int
+    val_fraction: float
     sae_latents: int
     sae_k: int
     sae_batch_tokens: int
@@ -105,6 +109,7 @@ class Sizes:
 GPU = Sizes(
     block_size=1024,
     data_tokens=1_200_000,
+    val_fraction=0.02,
     sae_latents=32768,
     sae_k=32,
     sae_batch_tokens=4096,
@@ -125,6 +130,7 @@ GPU = Sizes(
 DRY_RUN = Sizes(
     block_size=128,
     data_tokens=16384,
+    val_fraction=0.1,
     sae_latents=256,
     sae_k=8,
     sae_batch_tokens=256,
@@ -160,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", default="float32", help="the precision the others are compared with")
     parser.add_argument("--sae-tokens", type=int, default=None, help="tokens the SAE trains on")
     parser.add_argument("--attribution-tokens", type=int, default=None, help="tokens scored per precision")
+    parser.add_argument("--attribution-batch-tokens", type=int, default=None, help="tokens per teacher batch")
     parser.add_argument(
         "--batches", default=None, help="students' micro-blocks x accumulation, e.g. 32x2,64x1"
     )
@@ -209,7 +216,7 @@ def config(args, work: Path, **pretrain):
         "run.dir": str(work / "run"),
         "data.block_size": sizes.block_size,
         "data.max_tokens": sizes.data_tokens,
-        "data.val_fraction": 0.02,
+        "data.val_fraction": sizes.val_fraction,
         "sae.latents": sizes.sae_latents,
         "sae.k": sizes.sae_k,
         "sae.batch_tokens": sizes.sae_batch_tokens,
@@ -230,6 +237,13 @@ def config(args, work: Path, **pretrain):
 
 
 # --- timing -------------------------------------------------------------------------------------------
+
+_STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A line on stderr with the seconds since the start: the table comes only at the end."""
+    print(f"[{time.monotonic() - _STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 class StepClock:
@@ -276,6 +290,7 @@ def bench_sae(cfg, teacher: Teacher, store, work: Path, device: torch.device) ->
     stage_dir = work / "sae"
     stage_dir.mkdir()
     trainer = SaeTrainer(cfg, teacher, store, stage_dir, device)
+    progress(f"sae: {trainer.total_steps} steps of {cfg.sae.batch_tokens:,} tokens")
     trainer.restore(resume=False)  # the pre-bias at the first buffer's mean, as the stage starts
     clock = StepClock(device)
     clock.mark()
@@ -349,10 +364,11 @@ def bench_attribution(args, reference_teacher: Teacher, sae, store, device: torc
     block_size = blocks.shape[1]
     wanted = (args.attribution_tokens or args.sizes.attribution_tokens) // block_size
     ids = torch.from_numpy(blocks[: min(blocks.shape[0], max(2, wanted))].astype(np.int64))
-    per_batch = max(1, args.sizes.attribution_batch_tokens // block_size)
+    per_batch = max(1, (args.attribution_batch_tokens or args.sizes.attribution_batch_tokens) // block_size)
     batches = ids.split(per_batch)
     results: dict[str, dict] = {}
     for precision in args.precisions:
+        progress(f"attribution: {ids.numel():,} tokens at {precision}")
         teacher, mode = teacher_at(reference_teacher, precision)
         clock, targets, ties = StepClock(device), [], []
         with mode:
@@ -458,6 +474,9 @@ def bench_student(args, objective_name, micro_blocks, accum, vocab_size, n_conce
     data = TrainingData(
         train=split, val=split, input_artifacts={}, n_concepts=n_concepts, objective=objective
     )
+    progress(
+        f"students: {objective_name} {sizes.preset}, {micro_blocks}x{block} x{accum}, {total_steps} steps"
+    )
     reset_peak(device)
     stage_dir = work / f"student-{objective_name}-{micro_blocks}x{accum}"
     stage_dir.mkdir()
@@ -525,10 +544,13 @@ def profile(step, steps: int, device: torch.device, top: int = 10) -> list[dict]
 def environment(device: torch.device) -> dict:
     import transformers
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        if git("status", "--porcelain", "--untracked-files=no").strip():
+            commit += "+changes"  # numbers of uncommitted code are not the commit's
     except (OSError, subprocess.CalledProcessError):  # a copy of the tree without its .git
         commit = os.environ.get("COCOMIX_COMMIT", "unknown")
     return {
@@ -569,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as reading:
         work = Path(tmp)
         cfg = config(args, work)
+        progress(f"prepare: {cfg.data.source}")
         prepare.run(cfg, progress=False)
         store, _ = open_prepared_tokens(reading, Path(cfg.run.dir))
         if {"sae", "attribution"} & set(args.sections):
@@ -594,4 +617,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CocomixError as exc:  # a bad teacher, corpus or setting: one line, as the CLI gives it
+        print(f"gpu_bench: {exc}", file=sys.stderr)
+        sys.exit(2)
