@@ -352,7 +352,7 @@ def _tf32(tensor):
 def teacher_at(reference: Teacher, precision: str) -> tuple[Teacher, contextlib.AbstractContextManager]:
     """The float32 teacher at another precision (its weights cast as `load_teacher` would load them)."""
     model = reference.model
-    if precision in ("float64", "bfloat16"):
+    if precision in ("float64", "bfloat16", "float16"):
         model = copy.deepcopy(model).to(getattr(torch, precision))
     t = reference
     teacher = Teacher(model, t.tokenizer, t.spec, t.layer, t.hook, tf32=precision == "tf32")
@@ -595,13 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare.run(cfg, progress=False)
         store, _ = open_prepared_tokens(reading, Path(cfg.run.dir))
         if {"sae", "attribution"} & set(args.sections):
-            t = cfg.teacher
-            teacher = load_teacher(t.model, t.layer, t.hook, str(device), t.dtype, t.tokenizer)
-            sae_rows, sae = bench_sae(cfg, teacher, store, work, device)
+            t = cfg.teacher  # loaded in float32, the other precisions made from it
+            teacher = load_teacher(t.model, t.layer, t.hook, str(device), "float32", t.tokenizer)
+            sae_teacher, _ = teacher_at(teacher, t.dtype)  # `--set teacher.dtype=...` for the SAE's
+            sae_rows, sae = bench_sae(cfg, sae_teacher, store, work, device)
             rows += sae_rows if "sae" in args.sections else []
             if "attribution" in args.sections:
                 rows += bench_attribution(args, teacher, sae, store, device)
-            del teacher, sae
+            del teacher, sae_teacher, sae
         if "students" in args.sections:
             vocab_size = int(store.attrs["tokenizer"]["vocab_size"])
             rows += bench_students(args, vocab_size, cfg.sae.latents, device, work)

@@ -20,19 +20,21 @@ def loss_and_grads(module, model, tokens, inputs):
 
 
 @pytest.mark.slow
-def test_the_compiled_loss_with_padded_heads_equals_the_eager_one(monkeypatch):
+@pytest.mark.parametrize("objective", ["ntp", "cocomix"])
+def test_the_compiled_loss_with_padded_heads_equals_the_eager_one(monkeypatch, objective):
     """What a GPU run does (the loss compiled with the model, heads of 78 padded to 80) against the plain
-    eager model and loss on the CPU: the CoCoMix student's loss parts and every gradient."""
-    cfg = load_config(None, ["pretrain.objective=cocomix", "pretrain.lam_concept=0.5"])
+    eager model and loss on the CPU: each student's loss parts and every gradient."""
+    cfg = load_config(None, [f"pretrain.objective={objective}", "pretrain.lam_concept=0.5"])
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(variant="cocomix", n_embd=156, n_head=2, n_layer=3, insert_layer=1))
+    model = GPT(tiny_model_config(variant=objective, n_embd=156, n_head=2, n_layer=3, insert_layer=1))
     loss = ObjectiveLoss(model, objective_for(cfg), autocast=None)
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 97, (2, 24), generator=generator)
     valid = torch.rand(2, 24, generator=generator) > 0.2
     inputs = {"concept_ids": torch.randint(0, 64, (2, 24, 4), generator=generator), "valid": valid}
     eager_parts, eager_grads = loss_and_grads(loss, model, tokens, inputs)
-    assert set(eager_parts) == {"loss", "ntp_loss", "concept_loss"}
+    parts = {"ntp": {"loss", "ntp_loss"}, "cocomix": {"loss", "ntp_loss", "concept_loss"}}[objective]
+    assert set(eager_parts) == parts
 
     monkeypatch.setitem(gpt.HEAD_DIM_MULTIPLE, "cpu", 8)
     parts, grads = loss_and_grads(torch.compile(loss), model, tokens, inputs)

@@ -1,8 +1,8 @@
 """Non-finite losses and gradient norms, watched on the device and read back only where the loop syncs.
 
 Checking every step would make the host wait for the GPU at every step. Instead each step records, on the
-device, the first step whose loss or gradient norm is not finite, and `check` reads that record where the
-trainer reads values back anyway (log steps, evaluations, checkpoints, the end). Weights trained past that
+device, the first step whose loss or gradient norm is not finite, and `first_problem` reads that record where
+the trainer reads values back anyway (log steps, evaluations, checkpoints, the end). Weights trained past that
 step are never saved, because every checkpoint is preceded by a check, and the error names the step.
 """
 
@@ -22,9 +22,8 @@ class NonFiniteWatch:
 
     def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Record step `step` (1-based) if it is the first with a non-finite loss or gradient norm."""
-        current = torch.stack(
-            [torch.full((), float(step), dtype=torch.float64, device=self.record.device), loss, grad_norm]
-        ).to(torch.float64)
+        at = torch.full((), float(step), dtype=torch.float64, device=self.record.device)  # no host copy
+        current = torch.stack([at, loss.detach().double(), grad_norm.detach().double()])
         first = self.record[0].isinf() & ~current[1:].isfinite().all()
         self.record = torch.where(first, current, self.record)
 
