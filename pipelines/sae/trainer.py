@@ -230,10 +230,8 @@ class SaeTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             self.optimizer.step()
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
-            # Which latents fired, by a scatter: a boolean index would make the host wait for the GPU.
-            fired = torch.zeros_like(self.tokens_since_fired).scatter_add_(
-                0, ids.flatten(), (values > 0).flatten().long()
-            )
+            hits = (values > 0).flatten().long()  # scattered: a boolean index would make the host wait
+            fired = torch.zeros_like(self.tokens_since_fired).scatter_add_(0, ids.flatten(), hits)
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired.masked_fill_(fired > 0, 0)
         return {"loss": mse.detach(), "aux_loss": aux.detach()}
