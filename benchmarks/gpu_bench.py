@@ -75,7 +75,6 @@ from pipelines.sae.attribution import concept_targets, official_scores  # noqa: 
 from pipelines.sae.trainer import SaeTrainer  # noqa: E402
 from pipelines.stages import prepare  # noqa: E402
 from pipelines.training.objectives import objective_for  # noqa: E402
-from pipelines.training.optim import learning_rate  # noqa: E402
 from pipelines.training.trainer import Trainer, TrainingData  # noqa: E402
 
 SECTIONS = ("sae", "attribution", "students")
@@ -286,7 +285,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def bench_sae(cfg, teacher: Teacher, store, work: Path, device: torch.device) -> tuple[list[dict], Any]:
-    """The train-sae loop, timed step by step; its rows and the trained SAE."""
+    """The train-sae loop (resampling included), timed step by step; its rows and the trained SAE."""
     stage_dir = work / "sae"
     stage_dir.mkdir()
     trainer = SaeTrainer(cfg, teacher, store, stage_dir, device)
@@ -294,9 +293,8 @@ def bench_sae(cfg, teacher: Teacher, store, work: Path, device: torch.device) ->
     trainer.restore(resume=False)  # the pre-bias at the first buffer's mean, as the stage starts
     clock = StepClock(device)
     clock.mark()
-    for step in range(trainer.total_steps):
-        trainer._train_step(trainer._batch(step))
-        trainer.step = step + 1
+    while trainer.step < trainer.total_steps:
+        trainer._advance()
         clock.mark()
     seconds = clock.seconds()
     # The steps that filled an activation buffer (the teacher's forward) are the loop's, not the step's.
@@ -484,9 +482,7 @@ def bench_student(args, objective_name, micro_blocks, accum, vocab_size, n_conce
     reader = trainer.batch_reader()
 
     def step() -> dict[str, torch.Tensor]:
-        """One step as `Trainer.train` takes it: its learning rate, then `_train_step`."""
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = learning_rate(trainer.step, trainer.p)
+        """One step as `Trainer.train` takes it."""
         parts, _ = trainer._train_step(reader.step(trainer.step))
         trainer.step += 1
         return parts

@@ -164,10 +164,7 @@ class SaeTrainer:
         )
         started = time.monotonic()
         while self.step < self.total_steps:
-            if self._resample_due() and self.resample_dead_latents():
-                kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
-            losses = self._train_step(self._batch(self.step))
-            self.step += 1
+            losses = self._advance()
             bar.update(self.s.batch_tokens)
             if self.step % eval_every == 0 or self.step == self.total_steps:
                 self._log(
@@ -184,6 +181,14 @@ class SaeTrainer:
             if self.step % checkpoint_every == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
         bar.close()
+
+    def _advance(self) -> dict:
+        """One step of the loop: resample dead latents where due, train on the step's batch, count it."""
+        if self._resample_due() and self.resample_dead_latents():
+            kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
+        losses = self._train_step(self._batch(self.step))
+        self.step += 1
+        return losses
 
     def _encode_decode(self, x, dense_pre_grad: bool = False):
         """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`.

@@ -145,8 +145,6 @@ class Trainer:
         """Train to `max_steps`; returns None when done, or a summary when a signal stopped it early."""
         from tqdm.auto import tqdm
 
-        from pipelines.training.optim import learning_rate
-
         p = self.p
         reader = self.batch_reader()
         bar = tqdm(
@@ -164,9 +162,6 @@ class Trainer:
                 self._log({"kind": "val", "step": 0, **self.evaluate()})
             window_started, window_steps = time.monotonic(), 0
             while self.step < p.max_steps:
-                lr = learning_rate(self.step, p)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
                 parts, grad_norm = self._train_step(reader.step(self.step))
                 self.step += 1
                 window_steps += 1
@@ -177,6 +172,7 @@ class Trainer:
                     parts, grad_norm = self._read_back(parts, grad_norm)
                     elapsed = time.monotonic() - window_started
                     tokens_per_s = window_steps * self.tokens_per_step / elapsed if elapsed > 0 else None
+                    lr = self.optimizer.param_groups[0]["lr"]  # the step's, set by `_train_step`
                     row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
                     row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=_round(self._mfu(tokens_per_s), 5))
                     self._log(row)
@@ -229,8 +225,13 @@ class Trainer:
         self.trackers = Trackers(self.p, self.dir, self.step, run_name, dataclasses.asdict(self.cfg))
 
     def _train_step(self, micro_batches) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimizer step; returns the loss parts and the gradient norm as device tensors, unread."""
+        """Optimizer step `self.step` at its learning rate; returns the loss parts and the gradient norm as
+        device tensors, unread."""
+        from pipelines.training.optim import learning_rate
+
         p = self.p
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, p)
         totals: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
