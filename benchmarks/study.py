@@ -54,24 +54,6 @@ def choose(summary: dict) -> str:
     return min(candidates, key=lambda n: candidates[n]["val_ppl"])
 
 
-def paired_with(summary: dict, name: str, baseline: str, metrics: list[str]) -> dict:
-    """`name - baseline` per seed on each metric (`val_ppl`, `<task> <metric>`), with the t-interval."""
-    from pipelines.core.stats import paired_difference, verdict
-
-    def by_seed(student: str, metric: str) -> dict[int, float]:
-        seeds = summary["objectives"][student]["seeds"]
-        if metric == "val_ppl":
-            return {int(seed): r["val_ppl"] for seed, r in seeds.items()}
-        task, _, key = metric.rpartition(" ")
-        return {int(seed): r["tasks"][task][key] for seed, r in seeds.items()}
-
-    out = {}
-    for metric in metrics:
-        difference = paired_difference(by_seed(name, metric), by_seed(baseline, metric))
-        out[metric] = {**difference, "verdict": verdict(difference)}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", type=int, choices=(1, 2), help="Run only this phase (2 needs 1).")
@@ -92,6 +74,7 @@ def main() -> None:
         "--set", f"run.objectives={json.dumps(['ntp', 'kd', chosen])}",
         "--set", f"run.seeds={json.dumps(FINAL_SEEDS)}",
         "--set", f"eval.tasks={json.dumps(tasks)}",
+        "--set", 'run.baselines=["ntp", "kd"]',
     )  # fmt: skip
     final = keep(2)
     result = {
@@ -99,15 +82,10 @@ def main() -> None:
         "phase1": {
             n: {"val_ppl": s["val_ppl"], "sd": s["spread"]["val_ppl"]} for n, s in first["objectives"].items()
         },
-        "phase1_paired": first["paired_with_ntp"],
+        "phase1_paired": first["paired_with"]["ntp"],
         "final": final["objectives"],
-        "final_paired": final["paired_with_ntp"],
-        "final_paired_with_kd": paired_with(
-            final,
-            chosen,
-            "kd",
-            ["val_ppl", *(f"{t} {m}" for t in HELD_OUT.values() for m in ("perplexity", "bits_per_byte"))],
-        ),
+        "final_paired": final["paired_with"]["ntp"],
+        "final_paired_with_kd": final["paired_with"]["kd"][chosen],
         "held_out": HELD_OUT,
         "wall_s": round(time.monotonic() - started, 1),
     }
@@ -125,7 +103,7 @@ def markdown(first: dict, final: dict, result: dict) -> str:
     lines += ["|---|---:|---:|---:|---:|---|"]
     for name, s in first["objectives"].items():
         seeds = [s["seeds"][str(k)]["val_ppl"] for k in (0, 1)]
-        d = first["paired_with_ntp"].get(name, {}).get("val_ppl")
+        d = first["paired_with"]["ntp"].get(name, {}).get("val_ppl")
         paired = f"{d['mean']:+.2f} | [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else "- | -"
         mean = f"{s['val_ppl']:.2f} ± {s['spread']['val_ppl']:.2f}"
         lines.append(f"| {name} | {seeds[0]:.2f} | {seeds[1]:.2f} | {mean} | {paired} |")
@@ -151,8 +129,11 @@ def markdown(first: dict, final: dict, result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences (same seed), mean and 95% t-interval over the five seeds:", ""]
     lines += ["| comparison | " + " | ".join(t for _, t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    comparisons = [(f"{n} - ntp", final["paired_with_ntp"][n]) for n in final["paired_with_ntp"]]
-    comparisons.append((f"{result['chosen']} - kd", result["final_paired_with_kd"]))
+    comparisons = [
+        (f"{name} - {baseline}", rows)
+        for baseline, against in final["paired_with"].items()
+        for name, rows in against.items()
+    ]
     for label, rows in comparisons:
         cells = []
         for metric, _ in tasks:

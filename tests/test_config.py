@@ -37,6 +37,62 @@ def test_precedence_defaults_file_set_flags(tmp_path):
     assert unset_flag.data.source == "a.txt"
 
 
+PROFILED = """
+[run]
+dir = "runs/plays"
+[data]
+source = "plays/*.txt"
+exclude = ["tempest.txt"]
+[pretrain]
+max_steps = 50
+lr = 1e-3
+[profiles.reviews]
+"run.dir" = "runs/reviews"
+data.source = "reviews.jsonl"
+data.exclude = []
+"pretrain.max_steps" = 70
+"""
+
+
+def test_a_profile_replaces_the_files_values_and_set_still_wins(tmp_path):
+    path = write(tmp_path, PROFILED)
+    (tmp_path / "reviews.jsonl").touch()
+    plain = load_config(path)
+    assert (plain.run.dir, plain.data.exclude, plain.pretrain.max_steps) == (
+        str(tmp_path / "runs/plays"),
+        ["tempest.txt"],
+        50,
+    )
+    chosen = load_config(path, ["run.profile=reviews"])
+    assert chosen.run.profile == "reviews"
+    assert chosen.run.dir == str(tmp_path / "runs/reviews")  # a profile's paths are read next to the file too
+    assert chosen.data.source == str(tmp_path / "reviews.jsonl")
+    assert (chosen.data.exclude, chosen.pretrain.max_steps, chosen.pretrain.lr) == ([], 70, 1e-3)
+    assert load_config(path, ["run.profile=reviews", "pretrain.max_steps=9"]).pretrain.max_steps == 9
+    in_file = write(
+        tmp_path, PROFILED.replace('dir = "runs/plays"', 'dir = "runs/plays"\nprofile = "reviews"')
+    )
+    assert load_config(in_file).pretrain.max_steps == 70
+    assert load_config(in_file, ["run.profile="]).pretrain.max_steps == 50  # --set clears it
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (PROFILED, ["run.profile=review"], "--set run.profile=review: `run.profile` 'review' is not a "),
+        (PROFILED, ["run.profile=reviews", "pretrain.max_steps=0"], "--set pretrain.max_steps=0: `pretrain."),
+        (PROFILED.replace('"pretrain.max_steps" = 70', '"pretrain.max_step" = 70'), [], "did you mean"),
+        (PROFILED.replace('"pretrain.max_steps" = 70', '"pretrain.max_steps" = "x"'), [], "max_steps"),
+        (PROFILED.replace('"pretrain.max_steps" = 70', '"run.profile" = "x"'), [], "sets `run.profile`"),
+        (PROFILED + "[profiles]\nx = 1\n", [], "profiles are tables `[profiles.NAME]`"),
+    ],
+)
+def test_a_bad_profile_is_refused_naming_where(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(error.value)
+
+
 def test_set_values_are_typed_by_the_field(tmp_path):
     cfg = load_config(None, ["data.val_fraction=0", "data.commit_interval_s=2", "run.dir='x y'"])
     assert cfg.data.val_fraction == 0.0 and isinstance(cfg.data.val_fraction, float)

@@ -182,6 +182,29 @@ def test_local_formats_give_the_same_tokens(tmp_path, cocomix, tokenizer_path, f
     np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
 
 
+def test_excluded_files_are_left_out_and_a_pattern_that_matches_nothing_is_an_error(
+    tmp_path, cocomix, tokenizer_path
+):
+    texts = [document.replace("\n", " ") for document in corpus_documents(30)]
+    (tmp_path / "texts").mkdir()
+    for name, part in (("a.txt", texts[:10]), ("held_out.txt", texts[10:20]), ("c.txt", texts[20:])):
+        (tmp_path / "texts" / name).write_text("\n".join(part) + "\n")
+    settings = dict(block_size=16, val_fraction=0.0, txt_sample_by="line")
+    write_config(tmp_path, tmp_path / "texts" / "*.txt", tokenizer_path, exclude=["held_*"], **settings)
+    assert cocomix("prepare").exit_code == 0
+    expected = reference_blocks(texts[:10] + texts[20:], tokenizer_path, 16, 0.0)
+    np.testing.assert_array_equal(store_arrays(tmp_path / "run")["train"], expected["train"])
+
+    write_config(tmp_path, tmp_path / "texts" / "*.txt", tokenizer_path, exclude=["tempest.txt"], **settings)
+    result = cocomix("prepare", "--force")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: `data.exclude` pattern 'tempest.txt' matches none of the 3 files of `data.source` "
+        f"'{tmp_path / 'texts' / '*.txt'}' (a.txt, c.txt, held_out.txt). Patterns match file names, e.g. "
+        "`tempest_gut.txt` or `*_test.jsonl`."
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [None, "truncated resume point"])
 def test_sigkill_mid_run_then_resume_gives_byte_identical_arrays(tmp_path, tokenizer_path, damage):

@@ -69,7 +69,7 @@ def test_two_seeds_train_two_by_two_students_and_the_paired_interval_is_the_t_in
     mean = (differences[0] + differences[1]) / 2
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (2 - 1))
     half = T_975_DF1 * sd / math.sqrt(2)
-    paired = summary["paired_with_ntp"]["cocomix"]["val_ppl"]
+    paired = summary["paired_with"]["ntp"]["cocomix"]["val_ppl"]
     assert paired["n"] == 2 and paired["seeds"] == [0, 1]
     assert paired["mean"] == pytest.approx(mean, rel=1e-12)
     assert paired["sd"] == pytest.approx(sd, rel=1e-12)
@@ -81,9 +81,27 @@ def test_two_seeds_train_two_by_two_students_and_the_paired_interval_is_the_t_in
     low, high = paired["ci95"]
     assert f"cocomix - ntp, val_ppl: {mean:+.2f}, 95% CI [{low:+.2f}, {high:+.2f}] over seeds 0, 1" in stdout
     text = (run_dir / "report.md").read_text()
-    assert "## Against NTP, paired by seed" in text
+    assert "## Against `ntp`, paired by seed" in text
     assert f"| cocomix | val_ppl | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | 0, 1 |" in text
     assert f"| val perplexity (mean ± sd) | {ntp['val_ppl']:,.2f} ± {ntp['spread']['val_ppl']:.2f} |" in text
+
+
+def test_each_student_is_compared_with_each_baseline_and_each_pair_once():
+    names = ["ntp", "kd", "cocomix", "cocomix_lam1"]
+    assert report.comparisons(names, ["ntp", "kd"]) == [
+        ("kd", "ntp"),
+        ("cocomix", "ntp"),
+        ("cocomix_lam1", "ntp"),
+        ("cocomix", "kd"),
+        ("cocomix_lam1", "kd"),
+    ]
+    assert report.comparisons(names, ["kd", "ntp"])[:3] == [
+        ("ntp", "kd"),
+        ("cocomix", "kd"),
+        ("cocomix_lam1", "kd"),
+    ]
+    assert report.comparisons(["cocomix", "kd"], ["ntp"]) == []  # a baseline the run does not train
+    assert report.comparisons(names, ["ntp", "ntp"]) == report.comparisons(names, ["ntp"])
 
 
 def test_the_loss_curves_are_the_mean_over_seeds_with_a_min_max_band(two_seeds):
@@ -126,7 +144,7 @@ def test_one_seed_reports_the_difference_and_says_no_interval_can_be_given(two_s
     result = Cocomix(directory)("run", "--from", "eval", "--set", "run.seeds=[1]")
     assert result.exit_code == 0, result.stderr
     summary = json.loads((directory / "run" / "summary.json").read_text())
-    paired = summary["paired_with_ntp"]["cocomix"]["val_ppl"]
+    paired = summary["paired_with"]["ntp"]["cocomix"]["val_ppl"]
     assert paired["n"] == 1 and paired["ci95"] is None and paired["verdict"] == "one seed: no interval"
     assert "cocomix - ntp, val_ppl: " in result.stdout
     assert "(seed 1 only: one seed gives no interval; set `run.seeds`)" in result.stdout
@@ -175,8 +193,8 @@ def test_a_variant_trains_with_exactly_its_overrides_and_reuses_the_shared_stage
             # read the same upstream artifacts: the extraction ran once for all of them
             assert trained["input_artifacts"] == base["input_artifacts"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["paired_with_ntp"]) == {"cocomix", "cocomix_none", "cocomix_act"}
-    assert summary["paired_with_ntp"]["cocomix_act"]["val_ppl"]["n"] == 2
+    assert set(summary["paired_with"]["ntp"]) == {"cocomix", "cocomix_none", "cocomix_act"}
+    assert summary["paired_with"]["ntp"]["cocomix_act"]["val_ppl"]["n"] == 2
 
 
 def test_targets_by_activation_are_the_k_most_active_sae_latents():

@@ -268,6 +268,11 @@ def test_the_plan_shows_states_and_refuses_changed_settings(finished_run):
         unknown.exit_code == 2
         and "`run.objectives` names `ntp2`, which is neither an objective" in unknown.stderr
     )
+    baseline = cocomix("run", "--dry-run", "--set", 'run.baselines=["ntp", "kdd"]')
+    assert baseline.exit_code == 2
+    assert '--set run.baselines=["ntp", "kdd"]: `run.baselines` names `kdd`, which is neither' in (
+        baseline.stderr
+    )
 
     bad = cocomix("run", "--from", "train")
     assert bad.exit_code == 2 and "--from 'train' is not a step; choose from prepare, train-sae" in bad.stderr

@@ -45,12 +45,14 @@ def load_config(
     `path=None` reads `cocomix.toml` from the working directory when it exists and uses defaults otherwise.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    file_label = _read_file(path, values)
-    if file_label != "defaults":
-        _read_paths_next_to_the_file(values, Path(file_label).parent)
+    profiles: dict[str, dict[str, Any]] = {}
+    file_label = _read_file(path, values, profiles)
     # Where each value that is not a default came from, later sources replacing earlier ones, so that a
     # range error names the `--set` or flag that set the value rather than the file.
     sources = {f"{section}.{name}": file_label for section, table in values.items() for name in table}
+    _apply_profile(_chosen_profile(values, overrides, flags), profiles, values, sources, file_label)
+    if file_label != "defaults":
+        _read_paths_next_to_the_file(values, Path(file_label).parent)
     for item in overrides:
         key, raw = _split_override(item)
         section, name, ftype = _lookup(key, where=f"--set {item}")
@@ -67,7 +69,9 @@ def load_config(
     return cfg
 
 
-def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> str:
+def _read_file(
+    path: str | Path | None, values: dict[str, dict[str, Any]], profiles: dict[str, dict[str, Any]]
+) -> str:
     if path is None:
         if not Path(DEFAULT_CONFIG_FILE).is_file():
             return "defaults"
@@ -80,6 +84,7 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
             document = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    profiles.update(_profiles(document.pop(PROFILES, {}), str(path)))
     for section, table in document.items():
         if section not in SECTIONS:
             hint = _did_you_mean(section, SECTIONS, "section")
@@ -97,6 +102,73 @@ def _read_file(path: str | Path | None, values: dict[str, dict[str, Any]]) -> st
             _, _, ftype = _lookup(key, where=str(path))
             values[section][name] = _check_type(value, ftype, str(path), key)
     return str(path)
+
+
+PROFILES = "profiles"  # the config file's `[profiles.NAME]` tables, chosen by `run.profile`
+
+
+def _profiles(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    """`[profiles.NAME]` tables of `section.key` values (quoted or as TOML dotted keys), each checked like a
+    `--set`."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(
+            f"{where}: profiles are tables `[profiles.NAME]` of `section.key = value` settings, e.g. "
+            '`[profiles.imdb]` holding `data.source = "stanfordnlp/imdb"`.'
+        )
+    profiles = {}
+    for name, table in tables.items():
+        label = f"`[profiles.{name}]`"
+        flat = {}
+        for key, value in table.items():  # `data.source = ...` is the nested table {"data": {"source": ...}}
+            nested = isinstance(value, dict) and key in SECTIONS
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if nested else {key: value})
+        resolved = {}
+        for key, value in flat.items():
+            if key in ("run.profile", "run.variants", "eval.task"):
+                raise ConfigError(
+                    f"{where}: {label} sets `{key}`; a profile sets plain `section.key` values (declare "
+                    "variants and custom tasks in their own tables)."
+                )
+            _, _, ftype = _lookup(key, where=f"{where}: {label}")
+            resolved[key] = _check_type(value, ftype, f"{where}: {label}", key)
+        profiles[name] = resolved
+    return profiles
+
+
+def _chosen_profile(
+    values: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    """(the profile `run.profile` names, where it was named): the last `--set` or flag wins over the file."""
+    chosen = (values["run"].get("profile", ""), "")
+    for item in overrides:
+        key, raw = _split_override(item)
+        if key == "run.profile":
+            chosen = (raw, f"--set {item}")
+    if (flags or {}).get("run.profile") is not None:
+        chosen = (flags["run.profile"], "flag for run.profile")
+    return chosen
+
+
+def _apply_profile(
+    chosen: tuple[str, str],
+    profiles: dict[str, dict[str, Any]],
+    values: dict[str, dict[str, Any]],
+    sources: dict[str, str],
+    file_label: str,
+) -> None:
+    name, where = chosen
+    if not name:
+        return
+    if name not in profiles:
+        declared = f"declares {', '.join(f'`{p}`' for p in profiles)}" if profiles else "declares none"
+        raise ConfigError(
+            f"{where or file_label}: `run.profile` {name!r} is not a `[profiles.NAME]` table of the config "
+            f"file ({file_label} {declared})."
+        )
+    for key, value in profiles[name].items():
+        section, field_name = key.split(".", 1)
+        values[section][field_name] = value
+        sources[key] = f"{file_label} [profiles.{name}]"
 
 
 def _read_paths_next_to_the_file(values: dict[str, dict[str, Any]], folder: Path) -> None:
@@ -458,6 +530,12 @@ def _validate_students(cfg: Config) -> list[str]:
         problems.append(
             f"`run.objectives` names {', '.join(f'`{n}`' for n in unknown)}, which is neither an objective "
             f"({spell_choices(OBJECTIVES)}) nor a `[run.variants.NAME]`{declared}"
+        )
+    strangers = [n for n in cfg.run.baselines if n not in OBJECTIVES and n not in cfg.run.variants]
+    if strangers:
+        problems.append(
+            f"`run.baselines` names {', '.join(f'`{n}`' for n in strangers)}, which is neither an objective "
+            f"({spell_choices(OBJECTIVES)}) nor a `[run.variants.NAME]`"
         )
     if len(set(seeds)) < len(seeds) or any(seed < 0 for seed in seeds):
         problems.append(f"`run.seeds` ({seeds}) must list distinct seeds >= 0 (or be empty)")

