@@ -233,8 +233,10 @@ def measured(cfg) -> dict[str, Any]:
     return out
 
 
-def measured_assumptions(numbers: dict[str, Any], a: Assumptions = ASSUMED) -> Assumptions:
-    """`a` with every speed and per-student cost the run measured put in its place."""
+def measured_assumptions(cfg, numbers: dict[str, Any], a: Assumptions = ASSUMED) -> Assumptions:
+    """`a` with what the run measured in its place: each objective's speed, the students' fixed costs, the
+    SAE's and the extraction's tokens/s (their stages' wall times, teacher loading included, so `loading`
+    keeps only prepare's)."""
     changes: dict[str, float] = {}
     for row in numbers["students"].values():
         if row["tokens_per_s"]:
@@ -242,6 +244,13 @@ def measured_assumptions(numbers: dict[str, Any], a: Assumptions = ASSUMED) -> A
         for key in ("first_seed_s", "later_seed_s"):
             if row[key] is not None:
                 changes[key] = max(changes.get(key, 0.0), row[key])
+    stages = numbers["stages"]
+    if stages.get("train-sae"):
+        changes["sae"] = cfg.sae.train_tokens / stages["train-sae"]
+    if stages.get("extract-concepts") and numbers.get("train_tokens"):
+        changes["extract"] = numbers["train_tokens"] / stages["extract-concepts"]
+    if stages.get("prepare"):
+        changes["loading_s"] = stages["prepare"]
     return replace(a, **changes)
 
 
@@ -249,10 +258,13 @@ def report_lines(cfg, numbers: dict[str, Any]) -> list[str]:
     """The report's student table and paired perplexity lines (the library's, from the run's files), then
     one throughput row per student."""
     summary = collect(cfg)
-    rows = student_table(summary)
-    width = max(len(label) for label, _ in rows) + 2
-    lines = ["", " " * width + "".join(f"{n:>20}" for n in summary["objectives"])]
-    lines += [f"{label:<{width}}" + "".join(f"{c:>20}" for c in cells) for label, cells in rows]
+    rows = [("", list(summary["objectives"])), *student_table(summary)]
+    first = max(len(label) for label, _ in rows)
+    widths = [max(len(cells[i]) for _, cells in rows) + 2 for i in range(len(rows[0][1]))]
+    lines = [""] + [
+        f"{label:<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        for label, cells in rows
+    ]
     texts = [t for t in cfg.eval.tasks if t.startswith("ppl:")]
     lines += ["", *paired_lines(summary, metrics=("val_ppl", *(f"{t} perplexity" for t in texts))), ""]
     header = ("student", "seeds", "tokens/s", "assumed", "MFU", "1st seed s", "later s")
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     numbers = measured(cfg)
     if code == 0:
         print("\n".join(report_lines(cfg, numbers)))
-    refit = budget_sizing(args, measured_assumptions(numbers))
+    refit = budget_sizing(args, measured_assumptions(cfg, numbers))
     print(
         f"wall {wall:.0f} s for a {args.minutes:g}-minute budget; at the measured speeds and costs, "
         f"{refit.steps:,} steps would have filled it (this run: {cfg.pretrain.max_steps:,})"
