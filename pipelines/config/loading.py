@@ -107,14 +107,20 @@ def _read_file(
 PROFILES = "profiles"  # the config file's `[profiles.NAME]` tables, chosen by `run.profile`
 
 
+def _require_tables(tables: Any, message: str) -> None:
+    """`[NAME.KEY]` tables, each a table itself: anything else in their place is `message`."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(message)
+
+
 def _profiles(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     """`[profiles.NAME]` tables of `section.key` values (quoted or as TOML dotted keys), each checked like a
     `--set`."""
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise ConfigError(
-            f"{where}: profiles are tables `[profiles.NAME]` of `section.key = value` settings, e.g. "
-            '`[profiles.imdb]` holding `data.source = "stanfordnlp/imdb"`.'
-        )
+    _require_tables(
+        tables,
+        f"{where}: profiles are tables `[profiles.NAME]` of `section.key = value` settings, e.g. "
+        '`[profiles.imdb]` holding `data.source = "stanfordnlp/imdb"`.',
+    )
     profiles = {}
     for name, table in tables.items():
         label = f"`[profiles.{name}]`"
@@ -221,10 +227,9 @@ def _text_task_next_to(folder: Path, task: str) -> str:
 
 
 def _custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise ConfigError(
-            f"{where}: custom tasks are tables `[eval.task.NAME]` with data, prompt, choices, gold."
-        )
+    _require_tables(
+        tables, f"{where}: custom tasks are tables `[eval.task.NAME]` with data, prompt, choices, gold."
+    )
     tasks = {}
     names = [f.name for f in dataclasses.fields(CustomTaskConfig)]
     hints = typing.get_type_hints(CustomTaskConfig)
@@ -245,11 +250,11 @@ def _variants(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     """`[run.variants.NAME]` tables: an objective and `pretrain.*` overrides, each checked like a `--set`."""
     from pipelines.config.students import OBJECTIVE_KEYS, RESERVED_KEYS, VARIANT_NAME
 
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise ConfigError(
-            f"{where}: variants are tables `[run.variants.NAME]` holding an `objective` and `pretrain.*` "
-            'overrides, e.g. `cocomix_add = { objective = "cocomix", "pretrain.mixing" = "add" }`.'
-        )
+    _require_tables(
+        tables,
+        f"{where}: variants are tables `[run.variants.NAME]` holding an `objective` and `pretrain.*` "
+        'overrides, e.g. `cocomix_add = { objective = "cocomix", "pretrain.mixing" = "add" }`.',
+    )
     variants = {}
     for name, table in tables.items():
         label = f"`run.variants.{name}`"
