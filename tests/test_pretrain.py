@@ -264,7 +264,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_b
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
+@pytest.mark.parametrize("signals", [1, 2])  # twice: slurmstepd and torchrun both forward it to each rank
+def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run, signals):
     straight = run_in(run, pretrain.run, overrides(run, **{"pretrain.objective": "ntp"}))
     reference = weights(straight.dir)
     shutil.rmtree(straight.dir)
@@ -279,7 +280,9 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(run):
     wait_for(straight.dir / "metrics.jsonl", process)
     while len(rows(straight.dir, "train")) < 2:
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    for _ in range(signals):
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by SIGTERM after step" in stdout and "cocomix pretrain --resume" in stdout

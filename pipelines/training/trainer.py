@@ -322,8 +322,13 @@ class Trainer:
             return {}
 
         def handler(signum, frame):
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
+            if self._stop_signal is not None:
+                # Ctrl-C pressed again: stop now. A repeated SIGTERM is not a second request: under slurm
+                # every process of the step gets it from slurmstepd and again from torchrun, and a rank that
+                # stopped now would leave the others waiting in the checkpoint's collectives.
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
             self._stop_signal = signal.Signals(signum).name
             log.warning(
                 "%s received: finishing step %d, then saving a checkpoint", self._stop_signal, self.step + 1
