@@ -125,3 +125,31 @@ def test_a_failed_attempt_with_the_same_fingerprint_resumes(tmp_path):
     with session(tmp_path, {"k": 1}) as s:
         assert s.resuming and (s.dir / "partial.bin").exists()
         assert s.manifest["status"] == "running" and "error" not in s.manifest
+
+
+def test_a_dead_readers_file_is_removed_by_the_next_reader(tmp_path):
+    """SIGKILL gives a reader no chance to remove its `.reader-PID-N`; the next reader of the stage does."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.core.locks import READER_PREFIX, ReadLock
+
+    stage_dir = tmp_path / "prepare"
+    stage_dir.mkdir()
+    hold = (
+        "import time; from pipelines.core.locks import ReadLock; "
+        f"lock = ReadLock({str(stage_dir)!r}, 'prepare').__enter__(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "held"
+    (left,) = stage_dir.glob(f"{READER_PREFIX}*")
+    with ReadLock(stage_dir, "prepare"):  # a live reader's file is kept
+        assert left.exists()
+    reader.send_signal(signal.SIGKILL)
+    reader.wait()
+    assert left.exists()
+    with ReadLock(stage_dir, "prepare") as mine:
+        assert [p.name for p in stage_dir.iterdir()] == [mine.path.name]
+    assert list(stage_dir.iterdir()) == []

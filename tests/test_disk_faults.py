@@ -198,3 +198,40 @@ def test_a_read_only_run_dir_is_one_line_naming_it(reference, tmp_path):
         f"error: `run.dir` ({disk / 'run'}) cannot be written to (Read-only file system). Set `run.dir` to a "
         "folder you can write to."
     )
+
+
+def test_a_finished_stage_on_a_read_only_mount_is_read_by_the_next_stage(tmp_path):
+    """A shared, read-only copy of `prepare` (a cluster's read-only store): `train-sae` reads it and writes
+    its own folder; nothing is left in the read-only one."""
+    prepared_run(tmp_path, documents=200)
+    tiny_teacher(tmp_path / "teacher")
+    prepare_dir = tmp_path / "run" / "prepare"
+    before = sorted(p.name for p in prepare_dir.iterdir())
+    sets = " ".join(
+        f"--set {k}={v}"
+        for k, v in {
+            "teacher.model": tmp_path / "teacher",
+            "teacher.layer": 1,
+            "sae.latents": 64,
+            "sae.k": 4,
+            "sae.train_tokens": 2048,
+            "sae.batch_tokens": 256,
+            "sae.buffer_tokens": 1024,
+            "sae.eval_tokens": 256,
+        }.items()
+    )
+    read_only = f"mount --bind {prepare_dir} {prepare_dir} && mount -o remount,bind,ro {prepare_dir}"
+    train = f"{shlex.quote(sys.executable)} -m cocomix_cli --no-progress {sets} train-sae --json"
+    probe = f"touch {prepare_dir}/probe 2>/dev/null && echo writable || echo read-only"
+    result = subprocess.run(
+        ["unshare", "-m", "bash", "-c", f"{read_only} && {probe} && cd {tmp_path} && {train}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == "read-only"  # the mount really refused writes
+    assert json.loads(result.stdout.splitlines()[-1])["stage"] == "train-sae"
+    manifest = json.loads((tmp_path / "run" / "train-sae" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert sorted(p.name for p in prepare_dir.iterdir()) == before

@@ -516,6 +516,35 @@ def test_a_damaged_chunk_is_named_with_the_command_that_recomputes_it(run, cocom
     assert not (run / "run" / "pretrain-cocomix" / "model").exists()
 
 
+def test_status_verify_names_a_damaged_file_and_the_stages_own_rerun_refuses_it(run, cocomix):
+    chunk = first_chunk(run / "run" / "prepare/tokens.zarr")
+    original = chunk.read_bytes()
+    verified = cocomix("status", "--verify")
+    assert verified.exit_code == 0, verified.stderr
+    assert "verified 2 complete stages: 0 damaged files" in verified.stdout
+
+    chunk.write_bytes(original[:10] + bytes([original[10] ^ 0x01]) + original[11:])  # one flipped bit
+    verified = cocomix("status", "--verify")
+    assert verified.exit_code == 1
+    assert [line for line in verified.stdout.splitlines() if line.startswith("damaged: ")] == [
+        f"damaged: {chunk.relative_to(run)} (sha256 differs from the one recorded, or missing); recompute it "
+        "with `cocomix prepare --force`"
+    ]
+    as_json = cocomix("status", "--verify", "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["damaged"] == {"prepare": [str(chunk.relative_to(run))]}
+    rerun = cocomix("prepare")
+    assert rerun.exit_code == 2 and len(rerun.stderr.strip().splitlines()) == 1, rerun.stderr
+    assert rerun.stderr.startswith(
+        f"error: `prepare` is complete, but {chunk.relative_to(run)} changed on disk"
+    )
+    assert rerun.stderr.strip().endswith("Recompute it with `cocomix prepare --force`.")
+
+    chunk.write_bytes(original)
+    assert cocomix("status", "--verify").exit_code == 0
+    assert "prepare: up to date" in cocomix("prepare").stdout
+
+
 def test_resume_without_a_manifest_refuses_and_keeps_the_checkpoints(run, cocomix):
     stage_dir, _, args = uninterrupted_run(run)
     killed_at(run, args, "checkpoint:step-000008:latest")

@@ -18,15 +18,29 @@ def status(
     ctx: typer.Context,
     run_dir: Annotated[str | None, typer.Option("--run-dir", help="Run folder (sets `run.dir`).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the states as JSON.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also read every output file of each complete stage and check it against the sha256 "
+            "recorded when the stage finished; name each damaged file with the command that recomputes it "
+            "and exit 1 if there is one.",
+        ),
+    ] = False,
 ) -> None:
     """Show each stage of the run: status, progress and fingerprint."""
     cfg = resolve_config(ctx, {"run.dir": run_dir})
-    from pipelines.stages import workflow
+    from pipelines.core.layout import stage_command
+    from pipelines.core.session import damaged_stages, stage_states
 
-    states = workflow.stage_states(cfg.run.dir)
+    states = stage_states(cfg.run.dir)
+    damaged = damaged_stages(cfg.run.dir) if verify else {}
     if as_json:
-        typer.echo(json.dumps({"run_dir": cfg.run.dir, "stages": states}, indent=2))
-        return
+        report = {"run_dir": cfg.run.dir, "stages": states}
+        if verify:
+            report["damaged"] = damaged
+        typer.echo(json.dumps(report, indent=2))
+        raise typer.Exit(1 if damaged else 0)
     table = Table(title=f"run {cfg.run.dir}", title_justify="left")
     table.add_column("stage", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -41,6 +55,21 @@ def status(
             _progress_text(state),
         )
     console.print(table)
+    if not verify:
+        return
+    for stage, files in damaged.items():
+        for path in files:
+            console.print(
+                f"damaged: {path} (sha256 differs from the one recorded, or missing); recompute it with "
+                f"`{stage_command(stage)} --force`",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+    checked = sum(1 for s in states if s["status"] == "complete")
+    console.print(f"verified {checked} complete stages: {sum(map(len, damaged.values()))} damaged files")
+    if damaged:
+        raise typer.Exit(1)
 
 
 def _progress_text(state: dict) -> str:

@@ -38,13 +38,26 @@ def tree_digests(root: Path) -> dict[str, str]:
 
 def damaged_files(root: Path, recorded: dict[str, str]) -> list[str]:
     """The files under `root` whose content differs from `recorded`, or that are missing."""
-    root = Path(root)
+    return [name for name, path in _recorded_paths(Path(root), recorded) if _differs(path, recorded[name])]
+
+
+def damaged_outputs(stage_dir: Path, manifest: dict) -> list[Path]:
+    """Every output file a finished stage's manifest records whose content differs, or that is missing."""
     damaged = []
-    for name, digest in sorted(recorded.items()):
-        path = root if root.is_file() and name == root.name else root / name
-        if not path.is_file() or sha256_file(path) != digest:
-            damaged.append(name)
+    for output, recorded in manifest.get("outputs", {}).items():
+        paths = _recorded_paths(Path(stage_dir) / output, recorded)
+        damaged += [path for name, path in paths if _differs(path, recorded[name])]
     return damaged
+
+
+def _recorded_paths(root: Path, recorded: dict[str, str]) -> list[tuple[str, Path]]:
+    # A one-file output records its own name; a tree records paths relative to its folder.
+    single = len(recorded) == 1 and next(iter(recorded)) == root.name and not root.is_dir()
+    return [(name, root if single else root / name) for name in sorted(recorded)]
+
+
+def _differs(path: Path, digest: str) -> bool:
+    return not path.is_file() or sha256_file(path) != digest
 
 
 def verify(root: Path, recorded: dict[str, str], remedy: str) -> None:

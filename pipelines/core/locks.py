@@ -3,7 +3,10 @@
 Both are `flock`s, so the kernel drops them when the holder dies, even by SIGKILL, and a crashed process
 never blocks the next one. A writer holds `.lock` (or `.lock-WORKER` for the shards and ranks of one stage)
 exclusively. Each reader of a finished stage holds its own `.reader-PID-N` file; a writer about to delete
-or rewrite the outputs lists the held ones and refuses, naming each reader's pid and command.
+or rewrite the outputs lists the held ones and refuses, naming each reader's pid and command. Files left by
+readers that died (SIGKILL gives no chance to remove them) are removed by the next reader or writer that
+looks. A folder the reader may not write to (a read-only mount, another user's store) is read without a
+file: nothing of this process can rewrite it, and a writer of its own is still looked for.
 
 The order of the two checks makes every overlap safe: a writer takes its lock and then looks for readers;
 a reader takes its lock and then looks for a writer. Whichever comes second sees the first.
@@ -11,6 +14,8 @@ a reader takes its lock and then looks for a writer. Whichever comes second sees
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import itertools
 import os
@@ -23,11 +28,13 @@ from pipelines.errors import StageError
 
 LOCK_FILE = ".lock"
 READER_PREFIX = ".reader-"
+UNNAMED_READER_PREFIX = f".unnamed{READER_PREFIX}"  # a reader's file before it is locked
 MANIFEST_LOCK = f"{LOCK_FILE}-manifest"
 # A probe by `status` or by a reader takes a lock for a few microseconds; a writer retries this long
 # before it calls the stage busy.
 _CONTENDED_RETRY_S = 0.2
 _reader_ids = itertools.count()
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def holder_text() -> str:
@@ -85,9 +92,11 @@ class StageLock:
 
     def holder(self) -> str | None:
         """The holder's line while another process holds the lock, else None."""
-        if not self.path.exists():
+        try:
+            fh = open(self.path)  # read-only: flock needs no write access, and nor should looking
+        except FileNotFoundError:
             return None
-        with open(self.path, "a+") as fh:
+        with fh:
             # A shared probe: two probes (two readers, or `status`) never make each other look busy.
             if _try_flock(fh, fcntl.LOCK_SH):
                 fcntl.flock(fh, fcntl.LOCK_UN)
@@ -114,10 +123,20 @@ class ReadLock:
         self._fh = None
 
     def __enter__(self) -> ReadLock:
-        self._fh = open(self.path, "w")
-        fcntl.flock(self._fh, fcntl.LOCK_EX)
-        self._fh.write(holder_text())
-        self._fh.flush()
+        # Locked before it gets the name others look for, so that no sweep takes a live reader for a dead one.
+        unnamed = self.stage_dir / (UNNAMED_READER_PREFIX + self.path.name.removeprefix(READER_PREFIX))
+        try:
+            self._fh = open(unnamed, "w")
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            self._fh = None  # not ours to write: read it unregistered (module docstring)
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+            self._fh.write(holder_text())
+            self._fh.flush()
+            os.rename(unnamed, self.path)
+            reader_holders(self.stage_dir)  # removes the files of dead readers on the way
         writers = writer_holders(self.stage_dir)
         if writers:
             self.__exit__(None, None, None)
@@ -140,12 +159,13 @@ def reader_holders(stage_dir: Path) -> list[str]:
     holders = []
     for path in sorted(Path(stage_dir).glob(f"{READER_PREFIX}*")):
         try:
-            fh = open(path, "r+")
+            fh = open(path)
         except FileNotFoundError:  # its reader finished meanwhile
             continue
         with fh:
             if _try_flock(fh, fcntl.LOCK_EX):
-                path.unlink(missing_ok=True)  # its reader died without cleaning up
+                with contextlib.suppress(OSError):  # a folder we may read but not write keeps it
+                    path.unlink(missing_ok=True)  # its reader died without cleaning up
                 fcntl.flock(fh, fcntl.LOCK_UN)
             else:
                 holders.append(fh.read().strip() or path.name)

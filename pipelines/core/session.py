@@ -29,12 +29,13 @@ from pipelines.core.locks import (
     LOCK_FILE,
     MANIFEST_LOCK,
     READER_PREFIX,
+    UNNAMED_READER_PREFIX,
     ReadLock,
     StageLock,
     refuse_while_read,
     writer_holders,
 )
-from pipelines.errors import CocomixError, StageError
+from pipelines.errors import CocomixError, InputError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class StageSession:
             )
         if previous and previous.get("fingerprint") == self.fingerprint and not self.force:
             if previous.get("status") == "complete":
+                refuse_damaged_outputs(self.dir, self.stage, previous)
                 self.up_to_date, self.summary, self._manifest = True, previous.get("summary", {}), previous
                 return
             # A failed attempt resumes too: what it finished is still valid (and, for a stage shared by
@@ -304,6 +306,19 @@ def finished_upstream(
         yield Upstream(stage_dir / name, manifest["fingerprint"], manifest)
 
 
+def refuse_damaged_outputs(stage_dir: Path, stage: str, manifest: Mapping[str, Any]) -> None:
+    """A finished stage whose files no longer match the digests recorded at completion is not up to date:
+    say which, and how to make them again (`InputError`, exit 2)."""
+    damaged = integrity.damaged_outputs(stage_dir, manifest)
+    if damaged:
+        more = f" and {len(damaged) - 1} more of its files" if len(damaged) > 1 else ""
+        raise InputError(
+            f"`{stage}` is complete, but {damaged[0]}{more} changed on disk since it finished (its sha256 "
+            "differs from the one recorded, or it is missing): the data is damaged. Recompute it with "
+            f"`{stage_command(stage)} --force`."
+        )
+
+
 def refuse_changed_upstream(run_dir: Path, stage: str, expected: Mapping[str, Any]) -> None:
     """Refuse when the last run of `stage` used other values of `expected` than the config has now."""
     manifest = read_json(Path(run_dir) / stage / MANIFEST)
@@ -338,7 +353,8 @@ def stage_outputs(stage_dir: Path) -> list[Path]:
     return [
         child
         for child in sorted(Path(stage_dir).iterdir())
-        if child.name != MANIFEST and not child.name.startswith((LOCK_FILE, READER_PREFIX))
+        if child.name != MANIFEST
+        and not child.name.startswith((LOCK_FILE, READER_PREFIX, UNNAMED_READER_PREFIX))
     ]
 
 
@@ -351,6 +367,20 @@ def holds_orphan_outputs(stage_dir: Path) -> bool:
         and not (stage_dir / MANIFEST).exists()
         and any(not p.name.startswith(f".{MANIFEST}.tmp") for p in stage_outputs(stage_dir))
     )
+
+
+def damaged_stages(run_dir: Path) -> dict[str, list[str]]:
+    """`cocomix status --verify`: each complete stage's damaged output files (paths as under `run_dir`),
+    after reading every file its manifest records a digest of; stages with none are left out."""
+    damaged = {}
+    for state in stage_states(run_dir):
+        if state["status"] != "complete":
+            continue
+        stage_dir = Path(run_dir) / state["stage"]
+        files = integrity.damaged_outputs(stage_dir, read_json(stage_dir / MANIFEST) or {})
+        if files:
+            damaged[state["stage"]] = [str(f) for f in files]
+    return damaged
 
 
 def stage_states(run_dir: Path) -> list[dict[str, Any]]:
