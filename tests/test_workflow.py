@@ -338,13 +338,7 @@ def test_dry_run_of_every_shipped_config_prints_a_valid_plan(config, tmp_path):
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "configs" / "slurm").iterdir()))
-def test_slurm_scripts_parse_and_name_the_commands_they_chain(script):
+def test_slurm_scripts_parse(script):
+    """Their syntax, on any machine; tests/test_slurm.py runs them on a local slurm."""
     path = REPO / "configs" / "slurm" / script
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
-    text = path.read_text()
-    expected = {
-        "submit.sh": ["extract.sbatch", "pretrain.sbatch", "run --from eval", "--array=0-"],
-        "extract.sbatch": ["extract-concepts", '--shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"'],
-        "pretrain.sbatch": ["torchrun", 'pretrain --objective "$OBJECTIVE" --resume', "scontrol requeue"],
-    }[script]
-    assert all(fragment in text for fragment in expected)

