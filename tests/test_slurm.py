@@ -221,6 +221,17 @@ def test_the_chain_ends_as_a_plain_run_does(cluster, chain, assets, tmp_path):
     assert set(without_wall_times(summaries[0])) == set(without_wall_times(summaries[1]))
 
 
+def training_student(cluster, reference: Path, assets: Path, directory: Path, name: str) -> dict[str, str]:
+    """A project of one student beside the uninterrupted chain's finished upstream stages, submitted and
+    trained past its second checkpoint: {stage: job id}."""
+    write_project(directory, assets, objectives=(name,))
+    copy_upstream(reference, directory)
+    jobs = submit(cluster, directory)
+    assert list(jobs) == [f"pretrain-{name}", "report"]  # the finished upstream stages get no job
+    wait_for_checkpoint(directory / "run", f"pretrain-{name}", 2 * SAVE_EVERY)
+    return jobs
+
+
 def assert_resumed_to_the_uninterrupted_weights(run_dir: Path, reference: Path, stage: str) -> None:
     manifest = json.loads((run_dir / stage / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "resumed_at" in manifest  # continued, not started over
@@ -236,12 +247,8 @@ def test_a_student_stopped_by_sigterm_resumes_to_the_same_weights_when_the_chain
     skips the finished stages and resumes the student."""
     reference, _ = chain
     directory = tmp_path / "stopped"
-    write_project(directory, assets, objectives=("ntp",))
-    copy_upstream(reference, directory)
-    jobs = submit(cluster, directory)
-    assert list(jobs) == ["pretrain-ntp", "report"]  # the finished upstream stages get no job
+    jobs = training_student(cluster, reference, assets, directory, "ntp")
     run_dir = directory / "run"
-    wait_for_checkpoint(run_dir, "pretrain-ntp", 2 * SAVE_EVERY)
     cluster.run("scancel", "--signal=TERM", jobs["pretrain-ntp"])
     cluster.wait_until_idle()
     assert status(run_dir, "pretrain-ntp") == "running"  # stopped, resumable, not complete
@@ -269,11 +276,8 @@ def test_a_student_warned_of_its_time_limit_requeues_itself_and_ends_with_the_sa
     without being submitted again."""
     reference, _ = chain
     directory = tmp_path / "requeued"
-    write_project(directory, assets, objectives=("ntp",))
-    copy_upstream(reference, directory)
-    jobs = submit(cluster, directory)
+    jobs = training_student(cluster, reference, assets, directory, "ntp")
     run_dir = directory / "run"
-    wait_for_checkpoint(run_dir, "pretrain-ntp", 2 * SAVE_EVERY)
     cluster.run("scancel", "--batch", "--signal=TERM", jobs["pretrain-ntp"])
     deadline = time.monotonic() + 120
     while cluster.run("squeue", "-h", "-j", jobs["pretrain-ntp"], "-o", "%T").stdout.strip() != "PENDING":
@@ -315,11 +319,8 @@ def test_a_lost_rank_fails_the_job_with_its_reason_and_the_chain_submitted_again
 ):
     reference, _ = chain
     directory = tmp_path / "lost-rank"
-    write_project(directory, assets, objectives=("cocomix",))
-    copy_upstream(reference, directory)
-    jobs = submit(cluster, directory)
+    jobs = training_student(cluster, reference, assets, directory, "cocomix")
     run_dir = directory / "run"
-    wait_for_checkpoint(run_dir, "pretrain-cocomix", 2 * SAVE_EVERY)
     pid = _rank_process("pretrain-cocomix", 1)
     assert pid is not None, "rank 1 of pretrain-cocomix is not running"
     os.kill(pid, signal.SIGKILL)
