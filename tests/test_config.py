@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from pipelines.config import loading
+from pipelines.config import checks
 from pipelines.config.loading import load_config
 from pipelines.config.render import field_doc, reference_markdown, to_toml
 from pipelines.config.schema import OBJECTIVES, SECTIONS, Config, DataConfig, field_choices
@@ -341,19 +341,51 @@ def test_non_default_choices_round_trip_through_toml(tmp_path, monkeypatch):
     assert load_config(write(tmp_path, to_toml(cfg))) == cfg
 
 
-def test_no_validate_function_lists_choices_by_hand():
+def test_no_check_lists_choices_or_ranges_by_hand():
     every_choice = {choice for _, _, choices, _ in choice_fields() for choice in choices}
-    for name, function in inspect.getmembers(loading, inspect.isfunction):
-        if name.startswith("_validate"):
-            strings = {
-                node.value
-                for node in ast.walk(ast.parse(inspect.getsource(function)))
-                if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            }
-            assert not strings & every_choice, f"{name} lists {sorted(strings & every_choice)}"
-            if name == "_validate_students":
-                continue  # `run.objectives` holds objectives or variant names: no `Literal` can say so
-            assert not {"OBJECTIVES", "MODEL_PRESETS"} & set(function.__code__.co_names), name
+    for name, function in inspect.getmembers(checks, inspect.isfunction):
+        if function.__module__ != checks.__name__:
+            continue
+        tree = ast.parse(inspect.getsource(function))
+        strings = {
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+        assert not strings & every_choice, f"{name} lists {sorted(strings & every_choice)}"
+        if name == "_relation_problems":
+            continue  # `run.objectives` holds objectives or variant names: no `Literal` can say so
+        assert not {"OBJECTIVES", "MODEL_PRESETS"} & set(function.__code__.co_names), name
+    # Ranges are the fields' own: the only numbers the checks compare with are in `Range`s.
+    relations = ast.parse(inspect.getsource(checks._relation_problems))
+    numbers = {
+        n.value for n in ast.walk(relations) if isinstance(n, ast.Constant) and type(n.value) in (int, float)
+    }
+    assert numbers <= {0}, numbers
+
+
+def test_every_number_field_range_reads_as_its_error_says():
+    from pipelines.config.schema import Range
+
+    assert (Range(low=1).rule(), Range(low=0, low_open=True).rule()) == (">= 1", "> 0")
+    assert (Range(low=0, high=1, high_open=True).rule(), Range(low=0, high=1).rule()) == (
+        "in [0, 1)",
+        "in [0, 1]",
+    )
+    assert [Range(low=0, high=1, high_open=True).holds(v) for v in (-0.1, 0, 0.5, 1)] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    ranged = {
+        f"{section}.{f.name}": f.metadata["range"]
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("range") is not None
+    }
+    assert len(ranged) == 44 and ranged["pretrain.lr"].rule() == "> 0"
+    assert all(
+        typing.get_type_hints(SECTIONS[k.split(".")[0]])[k.split(".")[1]] in (int, float) for k in ranged
+    )
 
 
 # --- students: variants and seeds ----------------------------------------------------------------------

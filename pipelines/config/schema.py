@@ -49,6 +49,39 @@ def spell_choices(choices: tuple[Any, ...]) -> str:
     return f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts, checked by `pipelines.config.checks` for every field that has one, and
+    how an error says so (`must be >= 1`, `must be in [0, 1)`, or `words`), plus an optional `note`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is refused
+    high_open: bool = False
+    words: str = ""  # the rule in words, where the symbols would read worse
+    note: str = ""  # after the rule: what a special value means
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def rule(self) -> str:
+        if self.words:
+            return self.words
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+AT_LEAST_1 = Range(low=1)
+NON_NEGATIVE = Range(low=0)
+POSITIVE = Range(low=0, low_open=True)
+
+
 # How a relative path written in a config file is read: next to the file. A `PATH` setting is always a
 # path; a `SPEC` setting may also be a hub id (`gpt2`, `org/name`), so it is read next to the file only when
 # something is there.
@@ -56,11 +89,23 @@ PATH, SPEC = "path", "spec"
 
 
 def _field(
-    default: Any, doc: str, *, affects_output: bool = True, local_path: bool = False, relative: str = ""
+    default: Any,
+    doc: str,
+    *,
+    affects_output: bool = True,
+    local_path: bool = False,
+    relative: str = "",
+    accepts: Range | None = None,
 ) -> Any:
     # `local_path`: the value may name files on disk; fingerprints take their content, not the path.
     relative = relative or (SPEC if local_path else "")
-    metadata = {"doc": doc, "affects_output": affects_output, "local_path": local_path, "relative": relative}
+    metadata = {
+        "doc": doc,
+        "affects_output": affects_output,
+        "local_path": local_path,
+        "relative": relative,
+        "range": accepts,
+    }
     if isinstance(default, list):  # a fresh list per instance; configs never mutate them
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -142,17 +187,37 @@ class DataConfig:
     eos_token: str = _field(
         "", "Token that separates documents; empty means the tokenizer's own EOS (or `<|endoftext|>`)."
     )
-    block_size: int = _field(1024, "Tokens per block: the context length of every later stage.")
-    val_fraction: float = _field(
-        0.005, "Fraction of documents held out for validation (chosen by a hash of the text)."
+    block_size: int = _field(
+        1024,
+        "Tokens per block: the context length of every later stage.",
+        accepts=Range(low=2, words="at least 2"),
     )
-    max_documents: int = _field(0, "Read at most this many documents; 0 reads them all.")
-    max_tokens: int = _field(0, "Stop after this many tokens (EOS included, train and val); 0 means no cap.")
+    val_fraction: float = _field(
+        0.005,
+        "Fraction of documents held out for validation (chosen by a hash of the text).",
+        accepts=Range(low=0, high=1, high_open=True),
+    )
+    max_documents: int = _field(
+        0,
+        "Read at most this many documents; 0 reads them all.",
+        accepts=Range(low=0, note=" (0 means no limit)"),
+    )
+    max_tokens: int = _field(
+        0,
+        "Stop after this many tokens (EOS included, train and val); 0 means no cap.",
+        accepts=Range(low=0, note=" (0 means no limit)"),
+    )
     batch_documents: int = _field(
-        1000, "Documents tokenized per batch; memory, not output.", affects_output=False
+        1000,
+        "Documents tokenized per batch; memory, not output.",
+        affects_output=False,
+        accepts=AT_LEAST_1,
     )
     commit_interval_s: float = _field(
-        10.0, "Seconds between resume points of `prepare`; 0 commits after every batch.", affects_output=False
+        10.0,
+        "Seconds between resume points of `prepare`; 0 commits after every batch.",
+        affects_output=False,
+        accepts=NON_NEGATIVE,
     )
 
 
@@ -193,30 +258,44 @@ class SaeConfig:
         "`saelens:RELEASE/SAE_ID`; empty uses the one `train-sae` trained in this run.",
         local_path=True,
     )
-    latents: int = _field(4096, "`train-sae`: SAE width (number of latents).")
-    k: int = _field(32, "`train-sae`: active latents per token (TopK).")
-    train_tokens: int = _field(2_000_000, "`train-sae`: activations (tokens) to train on.")
-    batch_tokens: int = _field(4096, "`train-sae`: activations per optimiser step.")
+    latents: int = _field(4096, "`train-sae`: SAE width (number of latents).", accepts=AT_LEAST_1)
+    k: int = _field(32, "`train-sae`: active latents per token (TopK).", accepts=AT_LEAST_1)
+    train_tokens: int = _field(
+        2_000_000, "`train-sae`: activations (tokens) to train on.", accepts=AT_LEAST_1
+    )
+    batch_tokens: int = _field(4096, "`train-sae`: activations per optimiser step.", accepts=AT_LEAST_1)
     buffer_tokens: int = _field(
-        131_072, "`train-sae`: shuffling buffer; activations are drawn from it in random order."
+        131_072,
+        "`train-sae`: shuffling buffer; activations are drawn from it in random order.",
+        accepts=AT_LEAST_1,
     )
     lr: float = _field(
-        0.0, "`train-sae`: Adam learning rate; 0 scales 2e-4 by 1/sqrt(latents / 2^14) (Gao et al.)."
+        0.0,
+        "`train-sae`: Adam learning rate; 0 scales 2e-4 by 1/sqrt(latents / 2^14) (Gao et al.).",
+        accepts=NON_NEGATIVE,
     )
     dead_latents: DeadLatents = _field(
         "resample",
         "`train-sae`: what revives dead latents: `auxk` (Gao et al.'s auxiliary loss), `resample` (every "
         "`dead_after_tokens`, dead latents restart towards inputs the SAE reconstructs worst) or `off`.",
     )
-    aux_k: int = _field(0, "`train-sae`: dead latents used by the AuxK loss; 0 means d_in / 2.")
+    aux_k: int = _field(
+        0, "`train-sae`: dead latents used by the AuxK loss; 0 means d_in / 2.", accepts=NON_NEGATIVE
+    )
     aux_coef: float = _field(
-        1 / 32, '`train-sae`: weight of the AuxK loss (with `dead_latents = "auxk"`); 0 turns it off.'
+        1 / 32,
+        '`train-sae`: weight of the AuxK loss (with `dead_latents = "auxk"`); 0 turns it off.',
+        accepts=NON_NEGATIVE,
     )
     dead_after_tokens: int = _field(
         1_000_000, "`train-sae`: a latent silent this many tokens counts as dead (and the resampling period)."
     )
-    eval_every_tokens: int = _field(500_000, "`train-sae`: evaluate on held-out activations this often.")
-    eval_tokens: int = _field(16_384, "`train-sae`: held-out (val) tokens per evaluation.")
+    eval_every_tokens: int = _field(
+        500_000, "`train-sae`: evaluate on held-out activations this often.", accepts=AT_LEAST_1
+    )
+    eval_tokens: int = _field(
+        16_384, "`train-sae`: held-out (val) tokens per evaluation.", accepts=AT_LEAST_1
+    )
     checkpoint_every_tokens: int = _field(
         250_000, "`train-sae`: save a resume checkpoint this often.", affects_output=False
     )
@@ -227,13 +306,19 @@ class SaeConfig:
 class ExtractConfig:
     """`extract-concepts`: concept targets per token."""
 
-    concepts_per_token: int = _field(4, "K: target concepts kept per token (the paper's top-K = 4).")
+    concepts_per_token: int = _field(
+        4, "K: target concepts kept per token (the paper's top-K = 4).", accepts=AT_LEAST_1
+    )
     attribution: Attribution = _field(
         "official", "`official` (activation x gradient over the k active latents) or `paper` (Eq. 1, dense)."
     )
-    blocks_per_chunk: int = _field(64, "Token blocks per chunk: the unit of storage, resume and sharding.")
+    blocks_per_chunk: int = _field(
+        64, "Token blocks per chunk: the unit of storage, resume and sharding.", accepts=AT_LEAST_1
+    )
     tokens_per_batch: int = _field(
-        8192, "Tokens per teacher forward+backward (memory; rounding-level effects)."
+        8192,
+        "Tokens per teacher forward+backward (memory; rounding-level effects).",
+        accepts=AT_LEAST_1,
     )
     store_hidden: bool = _field(False, "Also store the teacher's hidden state and its gradient (float16).")
     store_sae_topk: bool = _field(
@@ -241,7 +326,9 @@ class ExtractConfig:
         "Also store the SAE's largest activations and their ids (the k of a TopK SAE, else 64) for the "
         "concept dictionary.",
     )
-    store_teacher_topk: int = _field(0, "Also store the teacher's top-N next-token log-probs (KD); 0 = off.")
+    store_teacher_topk: int = _field(
+        0, "Also store the teacher's top-N next-token log-probs (KD); 0 = off.", accepts=NON_NEGATIVE
+    )
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
@@ -266,14 +353,22 @@ class PretrainConfig:
     preset: ModelPreset = _field(
         "69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant)."
     )
-    n_layer: int = _field(0, "Blocks; 0 keeps the preset's.")
-    n_head: int = _field(0, "Attention heads; 0 keeps the preset's.")
-    n_embd: int = _field(0, "Model width; 0 keeps the preset's (which differs between NTP and CoCoMix).")
-    insert_layer: int = _field(0, "Block before which concepts or pauses are mixed in; 0 keeps the preset's.")
-    n_concepts: int = _field(
-        0, "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets."
+    n_layer: int = _field(0, "Blocks; 0 keeps the preset's.", accepts=NON_NEGATIVE)
+    n_head: int = _field(0, "Attention heads; 0 keeps the preset's.", accepts=NON_NEGATIVE)
+    n_embd: int = _field(
+        0, "Model width; 0 keeps the preset's (which differs between NTP and CoCoMix).", accepts=NON_NEGATIVE
     )
-    concept_k: int = _field(32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.")
+    insert_layer: int = _field(
+        0, "Block before which concepts or pauses are mixed in; 0 keeps the preset's.", accepts=NON_NEGATIVE
+    )
+    n_concepts: int = _field(
+        0,
+        "CoCoMix: concepts C the head predicts; 0 takes the SAE width from the targets.",
+        accepts=NON_NEGATIVE,
+    )
+    concept_k: int = _field(
+        32, "CoCoMix: predicted concept logits kept (top-k) and compressed per token.", accepts=AT_LEAST_1
+    )
     mixing: Mixing = _field(
         "interleave",
         "CoCoMix: `interleave` (the paper: the concept vector is a slot of its own after each token), `add` "
@@ -285,13 +380,16 @@ class PretrainConfig:
         "or `activation` (the K most active SAE latents, from the SAE top-k that "
         "`extract.store_sae_topk` stores; the paper's ablation).",
     )
-    lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.")
-    kd_coef: float = _field(0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.")
+    lam_concept: float = _field(0.1, "CoCoMix: weight of the concept loss.", accepts=NON_NEGATIVE)
+    kd_coef: float = _field(
+        0.1, "KD: weight of KL(teacher || student) on the cached top-N log-probs.", accepts=NON_NEGATIVE
+    )
     seed: int = _field(
         -1,
         "Seed of the student's initialisation and data order, trained in `pretrain-<name>-seed<k>/`; "
         "-1 takes `run.seed` and the folder `pretrain-<name>/`. `run.seeds` sets it per student.",
         affects_output=False,  # recorded in the stage's inputs as the seed it resolves to
+        accepts=Range(low=-1, words=">= 0, or -1 for `run.seed`"),
     )
     variant: str = _field(
         "",
@@ -299,36 +397,55 @@ class PretrainConfig:
         "its folder is `pretrain-<variant>/`. Empty: the objective names the folder.",
         affects_output=False,  # the variant's settings are the fingerprint, not its name
     )
-    batch_blocks: int = _field(8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.")
+    batch_blocks: int = _field(
+        8, "Blocks per rank per micro-step; global batch = this x ranks x grad_accum.", accepts=AT_LEAST_1
+    )
     global_batch_blocks: int = _field(
         0,
         "If set, the global batch in blocks, whatever the number of ranks: `batch_blocks` becomes "
         "this / (ranks x grad_accum), which must divide evenly.",
+        accepts=NON_NEGATIVE,
     )
-    grad_accum: int = _field(1, "Micro-steps accumulated per optimiser step.")
-    max_steps: int = _field(1000, "Optimiser steps to train.")
-    lr: float = _field(6e-4, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr x this (the paper: 10% of peak).")
-    warmup_steps: int = _field(100, "Linear warmup steps before the cosine decay.")
-    weight_decay: float = _field(0.1, "AdamW weight decay.")
+    grad_accum: int = _field(1, "Micro-steps accumulated per optimiser step.", accepts=AT_LEAST_1)
+    max_steps: int = _field(1000, "Optimiser steps to train.", accepts=AT_LEAST_1)
+    lr: float = _field(6e-4, "Peak learning rate (AdamW).", accepts=POSITIVE)
+    min_lr_ratio: float = _field(
+        0.1, "Cosine decay ends at lr x this (the paper: 10% of peak).", accepts=Range(low=0, high=1)
+    )
+    warmup_steps: int = _field(100, "Linear warmup steps before the cosine decay.", accepts=NON_NEGATIVE)
+    weight_decay: float = _field(0.1, "AdamW weight decay.", accepts=NON_NEGATIVE)
     decay_norms_and_embeddings: bool = _field(
         True, "Apply weight decay to LayerNorms, biases and embeddings too (the official code does)."
     )
-    grad_clip: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    grad_clip: float = _field(
+        1.0, "Clip the global gradient norm to this; 0 disables clipping.", accepts=NON_NEGATIVE
+    )
     dtype: PretrainDtype = _field(
         "auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."
     )
     compile: bool = _field(False, "Compile the model with torch.compile.", affects_output=False)
     fsdp: bool = _field(False, "Shard parameters with FSDP under torchrun instead of DDP.")
     eval_every: int = _field(
-        200, "Validation loss every this many steps (and at the end).", affects_output=False
+        200,
+        "Validation loss every this many steps (and at the end).",
+        affects_output=False,
+        accepts=AT_LEAST_1,
     )
-    eval_blocks: int = _field(0, "Validation blocks per evaluation; 0 uses all.", affects_output=False)
-    log_every: int = _field(10, "Write a metrics row every this many steps.", affects_output=False)
+    eval_blocks: int = _field(
+        0, "Validation blocks per evaluation; 0 uses all.", affects_output=False, accepts=NON_NEGATIVE
+    )
+    log_every: int = _field(
+        10, "Write a metrics row every this many steps.", affects_output=False, accepts=AT_LEAST_1
+    )
     save_every: int = _field(
-        200, "Checkpoint every this many steps (and on SIGTERM/SIGINT).", affects_output=False
+        200,
+        "Checkpoint every this many steps (and on SIGTERM/SIGINT).",
+        affects_output=False,
+        accepts=AT_LEAST_1,
     )
-    keep_last: int = _field(2, "Checkpoints kept; older ones are deleted.", affects_output=False)
+    keep_last: int = _field(
+        2, "Checkpoints kept; older ones are deleted.", affects_output=False, accepts=AT_LEAST_1
+    )
     device: str = _field(
         "auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", affects_output=False
     )
@@ -386,7 +503,11 @@ class EvalConfig:
         relative=PATH,
     )
     data: list[str] = _field([], "Per-task data files, `task=PATH` (override `data_dir`).", relative=PATH)
-    limit: int = _field(0, "Score only the first N examples of each task; 0 = all.")
+    limit: int = _field(
+        0,
+        "Score only the first N examples of each task; 0 = all.",
+        accepts=Range(low=0, note=" (0 means all)"),
+    )
     lmeval_include: str = _field(
         "",
         "`lm-eval` backend: a folder of extra lm-eval task configs (e.g. benchmarks/lmeval/tasks).",
