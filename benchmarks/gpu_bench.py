@@ -478,7 +478,16 @@ def bench_student(args, objective_name, micro_blocks, accum, vocab_size, n_conce
     reset_peak(device)
     stage_dir = work / f"student-{objective_name}-{micro_blocks}x{accum}"
     stage_dir.mkdir()
-    trainer = Trainer(cfg, model_config, data, Ranks(), device, stage_dir, "gpu-bench", micro_blocks)
+    trainer = Trainer(
+        cfg,
+        model_config=model_config,
+        data=data,
+        ranks=Ranks(),
+        device=device,
+        stage_dir=stage_dir,
+        fingerprint="gpu-bench",
+        per_rank=micro_blocks,
+    )
     reader = trainer.batch_reader()
 
     def step() -> dict[str, torch.Tensor]:

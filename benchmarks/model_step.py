@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.model.flops import parameter_counts, train_flops_per_token
-from pipelines.model.gpt import GPT, concept_loss, preset
+from pipelines.model.gpt import GPT, preset
+from pipelines.training.objectives import concept_loss
 
 
 def main() -> None:

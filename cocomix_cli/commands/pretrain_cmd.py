@@ -34,7 +34,7 @@ def pretrain(
         int | None,
         typer.Option(
             help="The student's seed (init and data order; `pretrain.seed`), trained into "
-            "pretrain-<name>-seed<k>/; default `run.seed` in pretrain-<name>/."
+            "`pretrain-NAME-seedK/`; default `run.seed` in `pretrain-NAME/`."
         ),
     ] = None,
     preset: Annotated[
@@ -86,17 +86,17 @@ def pretrain(
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
-    if "stopped_at_step" in result.summary:
+    if result.stopped is not None:
         if as_json:
             report(result, as_json, str)
             return
-        s = result.summary
+        stop = result.stopped
         # The command as typed, plus --resume: a bare `cocomix pretrain --resume` would resume another
         # stage, or be refused, when flags or --set chose the objective or settings.
         again = resume_command(ctx.meta.get(INVOCATION)) or "cocomix pretrain --resume"
         console.print(
-            f"{result.stage}: stopped by {s['stopped_by']} after step {s['stopped_at_step']}; checkpoint "
-            f"{s['checkpoint']}. Continue with `{again}`.",
+            f"{result.stage}: stopped by {stop.stopped_by} after step {stop.stopped_at_step}; checkpoint "
+            f"{stop.checkpoint}. Continue with `{again}`.",
             highlight=False,
             soft_wrap=True,
         )

@@ -68,15 +68,27 @@ def ensure_run_dir(root: Path) -> Path:
     return root
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """A stage that a signal stopped before it finished, and the checkpoint it resumes from (the field
+    names are the keys of its summary, as `--json` prints it)."""
+
+    stopped_by: str
+    stopped_at_step: int
+    checkpoint: str | None
+
+
 @dataclass
 class StageResult:
-    """What a stage's `run` returns: where it wrote, whether it had anything to do, and its summary."""
+    """What a stage's `run` returns: where it wrote, whether it had anything to do, and its summary;
+    `stopped` when a signal ended it early (resumable)."""
 
     stage: str
     dir: Path
     up_to_date: bool
     summary: dict[str, Any]
     fingerprint: str
+    stopped: Stopped | None = None
 
 
 class StageSession:

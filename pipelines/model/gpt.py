@@ -275,10 +275,6 @@ class ConceptBranch(nn.Module):
         )
         return bag.view(B, T, -1) + self.compress_bias
 
-    def compress_dense(self, kept_dense: torch.Tensor) -> torch.Tensor:
-        """The official code's dense product, (B, T, C) @ (C, D): the reference the sparse path must match."""
-        return kept_dense @ self.compress_weight + self.compress_bias
-
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -352,16 +348,3 @@ class GPT(nn.Module):
             return 0
         slots_per_token = 2 if self.config.doubles_length and self.config.insert_layer == 0 else 1
         return kv_cache.layers[0].length // slots_per_token
-
-
-def concept_loss(concept_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the K targets of the cross-entropy of each target id, over valid positions only.
-
-    concept_logits (B, T, C), targets (B, T, K) concept ids, valid (B, T) bool. Equal to the official
-    code's `sum_i 1/K * cross_entropy(logits, targets[..., i])` when every position is valid.
-    """
-    log_probs = F.log_softmax(concept_logits.float(), dim=-1)
-    target_log_probs = log_probs.gather(-1, targets.long())  # (B, T, K)
-    mask = valid.unsqueeze(-1).to(target_log_probs.dtype)
-    count = mask.sum() * targets.size(-1)
-    return -(target_log_probs * mask).sum() / count.clamp(min=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,13 @@ from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import CocomixError, ConfigError, InputError, StageError
-from pipelines.training.objectives import KnowledgeDistillation, Objective, objective_for
+from pipelines.training.objectives import Objective, objective_for
 from pipelines.training.state import Checkpoints
 from pipelines.training.trainer import METRICS, Trainer, TrainingData
 
 log = logging.getLogger(__name__)
+
+LOSS_CURVE = "loss_curve.png"
 
 
 def run(
@@ -93,31 +96,114 @@ def _pretrain(
     }
     with contextlib.ExitStack() as stack:
         session, decision = _open_session(
-            stack, ranks, run_dir, stage, inputs, data.input_artifacts, force, resume, p.keep_last
+            stack,
+            ranks,
+            run_dir,
+            stage,
+            inputs,
+            input_artifacts=data.input_artifacts,
+            force=force,
+            resume=resume,
+            keep_last=p.keep_last,
         )
-        if decision["up_to_date"]:
-            return StageResult(stage, run_dir / stage, True, decision["summary"], decision["fingerprint"])
+        if decision.up_to_date:
+            return StageResult(stage, run_dir / stage, True, decision.summary, decision.fingerprint)
         trainer = Trainer(
-            cfg, model_config, data, ranks, device, run_dir / stage, decision["fingerprint"], per_rank
+            cfg,
+            model_config=model_config,
+            data=data,
+            ranks=ranks,
+            device=device,
+            stage_dir=run_dir / stage,
+            fingerprint=decision.fingerprint,
+            per_rank=per_rank,
         )
-        if decision["resuming"]:
+        if decision.resuming:
             trainer.restore()
         elif ranks.main:
             (run_dir / stage / METRICS).unlink(missing_ok=True)
         on_progress = session.update_progress if session is not None else None
         stopped = trainer.train(show_progress=progress and ranks.main, on_progress=on_progress)
         if stopped is not None:
-            return StageResult(stage, run_dir / stage, False, stopped, decision["fingerprint"])
-        summary = trainer.finish()
+            summary = dataclasses.asdict(stopped)
+            return StageResult(stage, run_dir / stage, False, summary, decision.fingerprint, stopped=stopped)
+        final_state = trainer.final_state()
         if session is not None:
+            summary = _write_student(run_dir / stage, cfg, model_config, final_state, data, trainer, ranks)
             session.complete(summary, outputs=[FINAL_MODEL, HF_MODEL])
+        else:
+            summary = {}
         ranks.barrier()
-        return StageResult(stage, run_dir / stage, False, summary, decision["fingerprint"])
+        return StageResult(stage, run_dir / stage, False, summary, decision.fingerprint)
 
 
-def _open_session(stack, ranks, run_dir, stage, inputs, input_artifacts, force, resume, keep_last):
+def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trainer, ranks) -> dict[str, Any]:
+    """The trained student's files (`model/` with its tokenizer, `hf/`, `loss_curve.png`) and its summary."""
+    from pipelines.core.plot import line_chart
+    from pipelines.data.tokenizer import load_tokenizer
+    from pipelines.model.checkpoint import save_model
+    from pipelines.model.flops import parameter_counts
+    from pipelines.model.gpt import GPT
+    from pipelines.model.hf_export import export_student
+
+    final = GPT(model_config)
+    final.load_state_dict(state)
+    # Evaluation and generation need the tokenizer the blocks were made with, beside the weights.
+    tokenizer = data.tokenizer
+    save_model(
+        final,
+        stage_dir / FINAL_MODEL,
+        {"tokenizer": {k: tokenizer[k] for k in ("spec", "vocab_hash", "separator", "separator_id")}},
+    )
+    load_tokenizer(tokenizer["spec"]).backend.save(str(stage_dir / FINAL_MODEL / "tokenizer.json"))
+    export_student(stage_dir / FINAL_MODEL, stage_dir / HF_MODEL)
+    rows = [json.loads(line) for line in (stage_dir / METRICS).read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    val_rows = [r for r in rows if r["kind"] == "val"]
+    line_chart(
+        stage_dir / LOSS_CURVE,
+        {
+            "train (NTP loss)": [(r["step"], r["ntp_loss"]) for r in train_rows],
+            "val": [(r["step"], r["val_loss"]) for r in val_rows],
+        },
+        x_label="optimizer step",
+        y_label="loss (nats/token)",
+        title=f"{stage_dir.name}: next-token loss",
+    )
+    speeds = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s")]
+    counts = parameter_counts(model_config)
+    return {
+        "model": str(stage_dir / FINAL_MODEL),
+        "hf_model": str(stage_dir / HF_MODEL),
+        "objective": cfg.pretrain.objective,
+        "steps": trainer.step,
+        "tokens": trainer.step * trainer.tokens_per_step,
+        "parameters": counts["total"],
+        "active_parameters": counts["active"],
+        "train_loss": train_rows[-1]["loss"],
+        "ntp_loss": train_rows[-1]["ntp_loss"],
+        **{k: v for k, v in val_rows[-1].items() if k not in ("kind", "step")},
+        "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "loss_curve": str(stage_dir / LOSS_CURVE),
+        "ranks": ranks.world,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What rank 0 decided for every rank: nothing to do, resume from a checkpoint, or start fresh."""
+
+    up_to_date: bool = False
+    resuming: bool = False
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def _open_session(
+    stack, ranks, run_dir, stage, inputs, *, input_artifacts, force, resume, keep_last
+) -> tuple[StageSession | None, Decision]:
     """Rank 0 decides (up to date / resume / fresh / refuse) and tells the others; errors reach every rank."""
-    session, decision, error = None, {}, None
+    session, decision, error = None, Decision(), None
     if ranks.main:
         try:
             session = stack.enter_context(
@@ -131,12 +217,12 @@ def _open_session(stack, ranks, run_dir, stage, inputs, input_artifacts, force, 
                 )
             if resume and latest is None and not session.up_to_date:
                 log.info("nothing to resume in %s; starting from step 0", session.dir)
-            decision = {
-                "up_to_date": session.up_to_date,
-                "resuming": session.resuming and latest is not None,
-                "summary": session.summary,
-                "fingerprint": session.fingerprint,
-            }
+            decision = Decision(
+                up_to_date=session.up_to_date,
+                resuming=session.resuming and latest is not None,
+                summary=session.summary,
+                fingerprint=session.fingerprint,
+            )
         except CocomixError as exc:
             error = exc
     shared = ranks.broadcast({"decision": decision, "error": None if error is None else str(error)})
@@ -174,19 +260,10 @@ def _training_data(
     if objective.reads:
         store, store_fingerprint = _concept_store(cfg, reading, prepare_fingerprint, token_store)
         input_artifacts[EXTRACT_STAGE] = store_fingerprint
-        if isinstance(objective, KnowledgeDistillation):
-            _check_kd(store, token_store)
-        else:
-            n_concepts = store.n_concepts
-        if "sae_ids" in objective.reads and "sae_ids" not in store.arrays:
-            raise StageError(
-                '`pretrain.concept_targets = "activation"` reads the SAE\'s top-k per token, which this '
-                "concept store lacks. Set `extract.store_sae_topk = true` and run `cocomix extract-concepts "
-                "--force`."
-            )
+        n_concepts = objective.check_store(store, token_store)
         for split in splits:
             splits[split].update({name: store.split(split)[name] for name in objective.reads})
-    if objective.name == "cocomix" and p.n_concepts and p.n_concepts != n_concepts:
+    if n_concepts and p.n_concepts and p.n_concepts != n_concepts:  # CoCoMix's concept head
         raise InputError(
             f"`pretrain.n_concepts` ({p.n_concepts}) does not match the concept targets, which come from an "
             f"SAE with {n_concepts} latents. Set it to 0 (take the SAE's width) or to {n_concepts}."
@@ -226,21 +303,6 @@ def _concept_store(
         token_store=token_store,
         prepare_fingerprint=prepare_fingerprint,
     )
-
-
-def _check_kd(store: ConceptStore, token_store: TokenStore) -> None:
-    if "teacher_ids" not in store.arrays:
-        raise StageError(
-            "Objective `kd` needs the teacher's top-N log-probs, which this concept store lacks. Run "
-            "`cocomix extract-concepts --store-teacher-topk 32 --force`."
-        )
-    teacher_vocab = store.attrs.get("teacher", {}).get("vocab_size")
-    student_vocab = int(token_store.attrs["tokenizer"]["vocab_size"])
-    if teacher_vocab is not None and teacher_vocab != student_vocab:
-        raise InputError(
-            f"KD needs the teacher and the student to share a vocabulary: the teacher has {teacher_vocab} "
-            f"tokens, the student (the token store's tokenizer) {student_vocab}."
-        )
 
 
 def _online_teacher(

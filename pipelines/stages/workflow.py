@@ -274,7 +274,7 @@ def _pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
 
     (student,) = [s for s in students(cfg) if student_stage(s.cfg) == row.stage]
     result = pretrain.run(student.cfg, resume=True, progress=progress)
-    if "stopped_at_step" in result.summary:  # SIGTERM / Ctrl-C: saved; the next `cocomix run` resumes
+    if result.stopped is not None:  # SIGTERM / Ctrl-C: saved; the next `cocomix run` resumes
         raise KeyboardInterrupt
 
 

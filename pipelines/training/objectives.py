@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.config.schema import Config
-from pipelines.model.gpt import concept_loss
+from pipelines.errors import InputError, StageError
 
 __all__ = [
     "OBJECTIVES",
@@ -42,6 +42,19 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     # Shift the labels rather than the logits: slicing (B, T, V) would copy it.
     labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def concept_loss(concept_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the K targets of the cross-entropy of each target id, over valid positions only.
+
+    concept_logits (B, T, C), targets (B, T, K) concept ids, valid (B, T) bool. Equal to the official
+    code's `sum_i 1/K * cross_entropy(logits, targets[..., i])` when every position is valid.
+    """
+    log_probs = F.log_softmax(concept_logits.float(), dim=-1)
+    target_log_probs = log_probs.gather(-1, targets.long())  # (B, T, K)
+    mask = valid.unsqueeze(-1).to(target_log_probs.dtype)
+    count = mask.sum() * targets.size(-1)
+    return -(target_log_probs * mask).sum() / count.clamp(min=1)
 
 
 def kd_loss(
@@ -87,6 +100,11 @@ class Objective:
         """Model settings the objective fixes (the concept head's width, how concepts are mixed)."""
         return {"mixing": "interleave"}
 
+    def check_store(self, store: Any, token_store: Any) -> int:
+        """Refuse a concept store (`extract-concepts`) without what this objective reads from it; returns
+        the concept width it trains with (0: none). Called only for an objective that `reads`."""
+        return 0
+
     def inputs(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """What the loss reads besides the tokens, from the batch's arrays (on the tokens' device, as
         `host_tensors` typed them); made before the forward pass."""
@@ -129,6 +147,9 @@ class CoCoMix(Objective):
         p = self.p
         return {"mixing": p.mixing, "n_concepts": n_concepts, "concept_k": min(p.concept_k, n_concepts)}
 
+    def check_store(self, store, token_store) -> int:
+        return store.n_concepts
+
     def auxiliary(self, out, inputs):
         loss = concept_loss(out.concept_logits, inputs["concept_ids"], inputs["valid"])
         return {"concept_loss": (loss, self.p.lam_concept)}
@@ -147,6 +168,15 @@ class CoCoMixByActivation(CoCoMix):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.k = cfg.extract.concepts_per_token
+
+    def check_store(self, store, token_store) -> int:
+        if "sae_ids" not in store.arrays:
+            raise StageError(
+                '`pretrain.concept_targets = "activation"` reads the SAE\'s top-k per token, which this '
+                "concept store lacks. Set `extract.store_sae_topk = true` and run `cocomix extract-concepts "
+                "--force`."
+            )
+        return super().check_store(store, token_store)
 
     def inputs(self, tokens, batch):
         arrays = super().inputs(tokens, batch)
@@ -180,6 +210,21 @@ class KnowledgeDistillation(Objective):
 
     name = "kd"
     reads = ("teacher_ids", "teacher_logprobs", "valid")
+
+    def check_store(self, store, token_store) -> int:
+        if "teacher_ids" not in store.arrays:
+            raise StageError(
+                "Objective `kd` needs the teacher's top-N log-probs, which this concept store lacks. Run "
+                "`cocomix extract-concepts --store-teacher-topk 32 --force`."
+            )
+        teacher_vocab = store.attrs.get("teacher", {}).get("vocab_size")
+        student_vocab = int(token_store.attrs["tokenizer"]["vocab_size"])
+        if teacher_vocab is not None and teacher_vocab != student_vocab:
+            raise InputError(
+                "KD needs the teacher and the student to share a vocabulary: the teacher has "
+                f"{teacher_vocab} tokens, the student (the token store's tokenizer) {student_vocab}."
+            )
+        return 0
 
     def auxiliary(self, out, inputs):
         kd = kd_loss(out.logits, inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["valid"])

@@ -28,7 +28,7 @@ from pipelines.config.schema import Config
 from pipelines.config.students import student_seed
 from pipelines.core import distributed
 from pipelines.core.files import truncate_jsonl_after
-from pipelines.core.layout import FINAL_MODEL, HF_MODEL
+from pipelines.core.session import Stopped
 from pipelines.data.batches import BatchOrder, BatchReader, SplitArrays
 from pipelines.errors import StageError
 from pipelines.training.health import NonFiniteWatch
@@ -39,7 +39,6 @@ from pipelines.training.state import Checkpoints, rng_state, set_rng_state
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.png"
 
 
 @dataclass
@@ -60,6 +59,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
+        *,
         model_config,
         data: TrainingData,
         ranks: distributed.Ranks,
@@ -141,8 +141,8 @@ class Trainer:
 
     # -- the loop --
 
-    def train(self, show_progress: bool, on_progress=None) -> dict[str, Any] | None:
-        """Train to `max_steps`; returns None when done, or a summary when a signal stopped it early."""
+    def train(self, show_progress: bool, on_progress=None) -> Stopped | None:
+        """Train to `max_steps`; returns None when done, or where a signal stopped it early."""
         from tqdm.auto import tqdm
 
         p = self.p
@@ -188,11 +188,11 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     latest = self.checkpoints.latest()
-                    return {
-                        "stopped_by": self._stop_signal or "a signal on another rank",
-                        "stopped_at_step": self.step,
-                        "checkpoint": str(latest.path) if latest else None,
-                    }
+                    return Stopped(
+                        stopped_by=self._stop_signal or "a signal on another rank",
+                        stopped_at_step=self.step,
+                        checkpoint=str(latest.path) if latest else None,
+                    )
         finally:
             bar.close()
             reader.close()
@@ -358,60 +358,11 @@ class Trainer:
                 row["val_ppl"],
             )
 
-    def finish(self) -> dict[str, Any]:
-        from pipelines.core.plot import line_chart
-        from pipelines.data.tokenizer import load_tokenizer
-        from pipelines.model.checkpoint import save_model
-        from pipelines.model.flops import parameter_counts
-
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        """The trained weights on the host, gathered from every rank: a collective that every rank calls;
+        the first rank gets them, the others None."""
         model_state = self.parallel.model_state(self.model)
-        if not self.ranks.main:
-            return {}
-        from pipelines.model.gpt import GPT
-
-        final = GPT(self.model_config)
-        final.load_state_dict({k: v.cpu() for k, v in model_state.items()})
-        # Evaluation and generation need the tokenizer the blocks were made with, beside the weights.
-        tokenizer = self.data.tokenizer
-        save_model(
-            final,
-            self.dir / FINAL_MODEL,
-            {"tokenizer": {k: tokenizer[k] for k in ("spec", "vocab_hash", "separator", "separator_id")}},
-        )
-        load_tokenizer(tokenizer["spec"]).backend.save(str(self.dir / FINAL_MODEL / "tokenizer.json"))
-        from pipelines.model.hf_export import export_student
-
-        export_student(self.dir / FINAL_MODEL, self.dir / HF_MODEL)
-        rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
-        train_rows = [r for r in rows if r["kind"] == "train"]
-        val_rows = [r for r in rows if r["kind"] == "val"]
-        line_chart(
-            self.dir / LOSS_CURVE,
-            {
-                "train (NTP loss)": [(r["step"], r["ntp_loss"]) for r in train_rows],
-                "val": [(r["step"], r["val_loss"]) for r in val_rows],
-            },
-            x_label="optimizer step",
-            y_label="loss (nats/token)",
-            title=f"{self.dir.name}: next-token loss",
-        )
-        speeds = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s")]
-        counts = parameter_counts(self.model_config)
-        return {
-            "model": str(self.dir / FINAL_MODEL),
-            "hf_model": str(self.dir / HF_MODEL),
-            "objective": self.p.objective,
-            "steps": self.step,
-            "tokens": self.step * self.tokens_per_step,
-            "parameters": counts["total"],
-            "active_parameters": counts["active"],
-            "train_loss": train_rows[-1]["loss"],
-            "ntp_loss": train_rows[-1]["ntp_loss"],
-            **{k: v for k, v in val_rows[-1].items() if k not in ("kind", "step")},
-            "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
-            "loss_curve": str(self.dir / LOSS_CURVE),
-            "ranks": self.ranks.world,
-        }
+        return {k: v.cpu() for k, v in model_state.items()} if self.ranks.main else None
 
 
 def _autocast_dtype(setting: str, device) -> torch.dtype | None:
