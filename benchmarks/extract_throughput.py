@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from pipelines.concepts.teacher import load_teacher
 from pipelines.config.loading import load_config
 from pipelines.data.token_store import open_token_store
-from pipelines.sae.topk import TopKSAE, save_saelens
+from pipelines.sae.formats import save_saelens
+from pipelines.sae.topk_sae import TopKSAE
 from pipelines.stages import extract, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -128,7 +129,7 @@ def report(
 
 def official_style(cfg, blocks, args) -> float:
     """Seconds for the paper's code path over the same blocks and batches."""
-    from pipelines.sae.topk import load_sae
+    from pipelines.sae.formats import load_sae
 
     teacher = load_teacher(cfg.teacher.model, cfg.teacher.layer, "resid_post", args.device)
     model = teacher.model.requires_grad_(True)  # the official extractor leaves the weights trainable

@@ -29,7 +29,8 @@ import torch
 from pipelines.config.loading import load_config
 from pipelines.model.flops import peak_flops, train_flops_per_token
 from pipelines.model.gpt import GPT
-from pipelines.sae.topk import TopKSAE, save_saelens
+from pipelines.sae.formats import save_saelens
+from pipelines.sae.topk_sae import TopKSAE
 from pipelines.stages import extract, prepare, pretrain
 from pipelines.training import trainer
 from pipelines.training.objectives import concept_loss, next_token_loss

@@ -248,7 +248,7 @@ def imdb_blocks(teacher, n_blocks: int) -> torch.Tensor:
 
 def prepare(raw: np.ndarray, eval_tokens: int, n_train: int, seed: int, device: str):
     """Layer-normed held-out rows and shuffled layer-normed training rows, both float32 on `device`."""
-    from pipelines.sae.topk import normalize_input
+    from pipelines.sae.normalization import normalize_input
 
     def normalized(rows: np.ndarray) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=torch.float32)

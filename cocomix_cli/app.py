@@ -30,7 +30,7 @@ from cocomix_cli.commands import (
     steer_cmd,
     train_sae_cmd,
 )
-from cocomix_cli.console import err_console
+from cocomix_cli.console import err_console, library_progress_bars_hidden
 from cocomix_cli.context import INVOCATION, GlobalOptions
 from cocomix_cli.interrupts import (
     Invocation,
@@ -50,6 +50,10 @@ GLOBAL_FLAGS = ("--verbose", "-v", "--no-progress")
 
 
 class CocomixGroup(TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _name_values_like_click(self)
+
     def parse_args(self, ctx, args):
         """Accept the global options after the command too (`cocomix prepare -v --set data.x=1`).
 
@@ -111,6 +115,39 @@ def _global_option(arg: str) -> str | None:
     return name if name in GLOBAL_OPTIONS_WITH_VALUE else None
 
 
+# Click's names for values; Typer's own label is the Python type (`<str>`, `<int>`, `<bool>` on flags too).
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH"}
+
+
+def _name_values_like_click(command: TyperCommand | TyperGroup) -> None:
+    """Name each option's value as Click does (TEXT, INTEGER, ..., a choice's values), a flag's not at all
+    and an argument by its name (MODEL); a metavar given in the code stays."""
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        described = param.type_descriptor
+        if param.param_type_name == "argument":  # named by what it is, as in the usage line
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None  # and no Python type beside that name
+        elif param.is_flag:
+            param.metavar = ""
+        elif described.is_choice:
+            param.metavar = "|".join(map(str, described.choices or ()))
+        else:
+            param.metavar = _VALUE_NAMES.get(param.bare_type(), param.bare_type().upper())
+    make_help_option = command.get_help_option  # made when help is asked for, so named then
+
+    def help_option(ctx):
+        option = make_help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _name_values_like_click(sub)
+
+
 def _option_names(command: TyperCommand | TyperGroup) -> set[str]:
     # Typer builds commands with its own copy of click, so these are read by name, not by class.
     return {
@@ -128,6 +165,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -155,13 +193,17 @@ def root(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage is doing.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Hide every progress bar, the libraries' included.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     _configure_logging(verbose)
     ctx.obj = GlobalOptions(config=config, overrides=tuple(overrides or ()), progress=not no_progress)
+    if no_progress:
+        ctx.with_resource(library_progress_bars_hidden())  # until the command ends
 
 
 def _configure_logging(verbose: bool) -> None:

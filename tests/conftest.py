@@ -370,7 +370,7 @@ def tiny_sae(d_in: int = 32, d_sae: int = 128, k: int = 8, seed: int = 0):
     """A random TopK SAE with every parameter non-zero, so no term of the math hides."""
     import torch
 
-    from pipelines.sae.topk import TopKSAE
+    from pipelines.sae.topk_sae import TopKSAE
 
     torch.manual_seed(seed)
     sae = TopKSAE(d_in, d_sae, k, normalize="layer_norm")

@@ -11,7 +11,7 @@ import zarr
 
 from pipelines.concepts.teacher import load_teacher
 from pipelines.sae import dictionary
-from pipelines.sae.topk import load_sae, save_saelens
+from pipelines.sae.formats import load_sae, save_saelens
 from pipelines.stages import extract
 from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 

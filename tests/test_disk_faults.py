@@ -23,7 +23,7 @@ import pytest
 import zarr
 from safetensors.torch import load_file
 
-from pipelines.sae.topk import save_saelens
+from pipelines.sae.formats import save_saelens
 from pipelines.stages import extract, pretrain
 from tests.conftest import prepared_run, run_in, tiny_sae, tiny_teacher
 

@@ -16,7 +16,7 @@ import zarr
 from pipelines.concepts.teacher import load_teacher
 from pipelines.core.session import stage_states
 from pipelines.sae.attribution import concept_targets, official_scores, paper_scores
-from pipelines.sae.topk import load_sae, openai_state_dict, save_saelens
+from pipelines.sae.formats import load_sae, openai_state_dict, save_saelens
 from pipelines.stages import extract
 from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
@@ -362,6 +362,23 @@ def test_smollm2_teacher_on_a_few_blocks(tmp_path, smollm2_gguf):
     assert ids.shape[1:] == (64, 4) and ids.max() < 1024
     assert (scores[:, :-1, 0] != 0).mean() > 0.9  # a real teacher's gradient reaches nearly every position
     assert (np.diff(scores, axis=-1) <= 0).all()  # best first
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.parametrize("flag", ["--no-progress", None])
+def test_no_progress_hides_the_bar_transformers_draws_while_it_dequantises_a_gguf_teacher(
+    tmp_path, smollm2_gguf, flag
+):
+    prepared_run(tmp_path, documents=2, block_size=64, tokenizer=str(smollm2_gguf), val_fraction=0.0)
+    save_saelens(tiny_sae(d_in=576, d_sae=256, k=4), tmp_path / "sae")
+    sets = [f"teacher.model={smollm2_gguf}", "teacher.layer=9", f"sae.path={tmp_path / 'sae'}"]
+    command = [sys.executable, "-m", "cocomix_cli", *([flag] if flag else [])]
+    command += [*(a for s in sets for a in ("--set", s)), "extract-concepts", "--json"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bars = "Converting and de-quantizing GGUF tensors" in result.stderr, "it/s]" in result.stderr
+    assert bars == ((False, False) if flag else (True, True)), result.stderr[-2000:]
 
 
 # --- bad input ------------------------------------------------------------------------------------

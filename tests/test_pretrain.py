@@ -23,7 +23,7 @@ from pipelines.config.loading import load_config
 from pipelines.core.plot import HEIGHT_PX, WIDTH_PX
 from pipelines.data.batches import BatchOrder
 from pipelines.errors import ConfigError, StageError
-from pipelines.sae.topk import load_sae, save_saelens
+from pipelines.sae.formats import load_sae, save_saelens
 from pipelines.stages import extract, prepare, pretrain
 from pipelines.training.objectives import kd_loss
 from tests import conftest

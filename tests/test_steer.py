@@ -118,7 +118,7 @@ def teacher_and_sae(tmp_path):
 
 def test_amplify_latents_scales_exactly_the_latents_contribution(teacher_and_sae):
     from pipelines.model.steering import amplify_latents
-    from pipelines.sae.topk import normalize_input
+    from pipelines.sae.normalization import normalize_input
 
     _, sae = teacher_and_sae
     torch.manual_seed(1)
@@ -149,7 +149,7 @@ def test_teacher_steering_scale_one_is_plain_and_a_large_scale_changes_it(teache
 
 
 def test_teacher_rows_from_the_command_line(cocomix_model, tmp_path, cocomix):
-    from pipelines.sae.topk import save_saelens
+    from pipelines.sae.formats import save_saelens
     from tests.conftest import tiny_sae, tiny_teacher
 
     folder, _ = cocomix_model

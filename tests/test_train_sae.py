@@ -13,7 +13,7 @@ import torch
 from pipelines.config.loading import load_config
 from pipelines.errors import ConfigError
 from pipelines.sae import trainer as sae_trainer
-from pipelines.sae.topk import load_sae
+from pipelines.sae.formats import load_sae
 from pipelines.stages import train_sae
 from tests.conftest import (
     ReadBacks,

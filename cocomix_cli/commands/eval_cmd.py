@@ -46,7 +46,7 @@ def evaluate(
     ] = None,
     log_samples: Annotated[
         bool,
-        typer.Option("--log-samples", help="Also write per-example JSONL under <run.dir>/eval/samples/."),
+        typer.Option("--log-samples", help="Also write per-example JSONL under `RUN_DIR/eval/samples/`."),
     ] = False,
     backend: Annotated[
         str | None,
@@ -85,7 +85,7 @@ def evaluate(
         table.add_column(label, justify="right")
     for task in next(iter(results["results"].values())):
         first = next(iter(results["results"].values()))[task]
-        for metric in stage.main_metrics(task) or _shown_metrics(first):
+        for metric in stage.shown_metrics(task, first):
             cells = []
             for label in results["results"]:
                 m = results["results"][label][task]
@@ -97,11 +97,3 @@ def evaluate(
 
     for note in skipped_notes(results):
         console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)
-
-
-def _shown_metrics(metrics: dict) -> list[str]:
-    """The metrics of a task without a `MAIN_METRICS` entry (a declared or lm-eval task): each number but
-    the standard errors, which stand beside their metric, and the timing."""
-    return [
-        k for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr") and k != "seconds"
-    ]

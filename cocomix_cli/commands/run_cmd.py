@@ -35,8 +35,8 @@ def run(
 
     Finished stages are skipped, an interrupted one resumes where it stopped, and a stage whose settings
     changed is refused (set `run.dir` to a new folder). Ends with a summary table (the mean ± sd over
-    seeds) and each student's paired difference from NTP with its 95% t-interval; the run folder gets
-    summary.json, report.md and loss_curves.png.
+    seeds) and each student's paired difference from each of `run.baselines` (NTP by default) with its 95%
+    t-interval; the run folder gets summary.json, report.md and loss_curves.png.
     """
     cfg = resolve_config(ctx)
     from pipelines.stages import workflow

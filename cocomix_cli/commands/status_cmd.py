@@ -30,15 +30,14 @@ def status(
 ) -> None:
     """Show each stage of the run: status, progress and fingerprint."""
     cfg = resolve_config(ctx, {"run.dir": run_dir})
-    from pipelines.core.layout import stage_command
-    from pipelines.core.session import damaged_stages, stage_states
+    from pipelines.stages import status as stage
 
-    states = stage_states(cfg.run.dir)
-    damaged = damaged_stages(cfg.run.dir) if verify else {}
+    states = stage.states(cfg.run.dir)
+    damaged = stage.damaged(cfg.run.dir) if verify else []
     if as_json:
         report = {"run_dir": cfg.run.dir, "stages": states}
         if verify:
-            report["damaged"] = damaged
+            report["damaged"] = {d.stage: [e.path for e in damaged if e.stage == d.stage] for d in damaged}
         typer.echo(json.dumps(report, indent=2))
         raise typer.Exit(1 if damaged else 0)
     table = Table(title=f"run {cfg.run.dir}", title_justify="left")
@@ -57,17 +56,16 @@ def status(
     console.print(table)
     if not verify:
         return
-    for stage, files in damaged.items():
-        for path in files:
-            console.print(
-                f"damaged: {path} (sha256 differs from the one recorded, or missing); recompute it with "
-                f"`{stage_command(stage)} --force`",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+    for file in damaged:
+        console.print(
+            f"damaged: {file.path} (sha256 differs from the one recorded, or missing); recompute it with "
+            f"`{file.remedy}`",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     checked = sum(1 for s in states if s["status"] == "complete")
-    console.print(f"verified {checked} complete stages: {sum(map(len, damaged.values()))} damaged files")
+    console.print(f"verified {checked} complete stages: {len(damaged)} damaged files")
     if damaged:
         raise typer.Exit(1)
 

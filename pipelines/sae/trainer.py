@@ -47,7 +47,7 @@ class SaeTrainer:
     def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device, on_eval=None):
         import torch
 
-        from pipelines.sae.topk import TopKSAE
+        from pipelines.sae.topk_sae import TopKSAE
 
         self.cfg, self.s = cfg, cfg.sae
         self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
@@ -361,7 +361,7 @@ class SaeTrainer:
             kill_point("train-sae checkpoint after resampling")
 
     def finish(self) -> dict[str, Any]:
-        from pipelines.sae.topk import save_saelens
+        from pipelines.sae.formats import save_saelens
 
         rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
         final = rows[-1]

@@ -39,7 +39,7 @@ from pipelines.eval.data import (
     task_specs,
     unavailable_tasks,
 )
-from pipelines.eval.tasks import PPL_TASK, is_text_perplexity, main_metrics  # noqa: F401 (the CLI's table)
+from pipelines.eval.tasks import PPL_TASK, is_text_perplexity, main_metrics
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +256,11 @@ def _model_fingerprint(spec: str) -> str:
     # By content and place in the folder, not by path: a run folder moved elsewhere keeps its eval cache.
     files = input_files({"model": str(local)})
     return fingerprint({f["name"]: f["sha256"] for f in files})
+
+
+def shown_metrics(task: str, metrics: dict[str, Any]) -> list[str]:
+    """The metrics a results table shows for a task: its main ones (`MAIN_METRICS`), or for a declared or
+    lm-eval task each number but the standard errors, which stand beside their metric, and the timing."""
+    return main_metrics(task) or [
+        k for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr") and k != "seconds"
+    ]

@@ -144,7 +144,7 @@ def _steer_teacher(cfg: Config, results, prompts, concept_ids, scales, device: s
     from pipelines.concepts.teacher import load_teacher
     from pipelines.core.assets import resolve_assets
     from pipelines.model.steering import teacher_sweep
-    from pipelines.sae.topk import load_sae
+    from pipelines.sae.formats import load_sae
 
     with contextlib.ExitStack() as reading:  # this run's trained SAE, held while it loads
         sae_cfg, _ = resolve_sae_path(resolve_assets(cfg), reading)

@@ -1,6 +1,8 @@
 """The CLI surface: the command list, help, `config show`, `status`."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +43,31 @@ def test_help_lists_each_command_with_one_line_help():
     for command in COMMANDS:
         assert any(line.strip("│ ").startswith(command + " ") for line in result.stdout.splitlines()), command
     assert "--set" in result.stdout and "--config" in result.stdout
+
+
+def command_help(*command: str) -> str:
+    env = {**os.environ, "COLUMNS": "100"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cocomix_cli", *command, "--help"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [(), *((c,) for c in sorted(COMMANDS)), ("concepts", "build"), ("config", "show")]
+)
+def test_help_names_values_as_click_does_and_hides_no_text(command):
+    text = command_help(*command)
+    assert not re.search(r"<(bool|str|int|float|path)>", text), text  # Typer's labels of Python types
+    assert "``" not in text and "` `" not in text  # an emptied code span: a bracket eaten as markup
+    if command == ("pretrain",):
+        flat = " ".join(line.strip("│ ") for line in text.splitlines())
+        assert "Train the student [run.variants.NAME] (its objective and overrides)" in flat
+        assert "pretrain-NAME-seedK/" in flat
+        # the docstring's sentences are one paragraph, not its source lines
+        assert "a second one stops at once (exit 130)" in " ".join(flat.split())
+        assert re.search(r"--seed\s+INTEGER", text) and re.search(r"--resume\s+Continue", text)
 
 
 def test_config_show_resolves_and_reads_back(tmp_path, cocomix):
@@ -178,7 +205,7 @@ def test_a_second_ctrl_c_in_pretrain_says_to_rerun_with_resume_and_that_command_
 
 @pytest.mark.slow
 def test_sigterm_stops_extract_concepts_with_a_message_and_its_rerun_gives_the_uninterrupted_store(tmp_path):
-    from pipelines.sae.topk import save_saelens
+    from pipelines.sae.formats import save_saelens
     from tests.test_extract import assert_equal_to_one_process, extract_overrides, set_args
 
     tiny_teacher(tmp_path / "teacher")
