@@ -37,7 +37,9 @@ def status(
     if as_json:
         report = {"run_dir": cfg.run.dir, "stages": states}
         if verify:
-            report["damaged"] = {d.stage: [e.path for e in damaged if e.stage == d.stage] for d in damaged}
+            report["damaged"] = {}
+            for file in damaged:
+                report["damaged"].setdefault(file.stage, []).append(file.path)
         typer.echo(json.dumps(report, indent=2))
         raise typer.Exit(1 if damaged else 0)
     table = Table(title=f"run {cfg.run.dir}", title_justify="left")

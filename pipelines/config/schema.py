@@ -3,7 +3,10 @@
 Every field carries a one-line doc (shown by `cocomix config show` and the README's reference) and says
 whether it changes a stage's output; fields that do not (batching, checkpoint cadence) stay out of stage
 fingerprints, so tuning them never invalidates a finished stage. A field with a fixed set of values has a
-`Literal` type: the one place those values are listed, checked by `pipelines.config.loading`.
+`Literal` type: the one place those values are listed; a number field's `accepts=` its `Range`. Both are
+checked by `pipelines.config.checks`. Long because it is the whole reference, one dataclass per section of
+`cocomix.toml` with every field's doc beside it (`cocomix config reference` renders it); nothing else lives
+here.
 """
 
 from __future__ import annotations

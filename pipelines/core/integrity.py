@@ -60,6 +60,19 @@ def _differs(path: Path, digest: str) -> bool:
     return not path.is_file() or sha256_file(path) != digest
 
 
+def refuse_damaged_outputs(stage_dir: Path, manifest: dict, stage: str, remedy: str) -> None:
+    """A finished stage whose files no longer match the digests recorded at completion is not up to date:
+    say which, and the command (`remedy`) that makes them again."""
+    damaged = damaged_outputs(stage_dir, manifest)
+    if damaged:
+        more = f" and {len(damaged) - 1} more of its files" if len(damaged) > 1 else ""
+        raise InputError(
+            f"`{stage}` is complete, but {damaged[0]}{more} changed on disk since it finished (its sha256 "
+            "differs from the one recorded, or it is missing): the data is damaged. Recompute it with "
+            f"`{remedy}`."
+        )
+
+
 def verify(root: Path, recorded: dict[str, str], remedy: str) -> None:
     """Refuse to read `root` when any recorded file differs; `remedy` is the command that recomputes it."""
     damaged = damaged_files(root, recorded)

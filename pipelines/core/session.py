@@ -4,6 +4,10 @@ is how a stage reads another's finished output.
 
 A manifest says whether the stage is `running`, `complete` or `failed`, and holds the fingerprint of its
 inputs (`pipelines.core.fingerprints`) and the digests of its outputs (`pipelines.core.integrity`).
+
+Just over 400 lines, kept whole: the session, the reading of finished upstream stages and the states
+`cocomix status` lists all apply one set of manifest rules (status, fingerprint, orphan outputs), which a
+split would spread over modules that must agree.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pipelines.core.locks import (
     refuse_while_read,
     writer_holders,
 )
-from pipelines.errors import CocomixError, InputError, StageError
+from pipelines.errors import CocomixError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +180,9 @@ class StageSession:
             )
         if previous and previous.get("fingerprint") == self.fingerprint and not self.force:
             if previous.get("status") == "complete":
-                refuse_damaged_outputs(self.dir, self.stage, previous)
+                integrity.refuse_damaged_outputs(
+                    self.dir, previous, self.stage, f"{stage_command(self.stage)} --force"
+                )
                 self.up_to_date, self.summary, self._manifest = True, previous.get("summary", {}), previous
                 return
             # A failed attempt resumes too: what it finished is still valid (and, for a stage shared by
@@ -318,19 +324,6 @@ def finished_upstream(
         yield Upstream(stage_dir / name, manifest["fingerprint"], manifest)
 
 
-def refuse_damaged_outputs(stage_dir: Path, stage: str, manifest: Mapping[str, Any]) -> None:
-    """A finished stage whose files no longer match the digests recorded at completion is not up to date:
-    say which, and how to make them again (`InputError`, exit 2)."""
-    damaged = integrity.damaged_outputs(stage_dir, manifest)
-    if damaged:
-        more = f" and {len(damaged) - 1} more of its files" if len(damaged) > 1 else ""
-        raise InputError(
-            f"`{stage}` is complete, but {damaged[0]}{more} changed on disk since it finished (its sha256 "
-            "differs from the one recorded, or it is missing): the data is damaged. Recompute it with "
-            f"`{stage_command(stage)} --force`."
-        )
-
-
 def refuse_changed_upstream(run_dir: Path, stage: str, expected: Mapping[str, Any]) -> None:
     """Refuse when the last run of `stage` used other values of `expected` than the config has now."""
     manifest = read_json(Path(run_dir) / stage / MANIFEST)
@@ -379,20 +372,6 @@ def holds_orphan_outputs(stage_dir: Path) -> bool:
         and not (stage_dir / MANIFEST).exists()
         and any(not p.name.startswith(f".{MANIFEST}.tmp") for p in stage_outputs(stage_dir))
     )
-
-
-def damaged_stages(run_dir: Path) -> dict[str, list[str]]:
-    """`cocomix status --verify`: each complete stage's damaged output files (paths as under `run_dir`),
-    after reading every file its manifest records a digest of; stages with none are left out."""
-    damaged = {}
-    for state in stage_states(run_dir):
-        if state["status"] != "complete":
-            continue
-        stage_dir = Path(run_dir) / state["stage"]
-        files = integrity.damaged_outputs(stage_dir, read_json(stage_dir / MANIFEST) or {})
-        if files:
-            damaged[state["stage"]] = [str(f) for f in files]
-    return damaged
 
 
 def stage_states(run_dir: Path) -> list[dict[str, Any]]:

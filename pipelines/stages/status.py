@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.core.layout import stage_command
-from pipelines.core.session import damaged_stages, stage_states
+from pipelines.core.files import read_json
+from pipelines.core.integrity import damaged_outputs
+from pipelines.core.layout import MANIFEST, stage_command
+from pipelines.core.session import stage_states
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,14 @@ def states(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def damaged(run_dir: Path) -> list[Damaged]:
-    """Every damaged output file of the run's complete stages; reads each file once."""
-    return [
-        Damaged(stage, path, f"{stage_command(stage)} --force")
-        for stage, paths in damaged_stages(run_dir).items()
-        for path in paths
-    ]
+    """Every damaged output file of the run's complete stages, after reading each file its manifest records
+    a digest of."""
+    found = []
+    for state in stage_states(run_dir):
+        if state["status"] != "complete":
+            continue
+        stage_dir = Path(run_dir) / state["stage"]
+        remedy = f"{stage_command(state['stage'])} --force"
+        for path in damaged_outputs(stage_dir, read_json(stage_dir / MANIFEST) or {}):
+            found.append(Damaged(state["stage"], str(path), remedy))
+    return found
