@@ -28,15 +28,3 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert len(passes) == 2 and ci.rstrip().splitlines()[-1] == passes[1]
     assert passes[0].startswith("COCOMIX_TEST_SHARED=") and passes[0].endswith(f'{test} -m "not real_data"')
     assert passes[1] == f"{test} -m real_data"
-
-
-def test_config_reference_is_the_generated_one():
-    from pipelines.config.render import reference_markdown
-
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)<!-- config-reference: end -->", readme, re.S)
-    assert block, "README.md lost its config-reference markers"
-    assert block.group(1) == reference_markdown(), (
-        "README's config reference is stale: replace the text between the markers with the output of "
-        "`cocomix config reference`."
-    )

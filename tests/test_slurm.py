@@ -2,7 +2,7 @@
 lost rank, each followed by submitting the chain again.
 
 The project is tiny (a random 3-layer teacher, the committed plays, 2-layer students) and runs on CPU nodes
-as the README says to set them: `COCOMIX_GPUS_PER_NODE=0`, two gloo ranks per student, two extraction
+as docs/SCALING.md says to set them: `COCOMIX_GPUS_PER_NODE=0`, two gloo ranks per student, two extraction
 shards. The chain's students are compared with a plain `cocomix run` of the same config (one process: the
 documented two-rank tolerance), and the interrupted chains' students with the uninterrupted chain's
 (the same two ranks: bitwise).
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SUBMIT = REPO / "configs" / "slurm" / "submit.sh"
 UPSTREAM = ("prepare", "train-sae", "extract-concepts")
 STUDENTS = ("pretrain-ntp", "pretrain-cocomix")
-SITE = {  # CPU nodes, as the README's site settings say
+SITE = {  # CPU nodes, as docs/SCALING.md's site settings say
     "COCOMIX_GPUS_PER_NODE": "0",
     "COCOMIX_RANKS_PER_NODE": "2",
     "COCOMIX_CPUS_PER_RANK": "1",

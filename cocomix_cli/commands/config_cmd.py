@@ -23,7 +23,8 @@ def show(
 
 @app.command("reference")
 def reference() -> None:
-    """Print every key of every section with its default and meaning, as Markdown tables (the README's)."""
+    """Print every key of every section with its default, accepted range and meaning as a Markdown page:
+    docs/CONFIG.md is `cocomix config reference > docs/CONFIG.md`."""
     from pipelines.config.render import reference_markdown
 
     typer.echo(reference_markdown(), nl=False)

@@ -1,2 +1,2 @@
 """The configuration: `schema` (one typed dataclass per `cocomix.toml` section), `loading` (TOML, `--set` and
-flags, checked), `render` (`cocomix config show` and the README reference)."""
+flags, checked), `render` (`cocomix config show` and docs/CONFIG.md)."""

@@ -1,6 +1,6 @@
 """Typed configuration: one frozen dataclass per `cocomix.toml` section, and what each field means.
 
-Every field carries a one-line doc (shown by `cocomix config show` and the README's reference) and says
+Every field carries a one-line doc (shown by `cocomix config show` and docs/CONFIG.md) and says
 whether it changes a stage's output; fields that do not (batching, checkpoint cadence) stay out of stage
 fingerprints, so tuning them never invalidates a finished stage. A field with a fixed set of values has a
 `Literal` type: the one place those values are listed; a number field's `accepts=` its `Range`. Both are
