@@ -9,12 +9,12 @@ from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCED_BLOCK = re.compile(r"^[ \t]*```.*?^[ \t]*```", flags=re.S | re.M)  # also indented in a list item
 
 
 def prose(markdown: str) -> str:
     """The text outside fenced code blocks and code spans, where a bracket is a link."""
-    without_fences = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
-    return re.sub(r"``.+?``|`[^`\n]+`", "", without_fences)
+    return re.sub(r"``.+?``|`[^`\n]+`", "", FENCED_BLOCK.sub("", markdown))
 
 
 def github_anchor(heading: str) -> str:
@@ -26,8 +26,7 @@ def github_anchor(heading: str) -> str:
 
 def anchors(page: Path) -> set[str]:
     found: set[str] = set()
-    without_fences = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
-    for heading in re.findall(r"^#{1,6} (.+)$", without_fences, flags=re.M):
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCED_BLOCK.sub("", page.read_text()), flags=re.M):
         anchor, n = github_anchor(heading), 1
         while anchor in found:  # GitHub numbers repeated headings: -1, -2, ...
             anchor, n = f"{github_anchor(heading)}-{n}", n + 1
