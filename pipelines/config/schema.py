@@ -546,7 +546,10 @@ class SteerConfig:
     """`steer`: reading and amplifying the concepts a CoCoMix student predicts."""
 
     model: str = _field(
-        "", "CoCoMix model folder; empty: this run's `pretrain-cocomix/model`.", relative=PATH
+        "",
+        "CoCoMix model folder; empty: this run's first CoCoMix student (the first `cocomix` of "
+        "`run.objectives`, at its first seed), e.g. `pretrain-cocomix-seed0/model`.",
+        relative=PATH,
     )
     max_new_tokens: int = _field(40, "Tokens generated per continuation.")
     temperature: float = _field(0.8, "Sampling temperature; 0 decodes greedily.")
