@@ -23,6 +23,9 @@ Standard errors are the sample standard deviation over examples / sqrt(n), as lm
 
 Data: the local layouts of `../shared/data/eval` (see its README) or the original HuggingFace layouts
 (jsonl/json/parquet files with the hub's fields), or the hub ids below through `datasets`.
+
+Just over 400 lines, kept whole: `TASKS` ties each task's reader, request builder and metrics together in one
+row, each following lm-eval's text for that task; split, one task's definition would sit in several files.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ after the hooked block) over the train blocks through a shuffling buffer. Buffer
 the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted one (on CPU).
 
 The stage around it (inputs, session, summary) is `pipelines.stages.train_sae`.
+
+Just over 400 lines, kept whole: the step, the dead-latent remedies and the checkpoint all read and write the
+same state (weights, Adam moments, the tokens since each latent fired, the step that fixes the buffer), and
+the exact-resume guarantee holds only while they agree on it; `auxk_loss` is the one piece that stands alone.
 """
 
 from __future__ import annotations
