@@ -1,4 +1,5 @@
-"""extract-concepts: exact attributions, formats, resume after SIGKILL, shards, torchrun ranks, bad input."""
+"""extract-concepts: exact attributions, formats, teacher dtypes and memory, resume after SIGKILL, shards,
+torchrun ranks, bad input."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from tests.conftest import (
     assert_kills_during_the_force_clear_rerun_to_the_same_result,
     bpe_tokenizer,
     cocomix_subprocess,
+    peak_allocated_bytes,
     prepared_run,
     run_in,
     tiny_sae,
@@ -202,6 +204,95 @@ def test_optional_arrays_and_attributes(tmp_path, models):
     assert result.summary["bytes_per_token"] > 0
     again = run_extract(tmp_path, overrides)
     assert again.up_to_date
+
+
+def test_a_bfloat16_teacher_stores_the_float32_teachers_hidden_states_within_bfloat16_tolerance(
+    tmp_path, models
+):
+    prepared_run(tmp_path, documents=10)
+    run_extract(tmp_path, extract_overrides(tmp_path, **{"extract.store_hidden": "true"}))
+    float32 = store_arrays(tmp_path / "run")
+    bfloat16_teacher = {"extract.store_hidden": "true", "teacher.dtype": "bfloat16"}
+    run_extract(tmp_path, extract_overrides(tmp_path, **bfloat16_teacher), force=True)
+    bfloat16 = store_arrays(tmp_path / "run")
+    for split in ("train", "val"):
+        assert bfloat16[f"{split}/hidden"].dtype == bfloat16[f"{split}/grad"].dtype == np.float16
+        stored = torch.from_numpy(bfloat16[f"{split}/hidden"]).float()
+        expected = torch.from_numpy(float32[f"{split}/hidden"]).float()
+        # bfloat16 keeps 8 significant bits (eps 2**-7): allow two of its roundings at the hidden states'
+        # scale (after two blocks computed in bfloat16, the largest difference here is 1.1 of them).
+        torch.testing.assert_close(stored, expected, rtol=1.6e-2, atol=2**-6 * expected.abs().max().item())
+
+
+def test_the_clock_synchronises_its_own_device_not_the_current_one(monkeypatch):
+    synchronised = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
+    clock = extract._Clock(torch.device("cuda", 1))
+    clock.start()
+    clock.stop()
+    assert synchronised == [torch.device("cuda", 1)] * 2
+
+
+# --- teacher memory -------------------------------------------------------------------------------------
+
+VOCAB = 49_152  # SmolLM2's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_log_probs_equal_a_full_log_softmax_and_peak_below_one_float32_copy_of_the_logits(dtype):
+    from pipelines.concepts import teacher as teacher_module
+
+    rows, k = 1024, 5
+    logits = (4 * torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(0))).to(dtype)
+    float32_logits = rows * VOCAB * 4  # 201,326,592 bytes
+    # The logsumexp goes over slices of rows; at most two float32 slices are alive at once (a bfloat16
+    # slice's float32 copy and logsumexp's temporary), plus 1 MiB for the small outputs.
+    slice_bytes = teacher_module._LOGSUMEXP_BUDGET // VOCAB * VOCAB * 4  # 67,043,328 bytes
+    bound = 2 * slice_bytes + (1 << 20)
+    assert bound < float32_logits
+
+    values, ids = teacher_module.top_log_probs(logits, k)
+    exact = logits.double().log_softmax(-1).topk(k, dim=-1)
+    assert values.dtype == torch.float32 and torch.equal(ids, exact.indices)
+    # Within 1e-5 of float64 (~1e-6 here); extraction's float32 log-softmax before was ~2e-5 off.
+    torch.testing.assert_close(values, exact.values.float(), atol=1e-5, rtol=0)
+    before = peak_allocated_bytes(lambda: logits.float().log_softmax(-1).topk(k, dim=-1))
+    assert before >= float32_logits
+    assert peak_allocated_bytes(lambda: teacher_module.top_log_probs(logits, k)) <= bound
+
+
+def test_the_teacher_in_slices_of_rows_equals_one_pass_and_peaks_below_one_float32_copy_of_the_logits(
+    monkeypatch,
+):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipelines.concepts import teacher as teacher_module
+    from pipelines.concepts.teacher import Teacher
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+    )
+    teacher = Teacher(GPT2LMHeadModel(config), bpe_tokenizer(), "tiny", layer=0, hook="resid_post")
+    blocks, T, k = 8, 64, 5
+    ids = torch.randint(0, VOCAB, (blocks, T), generator=torch.Generator().manual_seed(0))
+    float32_logits = blocks * T * VOCAB * 4  # 100,663,296 bytes
+    # One block's float32 logits at a time: the logits, the cross-entropy's log-softmax and the two gradients
+    # of its backward, 4 x 12,582,912 bytes, plus 4 MiB for activations and outputs.
+    bound = 4 * T * VOCAB * 4 + (4 << 20)
+    assert bound < float32_logits
+
+    monkeypatch.setattr(teacher_module, "_LOGITS_BUDGET", blocks * T * VOCAB)
+    one_pass = teacher.hidden_and_grad(ids, top_tokens=k)
+    one_pass_peak = peak_allocated_bytes(lambda: teacher.hidden_and_grad(ids, top_tokens=k))
+    monkeypatch.setattr(teacher_module, "_LOGITS_BUDGET", T * VOCAB)  # one block per slice
+    sliced = teacher.hidden_and_grad(ids, top_tokens=k)
+    sliced_peak = peak_allocated_bytes(lambda: teacher.hidden_and_grad(ids, top_tokens=k))
+
+    for name in ("hidden", "grad", "top_ids", "top_log_probs"):
+        assert torch.equal(getattr(sliced, name), getattr(one_pass, name)), name
+    assert one_pass_peak >= 3 * float32_logits
+    assert sliced_peak <= bound, (sliced_peak, one_pass_peak)
 
 
 # --- resume, shards, ranks ----------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class StoredHidden:
         """Point at the rows that the next `hidden_and_grad` call reads."""
         self._rows = (split, first_row)
 
-    def hidden_and_grad(self, ids, with_log_probs: bool = False):
+    def hidden_and_grad(self, ids, top_tokens: int = 0):
         import torch
 
         from pipelines.concepts.teacher import TeacherOutput
@@ -135,7 +135,7 @@ class StoredHidden:
         rows = slice(first, first + ids.shape[0])
         hidden = torch.from_numpy(self.group[split]["hidden"][rows].astype(np.float32)).to(ids.device)
         grad = torch.from_numpy(self.group[split]["grad"][rows].astype(np.float32)).to(ids.device)
-        return TeacherOutput(hidden=hidden, grad=grad, log_probs=None)
+        return TeacherOutput(hidden=hidden, grad=grad)
 
 
 def online_concept_targets(teacher, sae, tokens, top_k: int, attribution: str):

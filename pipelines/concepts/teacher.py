@@ -4,13 +4,20 @@
 next-token loss (summed over positions) with respect to h. The weights never require grad, the blocks below
 the hook build no graph (nothing there requires grad), and the hook turns h into the only leaf that does, so
 the backward stops there and computes no weight gradient. `hidden_states` stops the forward at the hook.
+
+Logits are (tokens x vocabulary): with a 49,152-token vocabulary, an extraction batch of 65,536 tokens has
+12.9 GB of them in float32, and the cross-entropy and its backward add copies. So `hidden_and_grad` runs
+the blocks through the teacher in slices of rows of about `_LOGITS_BUDGET` logits (blocks are independent,
+and the gradient of a sum of per-token losses is per token, so the slices give the values of one pass), and
+the most likely next tokens' log-probabilities are the top logits minus a logsumexp taken in slices
+(`top_log_probs`), never a full float32 log-softmax.
 """
 
 from __future__ import annotations
 
 import contextlib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +29,10 @@ from pipelines.data.tokenizer import Tokenizer, load_tokenizer
 from pipelines.errors import InputError, first_line
 
 HOOKS = typing.get_args(TeacherHook)
+# Logits per teacher forward in `hidden_and_grad` (at least one block): 1 GiB per float32 copy.
+_LOGITS_BUDGET = 1 << 28
+# Logits per slice of `top_log_probs`' logsumexp: 64 MiB per float32 copy.
+_LOGSUMEXP_BUDGET = 1 << 24
 
 
 class _StopForward(Exception):
@@ -34,8 +45,20 @@ class TeacherOutput:
     """(B, T, D) residual stream at the hook."""
     grad: torch.Tensor | None
     """(B, T, D) d(sum of next-token losses)/d(hidden); zero at the last position."""
-    log_probs: torch.Tensor | None
-    """(B, T, V) next-token log-probabilities, when asked for."""
+    top_ids: torch.Tensor | None = None
+    """(B, T, N) the N most likely next tokens, most likely first, when asked for."""
+    top_log_probs: torch.Tensor | None = None
+    """(B, T, N) their float32 log-probabilities."""
+
+    @staticmethod
+    def cat(parts: list[TeacherOutput]) -> TeacherOutput:
+        """The outputs of consecutive slices of rows, as one."""
+
+        def column(name: str) -> torch.Tensor | None:
+            tensors = [getattr(part, name) for part in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return TeacherOutput(*(column(field.name) for field in fields(TeacherOutput)))
 
 
 class Teacher:
@@ -86,7 +109,19 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def hidden_and_grad(self, ids: torch.Tensor, with_log_probs: bool = False) -> TeacherOutput:
+    def hidden_and_grad(self, ids: torch.Tensor, top_tokens: int = 0) -> TeacherOutput:
+        """Hidden states and loss gradients of blocks `ids` (B, T), with the `top_tokens` most likely next
+        tokens and their log-probabilities when asked for.
+
+        The rows go through the teacher in slices of about `_LOGITS_BUDGET` logits (module docstring).
+        """
+        step = max(1, _LOGITS_BUDGET // (ids.shape[1] * self.vocab_size))
+        parts = [
+            self._hidden_and_grad(ids[start : start + step], top_tokens) for start in range(0, len(ids), step)
+        ]
+        return parts[0] if len(parts) == 1 else TeacherOutput.cat(parts)
+
+    def _hidden_and_grad(self, ids: torch.Tensor, top_tokens: int) -> TeacherOutput:
         captured: dict[str, torch.Tensor] = {}
         with self._hooked(captured, stop=False), torch.enable_grad(), self._matmuls():
             logits = self.model(input_ids=ids, use_cache=False).logits
@@ -94,8 +129,10 @@ class Teacher:
             labels = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="sum", ignore_index=-100)
             (grad,) = torch.autograd.grad(loss, captured["hidden"])
-        log_probs = logits.detach().float().log_softmax(-1) if with_log_probs else None
-        return TeacherOutput(hidden=captured["hidden"].detach(), grad=grad, log_probs=log_probs)
+        out = TeacherOutput(hidden=captured["hidden"].detach(), grad=grad)
+        if top_tokens:
+            out.top_log_probs, out.top_ids = top_log_probs(logits.detach(), top_tokens)
+        return out
 
     @torch.no_grad()
     def next_token_loss(self, ids: torch.Tensor, replace=None) -> float:
@@ -167,6 +204,22 @@ class Teacher:
         if self.hook == "resid_post":
             return _Handle(self.block.register_forward_hook(after_block))
         return _Handle(self.block.register_forward_pre_hook(before_block, with_kwargs=True))
+
+
+def top_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probabilities (..., k) in float32 and their token ids, from logits (..., V).
+
+    log p = logit - logsumexp(logits): the top k of the logits in their own dtype, and the logsumexp in
+    float32 over slices of rows, since a float32 log-softmax (or `torch.logsumexp`, whose temporary is the
+    size of its input) of every row at once would copy the whole (rows, V) logits.
+    """
+    top = logits.topk(k, dim=-1)
+    rows = logits.reshape(-1, logits.shape[-1])
+    step = max(1, _LOGSUMEXP_BUDGET // rows.shape[1])
+    norms = torch.cat(
+        [rows[start : start + step].float().logsumexp(-1) for start in range(0, len(rows), step)]
+    )
+    return top.values.float() - norms.reshape(*top.values.shape[:-1], 1), top.indices
 
 
 class _Handle:

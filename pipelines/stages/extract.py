@@ -13,6 +13,7 @@ Run it with `cocomix extract-concepts` (see its `--help`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def _extract_chunks(
             clock.start()
             if isinstance(teacher, StoredHidden):
                 teacher.at(chunk.split, chunk.start + start)
-            out = teacher.hidden_and_grad(ids, with_log_probs=cfg.extract.store_teacher_topk > 0)
+            out = teacher.hidden_and_grad(ids, top_tokens=cfg.extract.store_teacher_topk)
             seconds["teacher"] += clock.stop()
             B, T, D = out.hidden.shape
             with torch.no_grad():
@@ -170,7 +171,7 @@ def _extract_chunks(
                 )
             seconds["sae_and_attribution"] += clock.stop()
             for name, tensor in _batch_arrays(out, targets, cfg, B, T).items():
-                parts.setdefault(name, []).append(tensor.detach().cpu().numpy())
+                parts.setdefault(name, []).append(_to_numpy(tensor))
             seconds["storage"] += clock.stop()
             bar.update(B * T)
         writer.write_chunk(chunk, {name: np.concatenate(arrays) for name, arrays in parts.items()})
@@ -197,9 +198,17 @@ def _batch_arrays(out, targets, cfg: Config, B: int, T: int) -> dict:
         arrays["sae_ids"] = targets.sae_ids.reshape(B, T, -1)
         arrays["sae_acts"] = targets.sae_values.reshape(B, T, -1)
     if cfg.extract.store_teacher_topk:
-        top = out.log_probs.topk(cfg.extract.store_teacher_topk, dim=-1)
-        arrays["teacher_ids"], arrays["teacher_logprobs"] = top.indices, top.values
+        arrays["teacher_ids"], arrays["teacher_logprobs"] = out.top_ids, out.top_log_probs
     return arrays
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A host copy of `tensor`; the store casts it to its array's dtype (`concept_layout`)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    # numpy has no bfloat16 (a bfloat16 teacher's hidden states): widen after the copy, which stays half-size.
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _open_writer(session: StageSession, token_store: TokenStore, cfg: Config, sae, teacher):
@@ -252,7 +261,10 @@ class _Clock:
     def __init__(self, device):
         import torch
 
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        # This process's device: without one, synchronize waits on the current device (cuda:0 under torchrun).
+        self.sync = (
+            functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
+        )
         self.last = time.perf_counter()
 
     def start(self) -> None:
