@@ -470,3 +470,35 @@ def assert_kills_during_the_force_clear_rerun_to_the_same_result(
         assert stage_status(cwd, stage) == "complete", instant
         compare(result(), reference)
         assert json.loads(manifest.read_text())["fingerprint"] == fingerprint, instant
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes that `fn` has allocated at once on the CPU beyond what was there before, by
+    torch.profiler's memory records (an allocation is positive, a free negative)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        held += record.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+# --- benchmarks -----------------------------------------------------------------------------------------
+
+
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -310,23 +310,42 @@ class GPT(nn.Module):
         intervention: ConceptIntervention | None = None,
     ) -> ModelOutput:
         """Logits for `idx` (B, T); with a cache, `idx` holds only the tokens after those it has seen."""
+        x, concept_logits = self.trunk(idx, kv_cache, intervention)
+        return ModelOutput(logits=self.head(x), concept_logits=concept_logits)
+
+    def trunk(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        intervention: ConceptIntervention | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last block's state of each token (B, T, D) (its mixed-in slot where slots are interleaved)
+        and the concept logits: everything but the head. Training calls it and `head` apart, so that the
+        head can be compiled with the loss when the blocks are sharded (`pipelines.training.parallel`)."""
         B, T = idx.shape
         start = self.tokens_in(kv_cache)
         if start + T > self.config.context_length:
             raise ValueError(f"{start + T} tokens exceed the context length {self.config.context_length}")
-        positions = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, D)
+        x = self.embed(idx, start)  # (B, T, D)
         concept_logits = None
         for i, block in enumerate(self.h):
             if i == self.config.insert_layer and self.config.variant != "ntp":
-                x, concept_logits = self._mix(x, intervention)  # (B, S, D)
+                x, concept_logits = self.mix(x, intervention)  # (B, S, D)
             x = block(x, kv_cache.layers[i] if kv_cache is not None else None)
         if self.config.doubles_length:
             x = x[:, 1::2]  # the mixed-in slot of each token predicts the next token
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings
-        return ModelOutput(logits=logits, concept_logits=concept_logits)
+        return x, concept_logits
 
-    def _mix(self, h: torch.Tensor, intervention: ConceptIntervention | None):
+    def embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+        """Token plus position embeddings of `idx` (B, T), whose first token is at position `start`."""
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(positions))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of the trunk's states: the final LayerNorm and the tied embeddings."""
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+    def mix(self, h: torch.Tensor, intervention: ConceptIntervention | None):
         if self.concepts is None:
             mixed_in, concept_logits = self.pause.expand_as(h), None
         else:

@@ -36,6 +36,7 @@ from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import CocomixError, ConfigError, InputError, StageError
 from pipelines.training.objectives import Objective, objective_for
+from pipelines.training.speed import steady_speed
 from pipelines.training.state import Checkpoints
 from pipelines.training.trainer import METRICS, Trainer, TrainingData
 
@@ -129,7 +130,7 @@ def _pretrain(
             return StageResult(stage, run_dir / stage, False, summary, decision.fingerprint, stopped=stopped)
         final_state = trainer.final_state()
         if session is not None:
-            summary = _write_student(run_dir / stage, cfg, model_config, final_state, data, trainer, ranks)
+            summary = _write_student(run_dir / stage, cfg, model_config, final_state, data, trainer)
             session.complete(summary, outputs=[FINAL_MODEL, HF_MODEL])
         else:
             summary = {}
@@ -137,7 +138,7 @@ def _pretrain(
         return StageResult(stage, run_dir / stage, False, summary, decision.fingerprint)
 
 
-def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trainer, ranks) -> dict[str, Any]:
+def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trainer) -> dict[str, Any]:
     """The trained student's files (`model/` with its tokenizer, `hf/`, `loss_curve.png`) and its summary."""
     from pipelines.core.plot import line_chart
     from pipelines.data.tokenizer import load_tokenizer
@@ -170,7 +171,7 @@ def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trai
         y_label="loss (nats/token)",
         title=f"{stage_dir.name}: next-token loss",
     )
-    speeds = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s")]
+    tokens_per_s = steady_speed(train_rows)
     counts = parameter_counts(model_config)
     return {
         "model": str(stage_dir / FINAL_MODEL),
@@ -183,10 +184,17 @@ def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trai
         "train_loss": train_rows[-1]["loss"],
         "ntp_loss": train_rows[-1]["ntp_loss"],
         **{k: v for k, v in val_rows[-1].items() if k not in ("kind", "step")},
-        "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        # The median of the logged windows, evaluation, checkpoints and compilation left out; MFU where
+        # the GPU's peak is known.
+        "tokens_per_s": tokens_per_s,
+        "mfu": _round(trainer.mfu(tokens_per_s), 5),
         "loss_curve": str(stage_dir / LOSS_CURVE),
-        "ranks": ranks.world,
+        **trainer.layout(),
     }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipelines.config.schema import Config
 from pipelines.errors import InputError, StageError
+from pipelines.model.gpt import ModelOutput
 
 __all__ = [
     "OBJECTIVES",
@@ -246,12 +247,15 @@ def host_tensors(batch: Mapping[str, np.ndarray], pin: bool = False) -> dict[str
 
 
 class ObjectiveLoss(nn.Module):
-    """The student and its objective's loss as one module: what DDP wraps and `torch.compile` compiles.
+    """The student and its objective's loss as one module: what DDP wraps, FSDP shards at its root and
+    `torch.compile` compiles.
 
     Compiled with the model, the cross-entropies over the (B, T, V) token logits and the (B, T, C) concept
     logits fuse their float32 upcast into the kernels that read the bfloat16 logits, where eagerly each
     `.float()` writes a float32 copy of the logits and the softmax and its backward read and write more.
-    The student runs under autocast (`autocast`; None: float32), the loss outside it.
+    The student runs under autocast (`autocast`; None: float32), the loss outside it. The forward is the
+    student's trunk, then `head_and_loss`: two calls, so that the head can be compiled with the loss where
+    the blocks between cannot be traced (`pipelines.training.parallel`).
     """
 
     def __init__(self, student: nn.Module, objective: Objective, autocast: torch.dtype | None):
@@ -263,9 +267,24 @@ class ObjectiveLoss(nn.Module):
     def forward(
         self, tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast(tokens.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.student(tokens)
-        return self.objective.loss(out, tokens, inputs)
+        with self._autocast(tokens):
+            hidden, concept_logits = self.student.trunk(tokens)
+        return self.head_and_loss(hidden, concept_logits, tokens, inputs)
+
+    def head_and_loss(
+        self,
+        hidden: torch.Tensor,
+        concept_logits: torch.Tensor | None,
+        tokens: torch.Tensor,
+        inputs: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the trunk's output: the student's head (under autocast), then the objective's loss."""
+        with self._autocast(tokens):
+            logits = self.student.head(hidden)
+        return self.objective.loss(ModelOutput(logits, concept_logits), tokens, inputs)
+
+    def _autocast(self, tokens: torch.Tensor):
+        return torch.autocast(tokens.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -148,14 +148,22 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: the CPU's, and its own GPU's only (every visible GPU's would make each
+    rank open a context on all of them)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda" or "cuda" not in state:
+        return
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # written before states were per rank: one per visible GPU
+        if device.index is None or device.index >= len(cuda):
+            return
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda, device)

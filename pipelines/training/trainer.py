@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import signal
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,18 @@ from pipelines.errors import StageError
 from pipelines.training.health import NonFiniteWatch
 from pipelines.training.objectives import Objective, ObjectiveLoss, host_tensors
 from pipelines.training.parallel import Parallelism
+from pipelines.training.speed import SpeedMeter
 from pipelines.training.state import Checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+
+# Evaluation forwards at most this many bytes of float32 logits at once (rows x context x vocabulary x 4):
+# the eager loss upcasts the logits, and at the paper's vocabulary a rank's whole batch of 1,024-token rows
+# would write float32 copies of many GB where compiled training fits. Rows are independent, so splitting a
+# batch changes nothing but the order of summation.
+EVAL_LOGITS_BYTES = 1 << 30
 
 
 @dataclass
@@ -76,9 +83,12 @@ class Trainer:
         torch.manual_seed(student_seed(cfg))
         self.model = GPT(model_config).to(device)
         self.objective = data.objective
-        self.parallel = Parallelism(ranks, device, fsdp=self.p.fsdp, compile=self.p.compile)
+        autocast = _autocast_dtype(self.p.dtype, device)
+        self.parallel = Parallelism(
+            ranks, device, fsdp=self.p.fsdp, compile=self.p.compile, compute_dtype=autocast
+        )
         # Training runs the objective's loss wrapped (and compiled); evaluation runs it as it is.
-        self.objective_loss = ObjectiveLoss(self.model, self.objective, _autocast_dtype(self.p.dtype, device))
+        self.objective_loss = ObjectiveLoss(self.model, self.objective, autocast)
         self.wrapped = self.parallel.apply(self.model, self.objective_loss)
         # After wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold.
         self.optimizer = build_optimizer(self.model, self.p, device)
@@ -96,14 +106,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self._check_finite()
-        for name, param in self.model.named_parameters():
-            if not bool(torch.isfinite(param.detach()).all()):
-                raise StageError(
-                    f"pretrain: parameter `{name}` is not finite at step {self.step}; no checkpoint written. "
-                    f"{self._last_good()}"
-                )
+        self._check_finite_parameters()
         model_state = self.parallel.model_state(self.model)
         optimizer_state = self.parallel.optimizer_state(self.model, self.optimizer)
+        rng_states = self.ranks.gather(rng_state(self.device))
         if self.ranks.main:
             self.checkpoints.save(
                 self.step,
@@ -112,7 +118,9 @@ class Trainer:
                 {
                     "step": self.step,
                     "optimizer": optimizer_state,
-                    "rng": rng_state(),
+                    "rng": rng_states[0],
+                    # Each rank's generators, restored rank by rank when the run resumes on as many ranks.
+                    "rng_per_rank": rng_states,
                     "fingerprint": self.fingerprint,
                     "samples_seen": self.step * self.global_batch,
                 },
@@ -124,11 +132,29 @@ class Trainer:
         if state["fingerprint"] != self.fingerprint:
             raise StageError(f"{latest.path} belongs to a different run; pass --force to start over.")
         self.parallel.load(self.model, self.optimizer, model_state, state["optimizer"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        mine = per_rank[self.ranks.rank] if len(per_rank) == self.ranks.world else state["rng"]
+        set_rng_state(mine, self.device)
         self.step = int(state["step"])
         if self.ranks.main:
             truncate_jsonl_after(self.dir / METRICS, self.step)
         log.info("resuming %s at step %d of %d", self.dir.name, self.step, self.p.max_steps)
+
+    def _check_finite_parameters(self) -> None:
+        """Refuse to save non-finite weights: one stacked check of this rank's (local) parameters and one
+        read-back (a collective under FSDP), not one per parameter."""
+        named = list(self.model.named_parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+        bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).to(torch.int32)
+        if self.ranks.world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        first = next((i for i, flag in enumerate(bad.tolist()) if flag), None)
+        if first is not None:
+            name = named[first][0].replace("._orig_mod", "")  # a block compiled under FSDP
+            raise StageError(
+                f"pretrain: parameter `{name}` is not finite at step {self.step}; no checkpoint written. "
+                f"{self._last_good()}"
+            )
 
     def _last_good(self) -> str:
         latest = self.checkpoints.latest()
@@ -158,34 +184,37 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         try:
             self._open_trackers()
+            self._announce_layout(bar if show_progress else None)
             if self.step == 0:
                 self._log({"kind": "val", "step": 0, **self.evaluate()})
-            window_started, window_steps = time.monotonic(), 0
+            # The first window after a start holds the compilation when compiling.
+            speed = SpeedMeter(self.tokens_per_step, self.device, warmup_windows=1 if p.compile else 0)
             while self.step < p.max_steps:
                 parts, grad_norm = self._train_step(reader.step(self.step))
                 self.step += 1
-                window_steps += 1
+                speed.step()
                 bar.update(1)
                 # The host reads values back from the device only here, at log steps.
                 if self.step % p.log_every == 0 or self.step == p.max_steps:
                     self._check_finite()
                     parts, grad_norm = self._read_back(parts, grad_norm)
-                    elapsed = time.monotonic() - window_started
-                    tokens_per_s = window_steps * self.tokens_per_step / elapsed if elapsed > 0 else None
+                    tokens_per_s, warmup = speed.window()
                     lr = self.optimizer.param_groups[0]["lr"]  # the step's, set by `_train_step`
                     row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
-                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=_round(self._mfu(tokens_per_s), 5))
+                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=_round(self.mfu(tokens_per_s), 5))
+                    row["warmup"] = warmup
                     self._log(row)
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
-                    window_started, window_steps = time.monotonic(), 0
                 if self.step % p.eval_every == 0 or self.step == p.max_steps:
-                    self._check_finite()
-                    self._log({"kind": "val", "step": self.step, **self.evaluate()})
+                    with speed.paused():
+                        self._check_finite()
+                        self._log({"kind": "val", "step": self.step, **self.evaluate()})
                     if on_progress is not None:
                         on_progress(step=self.step, steps=p.max_steps)
                 stop = self.ranks.any(self._stop_signal is not None)
                 if stop or (self.step % p.save_every == 0 and self.step < p.max_steps):
-                    self.save_checkpoint()
+                    with speed.paused():
+                        self.save_checkpoint()
                 if stop:
                     latest = self.checkpoints.latest()
                     return Stopped(
@@ -216,6 +245,34 @@ class Trainer:
             convert=lambda batch: host_tensors(batch, pin=pin),
         )
 
+    def layout(self) -> dict[str, Any]:
+        """How the global batch is split: what the summary records and `_announce_layout` shows."""
+        return {
+            "ranks": self.ranks.world,
+            "blocks_per_rank": self.per_rank,
+            "grad_accum": self.p.grad_accum,
+            "global_batch_blocks": self.global_batch,
+            "tokens_per_step": self.tokens_per_step,
+        }
+
+    def _announce_layout(self, bar) -> None:
+        """Before step 1 on several ranks: one line per node with its devices, then the batch split."""
+        if self.ranks.world == 1:
+            return
+        lines = distributed.layout_lines(self.ranks, self.device)
+        if lines is None:
+            return
+        split = self.layout()
+        lines.append(
+            f"{split['blocks_per_rank']} block(s) per rank x {split['ranks']} ranks x {split['grad_accum']} "
+            f"accumulation = {split['global_batch_blocks']} blocks ({split['tokens_per_step']:,} tokens) "
+            "per optimizer step"
+        )
+        for line in lines:
+            log.info("%s", line)
+            if bar is not None:
+                bar.write(line, file=sys.stderr)
+
     def _open_trackers(self) -> None:
         if not self.ranks.main:
             return
@@ -235,12 +292,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = (
-                contextlib.nullcontext()
-                if last or not hasattr(self.wrapped, "no_sync")
-                else self.wrapped.no_sync()
-            )
-            with sync:
+            with self.parallel.gradient_sync(self.wrapped, last):
                 loss, parts = self._loss(batch, self.wrapped)
                 (loss / len(micro_batches)).backward()
             for name, value in parts.items():
@@ -281,20 +333,34 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss on the val blocks: NTP loss and perplexity, and the objective's `val_parts` (CoCoMix's
-        concept loss against cached targets)."""
+        concept loss against cached targets).
+
+        Every rank makes the same number of forwards, a rank out of rows forwarding one with weight 0:
+        under FSDP each forward gathers parameters with the other ranks, which would otherwise wait for a
+        partner that has moved on. Compiled code runs eagerly here (no graphs for other shapes or for
+        no_grad), in forwards of at most `EVAL_LOGITS_BYTES` of logits."""
         p, val = self.p, self.data.val
         blocks = val.n_blocks if not p.eval_blocks else min(p.eval_blocks, val.n_blocks)
-        mine = range(self.ranks.rank * self.per_rank, blocks, self.per_rank * self.ranks.world)
+        rows_per_forward = self.eval_rows_per_forward()
+        per_round = rows_per_forward * self.ranks.world
         names = ("ntp_loss", *self.objective.val_parts)
         # A sum per part, then the blocks, kept on the device: read back once, at the end.
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
         was_training = self.model.training
         self.model.eval()
-        for start in mine:
-            rows = np.arange(start, min(start + self.per_rank, blocks))
-            _, parts = self._loss(host_tensors(val.read(rows)), self.objective_loss)
-            sums[:-1] += torch.stack([parts[name].double() for name in names]) * len(rows)
-            sums[-1] += len(rows)
+        # Only when compiling: `set_stance` imports Dynamo, seconds at every start of a process that is not.
+        eager = torch.compiler.set_stance("force_eager") if self.p.compile else contextlib.nullcontext()
+        with eager:
+            for first in range(0, blocks, per_round):
+                start = first + self.ranks.rank * rows_per_forward
+                rows = np.arange(start, min(start + rows_per_forward, blocks))
+                weight = len(rows)
+                if not weight:
+                    rows = np.arange(1)  # any row: only the forward's collectives count
+                _, parts = self._loss(host_tensors(val.read(rows)), self.objective_loss)
+                if weight:
+                    sums[:-1] += torch.stack([parts[name].double() for name in names]) * weight
+                    sums[-1] += weight
         self.model.train(was_training)
         if self.ranks.world > 1:
             torch.distributed.all_reduce(sums)
@@ -304,7 +370,13 @@ class Trainer:
             result[f"val_{name}"] = round((sums[index] / sums[-1]).item(), 6)
         return result
 
-    def _mfu(self, tokens_per_s: float | None) -> float | None:
+    def eval_rows_per_forward(self) -> int:
+        """The rows of one evaluation forward: this rank's batch, or fewer where their float32 logits would
+        pass `EVAL_LOGITS_BYTES`."""
+        row_bytes = self.model_config.context_length * self.model_config.vocab_size * 4
+        return max(1, min(self.per_rank, EVAL_LOGITS_BYTES // row_bytes))
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
         from pipelines.model.flops import mfu
 
         if tokens_per_s is None:
