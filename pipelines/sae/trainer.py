@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +152,10 @@ class SaeTrainer:
             return None
 
     def train(self, show_progress: bool) -> None:
+        import torch
         from tqdm.auto import tqdm
+
+        from pipelines.training.speed import SpeedMeter
 
         eval_every = max(1, self.s.eval_every_tokens // self.s.batch_tokens)
         checkpoint_every = max(1, self.s.checkpoint_every_tokens // self.s.batch_tokens)
@@ -166,24 +168,20 @@ class SaeTrainer:
             disable=not show_progress,
             dynamic_ncols=True,
         )
-        started = time.monotonic()
+        speed = SpeedMeter(self.s.batch_tokens, torch.device(self.device), warmup_windows=0)  # no compiling
         while self.step < self.total_steps:
             losses = self._advance()
+            speed.step()
             bar.update(self.s.batch_tokens)
             if self.step % eval_every == 0 or self.step == self.total_steps:
-                self._log(
-                    {
-                        "step": self.step,
-                        **{name: round(value.item(), 6) for name, value in losses.items()},
-                        **self.evaluate(),
-                        "tokens_per_s": round(
-                            self.s.batch_tokens * eval_every / (time.monotonic() - started), 1
-                        ),
-                    }
-                )
-                started = time.monotonic()
+                # Reading the losses back waits for the window's steps: its tokens/s is taken then.
+                row = {"step": self.step, **{name: round(value.item(), 6) for name, value in losses.items()}}
+                tokens_per_s, _ = speed.window()
+                with speed.paused():
+                    self._log({**row, **self.evaluate(), "tokens_per_s": round(tokens_per_s, 1)})
             if self.step % checkpoint_every == 0 and self.step < self.total_steps:
-                self._save_checkpoint()
+                with speed.paused():
+                    self._save_checkpoint()
         bar.close()
 
     def _advance(self) -> dict:
@@ -226,9 +224,10 @@ class SaeTrainer:
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
         loss, aux = mse, torch.zeros((), device=x.device)
-        dead = self.dead_latents()
-        if auxk and bool(dead.any()):
-            aux = auxk_loss(pre, residual.detach(), dead, self.aux_k, sae.W_dec)
+        # No latent can be dead before `dead_after_tokens` were trained, which the host knows: AuxK is skipped
+        # there with no read-back. After, `auxk_loss` is 0 on the device while none is dead.
+        if auxk and self.step * self.s.batch_tokens >= self.s.dead_after_tokens:
+            aux = auxk_loss(pre, residual.detach(), self.dead_latents(), self.aux_k, sae.W_dec)
             loss = loss + self.s.aux_coef * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -366,6 +365,7 @@ class SaeTrainer:
 
     def finish(self) -> dict[str, Any]:
         from pipelines.sae.formats import save_saelens
+        from pipelines.training.speed import steady_speed
 
         rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
         final = rows[-1]
@@ -390,20 +390,26 @@ class SaeTrainer:
             "latents": self.s.latents,
             "k": self.s.k,
             "lr": self.lr,
-            **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss")},
+            **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss", "tokens_per_s")},
+            "tokens_per_s": steady_speed(rows),  # the median window's
         }
 
 
 def auxk_loss(pre, residual, dead, aux_k: int, W_dec):
-    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents.
+    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents;
+    0 while none is dead.
 
     pre (N, C) pre-activations, residual (N, d) = x - reconstruction, dead (C,) bool, W_dec (C, d). The
-    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`.
+    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`. The top `aux_k` are
+    taken however many are dead, so that the host never waits to count them: where fewer are dead, the rest
+    are live latents at -inf, whose ReLU weight 0 adds 0 to the sum and to every gradient (the CPU kernel may
+    then add up a dead row's gradient terms in another order: equal up to rounding).
     """
+    import torch
     import torch.nn.functional as F
 
     dead_pre = pre.masked_fill(~dead, float("-inf"))
-    values, ids = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+    values, ids = dead_pre.topk(min(aux_k, pre.shape[-1]), dim=-1)
     recon = F.embedding_bag(ids, W_dec, per_sample_weights=values.relu(), mode="sum")
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-    return (residual - recon).pow(2).sum(-1).mean() / variance
+    return torch.where(dead.any(), (residual - recon).pow(2).sum(-1).mean() / variance, 0.0)
