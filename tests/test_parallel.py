@@ -22,7 +22,7 @@ from pipelines.core import distributed
 from pipelines.errors import ConfigError
 from pipelines.stages import pretrain
 from tests import test_pretrain
-from tests.conftest import REPO, peak_allocated_bytes
+from tests.conftest import REPO, ReadBacks, peak_allocated_bytes
 from tests.test_pretrain import cli_args, overrides, rows, run_in, weights
 
 PROBE = REPO / "tests" / "rank_probe.py"
@@ -163,6 +163,10 @@ def assert_same_training(trained: dict, reference: dict) -> None:
         torch.testing.assert_close(tensor, reference["weights"][name], atol=1e-4, rtol=0)
 
 
+def _vocab_size(stage: Path) -> int:
+    return json.loads((stage / "model" / "config.json").read_text())["model"]["vocab_size"]
+
+
 @pytest.mark.slow
 def test_fsdp_with_grad_accum_reduce_scatters_once_per_step_and_equals_ddp(accumulated):
     units = 2 + 1  # FSDP units: the student's two blocks and the root
@@ -192,8 +196,29 @@ def test_compiled_fsdp_equals_eager_with_no_skipped_frame_the_head_compiled_and_
     assert_same_training(compiled, accumulated["fsdp"])
 
 
-def _vocab_size(stage: Path) -> int:
-    return json.loads((stage / "model" / "config.json").read_text())["model"]["vocab_size"]
+# --- finding 3: what FSDP gathers in --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "param_dtype"), [("cuda", torch.bfloat16), ("cpu", None)])
+def test_fsdp_gathers_bf16_and_reduces_float32_on_cuda(monkeypatch, device, param_dtype):
+    """`fully_shard` patched to record the policy each unit gets (no GPU or process group here)."""
+    import torch.distributed.fsdp as fsdp
+
+    from pipelines.model.gpt import GPT
+    from pipelines.training.objectives import Objective, ObjectiveLoss
+    from pipelines.training.parallel import Parallelism
+    from tests.conftest import tiny_model_config
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mp_policy: policies.append(mp_policy) or module)
+    model = GPT(tiny_model_config(variant="ntp"))
+    loss = ObjectiveLoss(model, Objective.__new__(Objective), torch.bfloat16)
+    ranks = distributed.Ranks(rank=0, world=2)
+    Parallelism(ranks, torch.device(device), fsdp=True, compute_dtype=torch.bfloat16).apply(model, loss)
+    assert len(policies) == len(model.h) + 1  # each block, then the root
+    for policy in policies:
+        assert policy.param_dtype == param_dtype
+        assert policy.reduce_dtype == (torch.float32 if param_dtype else None)
 
 
 # --- finding 5: compile state between students ------------------------------------------------------------
@@ -250,7 +275,7 @@ def test_slow_evaluation_and_checkpoints_leave_the_reported_speed_within_ten_per
     assert result.summary["mfu"] is None  # no known peak on a CPU
 
 
-# --- finding 7: evaluation's memory -----------------------------------------------------------------------
+# --- finding 7: evaluation's memory, the checkpoint's finite check ------------------------------------
 
 
 def test_evaluation_memory_at_a_49152_token_vocabulary_stays_within_one_chunk(tmp_path, monkeypatch):
@@ -266,6 +291,18 @@ def test_evaluation_memory_at_a_49152_token_vocabulary_stays_within_one_chunk(tm
     # where the batch's 8 rows at once held 805.6 MB.
     assert peak <= 2 * row_bytes + (1 << 20), f"peak {peak / 1e6:.1f} MB"
     assert trainer.eval_rows_per_forward() == 1
+
+
+def test_a_checkpoint_checks_its_parameters_with_one_read_back(run, monkeypatch):
+    """Step 4 only saves a checkpoint: the trainer reads back one stacked finiteness flag per parameter (under
+    FSDP, one collective), not one value per parameter."""
+    from pipelines.training.trainer import Trainer
+
+    settings = {"pretrain.objective": "cocomix", "pretrain.log_every": 5, "pretrain.eval_every": 6}
+    with ReadBacks(monkeypatch, Trainer) as recorder:
+        run_in(run, pretrain.run, overrides(run, **settings, **{"pretrain.save_every": 4}))
+    trainer_reads = [event for event in recorder.after_step()[4] if event.startswith("trainer.py")]
+    assert trainer_reads == ["trainer.py:tolist"], trainer_reads
 
 
 def _trainer_at_the_paper_vocabulary(folder: Path, per_rank: int):
