@@ -19,6 +19,7 @@ student), so that the head and the loss run inside its forward, where the root's
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,6 @@ class Parallelism:
         """A context for one micro-step's backward that reduces gradients across ranks only on the last
         micro-step of an optimizer step: DDP's `no_sync`, FSDP2's `set_requires_gradient_sync` (FSDP2 has no
         `no_sync`; without it every micro-step would reduce-scatter)."""
-        import contextlib
-
         if self.ranks.world == 1 or last_micro_step:
             if self.sharded:
                 wrapped.set_requires_gradient_sync(True)
