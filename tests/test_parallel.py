@@ -377,7 +377,8 @@ def test_each_rank_takes_its_gpu_before_the_group_is_made(monkeypatch):
         (
             "cuda:0",
             2,
-            "The device is `cuda:0` for all 2 ranks on this node; NCCL needs one GPU per rank. Set",
+            "`pretrain.device` is `cuda:0` for all 2 ranks on this node; NCCL needs one GPU per rank. "
+            'Set `pretrain.device` to "cuda" or "auto"',
         ),
         ("cuda", 9, "torchrun started 9 ranks on"),
     ],
@@ -388,7 +389,7 @@ def test_two_ranks_on_one_gpu_is_a_one_line_error(monkeypatch, device, local_wor
     monkeypatch.setenv("LOCAL_RANK", "8" if device == "cuda" else "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     with pytest.raises(ConfigError) as caught:
-        distributed.start(torch.device(device))
+        distributed.start(torch.device(device), "pretrain.device")
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
     assert not calls.calls  # refused before any group exists
 

@@ -72,9 +72,10 @@ class Ranks:
 _host_group = None
 
 
-def start(device: torch.device) -> Ranks:
+def start(device: torch.device, setting: str = "device") -> Ranks:
     """Join the torchrun process group if there is one (NCCL for CUDA devices, gloo otherwise), on CUDA
-    after making this rank's GPU (`rank_device`) the current device."""
+    after making this rank's GPU (`rank_device`) the current device. `setting` names the config key that
+    chose `device`, for the error when ranks would share a GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
@@ -85,7 +86,7 @@ def start(device: torch.device) -> Ranks:
     if not dist.is_initialized():
         if device.type == "cuda":
             mine = rank_device(device, Ranks(world=world, local_rank=local_rank))
-            _check_one_gpu_per_rank(device, mine)
+            _check_one_gpu_per_rank(device, mine, setting)
             torch.cuda.set_device(mine)
             dist.init_process_group(backend="nccl", device_id=mine)
         else:
@@ -102,13 +103,13 @@ def rank_device(spec_device: torch.device, ranks: Ranks) -> torch.device:
     return spec_device
 
 
-def _check_one_gpu_per_rank(spec_device: torch.device, mine: torch.device) -> None:
+def _check_one_gpu_per_rank(spec_device: torch.device, mine: torch.device, setting: str) -> None:
     """Two ranks on one GPU hang in NCCL's first collective: refuse it in one line instead."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if spec_device.index is not None and local_world > 1:
         raise ConfigError(
-            f"The device is `{spec_device}` for all {local_world} ranks on this node; NCCL needs one GPU per "
-            'rank. Set the stage\'s `device` to "cuda" or "auto" (each rank takes the GPU of its local rank).'
+            f"`{setting}` is `{spec_device}` for all {local_world} ranks on this node; NCCL needs one GPU "
+            f'per rank. Set `{setting}` to "cuda" or "auto" (each rank takes the GPU of its local rank).'
         )
     available = torch.cuda.device_count()
     if mine.index >= available:

@@ -73,7 +73,7 @@ def _extract(
             "`extract.store_teacher_topk` needs the teacher's logits; it cannot be combined with "
             "`extract.hidden_from`."
         )
-    ranks = distributed.start(resolve_device(cfg.extract.device))
+    ranks = distributed.start(resolve_device(cfg.extract.device), "extract.device")
     device = distributed.rank_device(resolve_device(cfg.extract.device), ranks)
     workers = _Workers(shard, ranks)
     if force and shard.count > 1:

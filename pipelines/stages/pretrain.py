@@ -56,7 +56,7 @@ def run(
     cfg = for_its_objective(resolve_assets(cfg))
     p = cfg.pretrain
     device = resolve_device(p.device)
-    ranks = distributed.start(device)
+    ranks = distributed.start(device, "pretrain.device")
     device = distributed.rank_device(device, ranks)
     if online_teacher and p.objective != "cocomix":
         raise ConfigError(f"--online-teacher computes CoCoMix targets; objective `{p.objective}` has none.")
