@@ -187,14 +187,10 @@ def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trai
         # The median of the logged windows, evaluation, checkpoints and compilation left out; MFU where
         # the GPU's peak is known.
         "tokens_per_s": tokens_per_s,
-        "mfu": _round(trainer.mfu(tokens_per_s), 5),
+        "mfu": trainer.mfu(tokens_per_s),
         "loss_curve": str(stage_dir / LOSS_CURVE),
         **trainer.layout(),
     }
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 @dataclasses.dataclass(frozen=True)

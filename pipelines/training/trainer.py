@@ -5,7 +5,12 @@ function of s (`pipelines.training.optim`), and a checkpoint holds model, optimi
 interrupted run that resumes ends with the same weights as one that never stopped (bitwise on CPU).
 SIGTERM or SIGINT finish the current step, save a checkpoint and return; a second signal aborts at once.
 The objective (`pipelines.training.objectives`) says what the loss reads and adds; `Parallelism`
-(`pipelines.training.parallel`) wraps the model and gathers its states.
+(`pipelines.training.parallel`) wraps the model and gathers its states; `SpeedMeter`
+(`pipelines.training.speed`) times the steps.
+
+Just over 400 lines, kept whole: what is left here (the loop, evaluation, checkpoint state, signals) all
+reads and writes the same step, model and ranks, and the parts that own something apart (parallelism,
+speed, checkpoint files, health) already live in their own modules.
 """
 
 from __future__ import annotations
@@ -201,7 +206,7 @@ class Trainer:
                     tokens_per_s, warmup = speed.window()
                     lr = self.optimizer.param_groups[0]["lr"]  # the step's, set by `_train_step`
                     row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
-                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=_round(self.mfu(tokens_per_s), 5))
+                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=self.mfu(tokens_per_s))
                     row["warmup"] = warmup
                     self._log(row)
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
@@ -377,13 +382,15 @@ class Trainer:
         return max(1, min(self.per_rank, EVAL_LOGITS_BYTES // row_bytes))
 
     def mfu(self, tokens_per_s: float | None) -> float | None:
+        """The MFU of training at `tokens_per_s` on these ranks, to 5 digits; None off a GPU of known peak."""
         from pipelines.model.flops import mfu
 
         if tokens_per_s is None:
             return None
-        return mfu(
+        found = mfu(
             self.model_config, self.model_config.context_length, tokens_per_s, self.device, self.ranks.world
         )
+        return _round(found, 5)
 
     # -- signals --
 
