@@ -39,7 +39,7 @@ from cocomix_cli.interrupts import (
     sigterm_as_interrupt,
 )
 from pipelines import __version__
-from pipelines.errors import CocomixError
+from pipelines.errors import CocomixError, OtherRankError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -90,7 +90,8 @@ class CocomixGroup(TyperGroup):
             with sigterm_as_interrupt():
                 return super().invoke(ctx)
         except CocomixError as exc:
-            _say(f"error: {exc}", "bold red")
+            if not isinstance(exc, OtherRankError):  # rank 0 says it for every rank
+                _say(f"error: {exc}", "bold red")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -103,7 +104,9 @@ class CocomixGroup(TyperGroup):
 
 
 def _say(line: str, style: str) -> None:
-    """The one line on stderr that ends a command early, printed as written (no markup, no wrapping)."""
+    """The one line on stderr that ends a command early, printed as written (no markup, no wrapping); a
+    message that quotes a library's several lines (transformers' offline advice) is joined into one."""
+    line = " ".join(part.strip() for part in line.splitlines() if part.strip())
     err_console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 

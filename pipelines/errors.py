@@ -21,6 +21,11 @@ class StageError(CocomixError):
     """A stage cannot start: it is locked, its inputs are missing, or its outputs belong to another run."""
 
 
+class OtherRankError(StageError):
+    """Rank 0's error, raised on every other rank of a torchrun job too so that all of them stop; rank 0
+    prints it, the others exit with its code without repeating the line."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty), for messages
     that quote what a library said without its whole traceback-sized text."""

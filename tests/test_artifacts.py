@@ -74,6 +74,22 @@ def test_user_error_marks_the_stage_failed_and_a_new_config_starts_fresh(tmp_pat
         assert not s.resuming and not s.up_to_date
 
 
+@pytest.mark.parametrize("failure", [InputError("hub unreachable"), KeyboardInterrupt(), RuntimeError("bug")])
+def test_a_failed_rerun_of_a_complete_cache_stage_leaves_it_complete(tmp_path, failure):
+    """`eval` (rerun_on_change) redone for other inputs: should the attempt fail, for any reason, the stage
+    is what it was, complete with its summary and manifest, not failed or interrupted."""
+    with session(tmp_path, {"eval.tasks": ["ppl"]}, rerun_on_change=True) as s:
+        s.complete({"results": 1})
+    before = (tmp_path / "run" / "prepare" / "manifest.json").read_bytes()
+    with pytest.raises(type(failure)):
+        with session(tmp_path, {"eval.tasks": ["ppl", "arc"]}, rerun_on_change=True):
+            raise failure
+    assert (tmp_path / "run" / "prepare" / "manifest.json").read_bytes() == before
+    assert stage_states(tmp_path / "run")[0]["status"] == "complete"
+    with session(tmp_path, {"eval.tasks": ["ppl"]}, rerun_on_change=True) as s:
+        assert s.up_to_date and s.summary == {"results": 1}
+
+
 def test_run_dir_holding_other_files_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

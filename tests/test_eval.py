@@ -587,3 +587,24 @@ def test_a_declared_task_with_a_relative_file_is_read_next_to_the_config_from_an
     scores = json.loads((run / "run/eval/results.json").read_text())["results"]["pretrain-ntp"]["capitals"]
     assert scores["examples"] == 4
     assert not (elsewhere / "run").exists()
+
+
+def test_the_eval_table_groups_seeds_and_keeps_other_models_apart():
+    from pipelines.eval.table import eval_table
+
+    def scores(acc, stderr=0.1):
+        return {"piqa": {"acc": acc, "acc_stderr": stderr, "acc_norm": acc, "examples": 8}}
+
+    results = {
+        "pretrain-cocomix-seed0": scores(0.5),
+        "pretrain-cocomix-seed1": scores(0.7),
+        "pretrain-ntp-seed0": scores(0.25),
+        "hf:gpt2": scores(0.75, 0.05),
+    }
+    headers, rows = eval_table(results)
+    assert headers == ["cocomix", "ntp", "hf:gpt2"]
+    assert rows[0] == ("seeds", ["2", "1", "1"])
+    assert rows[1] == ("piqa acc (n=8)", ["0.6000 ± 0.1414", "0.2500 ± 0.1000", "0.7500 ± 0.0500"])
+    # A folder named like a grouped student keeps every model's full label.
+    headers, _ = eval_table({"pretrain-ntp-seed0": scores(0.5), "ntp": scores(0.5)})
+    assert headers == ["pretrain-ntp-seed0", "ntp"]

@@ -79,21 +79,18 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(results))
         return
-    table = Table(title=f"eval ({stage.results_path(cfg)})")  # each backend writes its own file
-    table.add_column("task / metric")
-    for label in results["results"]:
-        table.add_column(label, justify="right")
-    for task in next(iter(results["results"].values())):
-        first = next(iter(results["results"].values()))[task]
-        for metric in stage.shown_metrics(task, first):
-            cells = []
-            for label in results["results"]:
-                m = results["results"][label][task]
-                stderr = m.get(f"{metric}_stderr")
-                cells.append(f"{m[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
-            table.add_row(f"{task} {metric} (n={first.get('examples', first.get('tokens'))})", *cells)
-    console.print(table)
     from pipelines.stages.report import skipped_notes
 
+    headers, rows = stage.eval_table(results["results"])
+    # Every student's seeds in one column (mean ± sd), as `cocomix run` prints; --json has each seed.
+    table = Table(title=f"eval ({stage.results_path(cfg)})", title_justify="left")
+    table.add_column("task / metric")
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    if rows and rows[0][0] == "seeds":
+        table.caption = "several seeds: mean ± sd over them; one seed: ± standard error"
+    console.print(table)
     for note in skipped_notes(results):
         console.print(f"skipped {note}", highlight=False, markup=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from cocomix_cli.context import INVOCATION, resolve_config
 from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
 from pipelines.config.schema import MODEL_PRESETS, OBJECTIVES, spell_choices
-from pipelines.config.students import student_config
+from pipelines.config.students import student_config, with_first_run_seed
 from pipelines.errors import ConfigError
 
 
@@ -34,7 +34,8 @@ def pretrain(
         int | None,
         typer.Option(
             help="The student's seed (init and data order; `pretrain.seed`), trained into "
-            "`pretrain-NAME-seedK/`; default `run.seed` in `pretrain-NAME/`."
+            "`pretrain-NAME-seedK/`; default: the first of `run.seeds` when the run has seeds (the student "
+            "`cocomix run` trains), else `run.seed` in `pretrain-NAME/`."
         ),
     ] = None,
     preset: Annotated[
@@ -79,6 +80,7 @@ def pretrain(
     )
     if variant is not None:
         cfg = student_config(cfg, variant, seed)
+    cfg = with_first_run_seed(cfg)
     from pipelines.stages import pretrain as stage
 
     result = stage.run(

@@ -83,6 +83,15 @@ def for_its_objective(cfg: Config) -> Config:
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(p, **unused)) if unused else cfg
 
 
+def with_first_run_seed(cfg: Config) -> Config:
+    """A command that names no seed trains or reads the run's first seed: in a run with `run.seeds`,
+    `cocomix pretrain --objective cocomix` is `pretrain-cocomix-seed<first>/`, the student `cocomix run`
+    trained (as `cocomix steer` reads it), not a `pretrain-cocomix/` of its own that would repeat it."""
+    if cfg.pretrain.seed >= 0 or not cfg.run.seeds:
+        return cfg
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, seed=cfg.run.seeds[0]))
+
+
 def student_name(cfg: Config) -> str:
     """The name a config's student is trained and reported under: its variant, else its objective."""
     return cfg.pretrain.variant or cfg.pretrain.objective

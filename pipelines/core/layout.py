@@ -6,6 +6,7 @@ needs a stage or file name takes it from here, so that renaming one is a one-lin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipelines.config.schema import OBJECTIVES as _OBJECTIVE_NAMES
@@ -88,3 +89,25 @@ def stage_command(stage: str) -> str:
                 command += f" --seed {suffix.removeprefix('seed')}"
         return command
     return f"cocomix {stage}"
+
+
+_SEEDED_STAGE = re.compile(r"^pretrain-.+-seed(\d+)$")
+
+
+def seeded_student(path: Path, seeds: list[int] | None = None) -> Path:
+    """`RUN/pretrain-NAME` (or its `model/`) of a run that trains NAME per seed: the first seed's folder, as
+    every command that names no seed reads it. `seeds` is the run's `run.seeds` when known (its first that
+    exists wins), else the lowest seed on disk. Any other path, or one that exists, is returned as given."""
+    stage_dir = path.parent if path.name == "model" else path
+    if path.exists() or not stage_dir.name.startswith("pretrain-") or _SEEDED_STAGE.match(stage_dir.name):
+        return path
+    on_disk = sorted(
+        int(m.group(1))
+        for p in stage_dir.parent.glob(f"{stage_dir.name}-seed*")
+        if (m := _SEEDED_STAGE.match(p.name)) and p.name == f"{stage_dir.name}-seed{m.group(1)}"
+    )
+    order = [s for s in seeds or [] if s in on_disk] or on_disk
+    if not order:
+        return path
+    seeded = stage_dir.parent / f"{stage_dir.name}-seed{order[0]}"
+    return seeded / "model" if path.name == "model" else seeded

@@ -138,6 +138,7 @@ class StageSession:
         self.worker = worker
         self._lock = StageLock(self.dir, stage, f"{LOCK_FILE}-{worker}" if worker else LOCK_FILE)
         self._manifest: dict[str, Any] = {}
+        self._complete_before: dict[str, Any] | None = None
         self._started = time.monotonic()
 
     def __enter__(self) -> StageSession:
@@ -209,6 +210,10 @@ class StageSession:
             )
         if self.force or not self.rerun_on_change:
             self._clear_outputs()
+        elif previous and previous.get("status") == "complete":
+            # A cache-like stage redone for other inputs keeps its outputs until it completes: should this
+            # attempt fail, the stage is again what it was (`__exit__`), not a failed or interrupted one.
+            self._complete_before = previous
         self._manifest = {
             "stage": self.stage,
             "fingerprint": self.fingerprint,
@@ -262,13 +267,13 @@ class StageSession:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if (
-                exc is not None
-                and self._manifest.get("status") == "running"
-                and isinstance(exc, CocomixError)
-            ):
-                self._manifest.update(status="failed", error=str(exc))
-                self._write()
+            if exc is not None and self._manifest.get("status") == "running":
+                if self._complete_before is not None:
+                    self._manifest = self._complete_before
+                    atomic_write_json(self.dir / MANIFEST, self._manifest)
+                elif isinstance(exc, CocomixError):
+                    self._manifest.update(status="failed", error=str(exc))
+                    self._write()
         finally:
             self._lock.release()
 

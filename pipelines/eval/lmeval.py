@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError, first_line
 
 if TYPE_CHECKING:
     from pipelines.eval.tasks import Example
@@ -131,6 +131,12 @@ def run_task(
         raise ConfigError(
             f"lm-eval does not know task {exc}; see `lm_eval --tasks list`, or declare it in "
             "`[eval.task.NAME]`."
+        ) from None
+    except (ConnectionError, FileNotFoundError) as exc:  # its dataset, offline and not in the cache
+        raise InputError(
+            f"lm-eval could not load the data of task {task} ({type(exc).__name__}: {first_line(exc)}). "
+            "Run where the HuggingFace hub is reachable (HF_HUB_OFFLINE unset) or its dataset is in the "
+            "datasets cache, or declare the task with a local file in `[eval.task.NAME]`."
         ) from None
     counts = output.get("n-samples", {})
     reported = {}

@@ -142,25 +142,25 @@ class ScoringModel:
         bar = tqdm(
             total=len(pairs), unit="req", desc=self.progress_label, disable=not self.progress, leave=False
         )
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            width = len(inputs[batch[0]])
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
-            log_probs = F.log_softmax(self._forward(ids.to(self.device)).float(), dim=-1).cpu()
-            for row, i in enumerate(batch):
-                # A continuation longer than the context window is scored on the tokens the window
-                # predicts, its last `max_length` (lm-eval's slicing breaks on it instead).
-                length = len(inputs[i])
-                continuation = pairs[i][1][-length:]
-                n = len(continuation)
-                scores = log_probs[row, length - n : length]  # (n, V)
-                target = torch.tensor(continuation)
-                picked = scores.gather(-1, target[:, None]).squeeze(-1)
-                results[i] = Scored(float(picked.sum()), bool((scores.argmax(-1) == target).all()))
-            bar.update(len(batch))
-        bar.close()
+        with bar:  # closed on an error too, before the error's line is printed
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                width = len(inputs[batch[0]])
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
+                log_probs = F.log_softmax(self._forward(ids.to(self.device)).float(), dim=-1).cpu()
+                for row, i in enumerate(batch):
+                    # A continuation longer than the context window is scored on the tokens the window
+                    # predicts, its last `max_length` (lm-eval's slicing breaks on it instead).
+                    length = len(inputs[i])
+                    continuation = pairs[i][1][-length:]
+                    n = len(continuation)
+                    scores = log_probs[row, length - n : length]  # (n, V)
+                    target = torch.tensor(continuation)
+                    picked = scores.gather(-1, target[:, None]).squeeze(-1)
+                    results[i] = Scored(float(picked.sum()), bool((scores.argmax(-1) == target).all()))
+                bar.update(len(batch))
         return results  # type: ignore[return-value]
 
 

@@ -169,20 +169,23 @@ class SaeTrainer:
             dynamic_ncols=True,
         )
         speed = SpeedMeter(self.s.batch_tokens, torch.device(self.device), warmup_windows=0)  # no compiling
-        while self.step < self.total_steps:
-            losses = self._advance()
-            speed.step()
-            bar.update(self.s.batch_tokens)
-            if self.step % eval_every == 0 or self.step == self.total_steps:
-                # Reading the losses back waits for the window's steps: its tokens/s is taken then.
-                row = {"step": self.step, **{name: round(value.item(), 6) for name, value in losses.items()}}
-                tokens_per_s, _ = speed.window()
-                with speed.paused():
-                    self._log({**row, **self.evaluate(), "tokens_per_s": round(tokens_per_s, 1)})
-            if self.step % checkpoint_every == 0 and self.step < self.total_steps:
-                with speed.paused():
-                    self._save_checkpoint()
-        bar.close()
+        with bar:  # closed on an error too, before the error's line is printed
+            while self.step < self.total_steps:
+                losses = self._advance()
+                speed.step()
+                bar.update(self.s.batch_tokens)
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    # Reading the losses back waits for the window's steps: its tokens/s is taken then.
+                    row = {
+                        "step": self.step,
+                        **{name: round(value.item(), 6) for name, value in losses.items()},
+                    }
+                    tokens_per_s, _ = speed.window()
+                    with speed.paused():
+                        self._log({**row, **self.evaluate(), "tokens_per_s": round(tokens_per_s, 1)})
+                if self.step % checkpoint_every == 0 and self.step < self.total_steps:
+                    with speed.paused():
+                        self._save_checkpoint()
 
     def _advance(self) -> dict:
         """One step of the loop: resample dead latents where due, train on the step's batch, count it."""

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config.schema import Config
+from pipelines.core.devices import resolve_device
 from pipelines.core.files import atomic_write_json, read_json
 from pipelines.core.fingerprints import fingerprint, input_files
-from pipelines.core.layout import EVAL_RESULTS, EVAL_STAGE, MANIFEST, eval_results_path
+from pipelines.core.layout import EVAL_RESULTS, EVAL_STAGE, MANIFEST, eval_results_path, seeded_student
 from pipelines.core.session import StageResult, StageSession
 from pipelines.data.token_store import open_prepared_tokens
 from pipelines.errors import ConfigError, InputError
@@ -39,7 +40,8 @@ from pipelines.eval.data import (
     task_specs,
     unavailable_tasks,
 )
-from pipelines.eval.tasks import PPL_TASK, is_text_perplexity, main_metrics
+from pipelines.eval.table import eval_table as eval_table  # re-exported: the CLI imports stages only
+from pipelines.eval.tasks import PPL_TASK, is_text_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class ModelRef:
 def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress: bool = True) -> StageResult:
     """Score every model of `eval.models` (default: the run's finished students) on every task."""
     e = cfg.eval
+    resolve_device(e.device, "eval.device")  # a GPU this machine lacks: said before the stage starts
     models = _models(cfg)
     if e.backend == "lm-eval":
+        if log_samples:
+            raise ConfigError(
+                "--log-samples writes the built-in backend's per-example files; drop it with "
+                "--backend lm-eval."
+            )
         text_tasks = [t for t in e.tasks if is_text_perplexity(t)]
         if text_tasks:
             raise ConfigError(
@@ -66,6 +74,7 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
             )
         tasks, skipped = list(e.tasks), {}
         declared = declared_data_files(cfg)
+        _check_hub_for_lm_eval([t for t in tasks if t not in declared])
         inputs = {"lm_eval": _lm_eval_version()}
         data = {task: data_identity(cfg, task, path) for task, path in declared.items()}
         files = input_files({"eval.lmeval_include": e.lmeval_include}) if e.lmeval_include else []
@@ -79,9 +88,11 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
             )
         paths = data_files(cfg)
         skipped = unavailable_tasks(cfg, paths)
+        tasks = [t for t in e.tasks if t not in skipped]
+        if not tasks:
+            raise InputError(_no_task_left(skipped))
         for task, reason in skipped.items():
             log.warning("eval: skipping %s: %s", task, reason)
-        tasks = [t for t in e.tasks if t not in skipped]
         inputs, files = {}, []
         data = {task: data_identity(cfg, task, paths.get(task)) for task in tasks}
     inputs.update(
@@ -98,7 +109,10 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
     )
     run_dir = Path(cfg.run.dir)
     with StageSession(run_dir, EVAL_STAGE, inputs, files, force=force, rerun_on_change=True) as session:
-        if session.up_to_date:
+        # Scores come from the cache, but samples are only written when a task is scored: --log-samples
+        # over cached scores scores the pairs whose samples are missing again (the same numbers).
+        missing_samples = log_samples and _samples_missing(session.dir, models, tasks)
+        if session.up_to_date and not missing_samples:
             return StageResult(EVAL_STAGE, session.dir, True, session.summary, session.fingerprint)
         started = time.monotonic()
         if e.backend == "lm-eval":
@@ -121,6 +135,19 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
         return StageResult(EVAL_STAGE, session.dir, False, results, session.fingerprint)
 
 
+def _no_task_left(skipped: dict[str, str]) -> str:
+    """The one line of an eval whose every task was left out: which, why, and what gives them data."""
+    by_reason: dict[str, list[str]] = {}
+    for task, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(task)
+    why = "; ".join(f"{', '.join(tasks)}: {reason}" for reason, tasks in by_reason.items())
+    return (
+        f"No eval task left to score ({why}). Give each its data with --data TASK=PATH (repeatable) or "
+        "`eval.data_dir` (a folder in the benchmarks' own layout, as tests/data/eval), run where the hub "
+        "is reachable, or add `ppl` to --tasks."
+    )
+
+
 def results_path(cfg: Config) -> Path:
     """The results file of `cfg.eval.backend`: each backend keeps its own."""
     return eval_results_path(cfg.run.dir, cfg.eval.backend)
@@ -138,12 +165,11 @@ def _score(
 ) -> dict[str, dict[str, Any]]:
     """The native backend: each model x task from the cache, or scored now and cached. `data` holds each
     task's data identity (its files hashed once, in `run`), in the order the tasks run."""
-    from pipelines.core.devices import resolve_device
     from pipelines.eval.metrics import task_metrics
 
     e = cfg.eval
     (stage_dir / CACHE).mkdir(exist_ok=True)
-    device = resolve_device(e.device)
+    device = resolve_device(e.device, "eval.device")
     table: dict[str, dict[str, Any]] = {}
     run_dir = Path(cfg.run.dir)
     # `ppl` reads the token store's val blocks: opened once, on first use (held against `prepare --force`
@@ -157,16 +183,16 @@ def _score(
                     {"model": model.fingerprint, "task": task, "data": data_id, "limit": e.limit}
                 )
                 cache = stage_dir / CACHE / f"{key}.json"
+                samples_path = (
+                    _samples_path(stage_dir, model, task) if log_samples and _has_samples(task) else None
+                )
                 cached = read_json(cache)
-                if cached is None:
+                if cached is None or (samples_path is not None and not samples_path.exists()):
                     if scorer is None:
                         from pipelines.eval.scoring import ScoringModel
 
                         scorer = ScoringModel(model.spec, device, e.batch_size, progress=progress)
                     scorer.progress_label = f"{model.label} {task}"
-                    samples_path = (
-                        stage_dir / "samples" / model.label / f"{task}.jsonl" if log_samples else None
-                    )
                     t0 = time.monotonic()
                     metrics = task_metrics(
                         cfg, scorer, task, specs.get(task), paths.get(task), samples_path, val_blocks
@@ -180,11 +206,23 @@ def _score(
     return table
 
 
+def _samples_path(stage_dir: Path, model: ModelRef, task: str) -> Path:
+    return stage_dir / "samples" / model.label / f"{task}.jsonl"
+
+
+def _has_samples(task: str) -> bool:
+    """Benchmarks write per-example samples; perplexity tasks (`ppl`, `ppl:...`) have none."""
+    return task != PPL_TASK and not is_text_perplexity(task)
+
+
+def _samples_missing(stage_dir: Path, models: list[ModelRef], tasks: list[str]) -> bool:
+    return any(not _samples_path(stage_dir, m, t).exists() for m in models for t in tasks if _has_samples(t))
+
+
 def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> dict[str, dict[str, Any]]:
     """Any lm-eval task, and the tasks declared in `[eval.task.NAME]`, on our models via
     `pipelines.eval.lmeval` (no cache: lm-eval owns the tasks). One `simple_evaluate` per model and task,
     so that the progress bar can say which task it is scoring."""
-    from pipelines.core.devices import resolve_device
     from pipelines.eval.lmeval import cocomix_lm, run_task, task_manager
 
     e = cfg.eval
@@ -192,7 +230,7 @@ def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> 
     manager = task_manager(e.lmeval_include)
     table: dict[str, dict[str, Any]] = {}
     for model in models:
-        lm = cocomix_lm(model.spec, resolve_device(e.device), e.batch_size, progress=progress)
+        lm = cocomix_lm(model.spec, resolve_device(e.device, "eval.device"), e.batch_size, progress=progress)
         for task in e.tasks:
             lm.scorer.progress_label = f"{model.label} {task}"
             delimiter = e.task[task].delimiter if task in declared else ""
@@ -200,6 +238,21 @@ def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> 
             log.info("eval (lm-eval) %s %s: %s", model.label, task, reported)
             table.setdefault(model.label, {}).update(reported)
     return table
+
+
+def _check_hub_for_lm_eval(hub_tasks: list[str]) -> None:
+    """lm-eval loads its tasks' data from the hub: offline, one line now rather than retries and a
+    traceback later (the native backend's `hub_or_skip` probe, asked before the stage starts)."""
+    from pipelines.core.hub import hub_unreachable
+
+    unreachable = hub_unreachable() if hub_tasks else None
+    if unreachable is not None:
+        raise InputError(
+            f"The lm-eval backend loads {', '.join(hub_tasks)} from the HuggingFace hub, which is "
+            f"unreachable ({unreachable}). Run where the hub is reachable, or declare the task with a local "
+            "file in `[eval.task.NAME]`; the built-in backend (`--backend cocomix`) reads the paper's "
+            "benchmarks from `eval.data_dir` or --data TASK=PATH."
+        )
 
 
 def _lm_eval_version() -> str:
@@ -230,6 +283,11 @@ def _models(cfg: Config) -> list[ModelRef]:
                 f"No model to evaluate: {run_dir} has no finished `pretrain` stage. Pass --model PATH "
                 "(repeatable; `hf:PATH_OR_ID` for transformers models) or run `cocomix pretrain`."
             )
+    else:  # a run's student named without its seed is the run's first seed, as in every command
+        specs = [
+            spec if spec.startswith("hf:") else str(seeded_student(Path(spec), cfg.run.seeds))
+            for spec in specs
+        ]
     refs, labels = [], set()
     for spec in specs:
         label = _label(spec)
@@ -256,11 +314,3 @@ def _model_fingerprint(spec: str) -> str:
     # By content and place in the folder, not by path: a run folder moved elsewhere keeps its eval cache.
     files = input_files({"model": str(local)})
     return fingerprint({f["name"]: f["sha256"] for f in files})
-
-
-def shown_metrics(task: str, metrics: dict[str, Any]) -> list[str]:
-    """The metrics a results table shows for a task: its main ones (`MAIN_METRICS`), or for a declared or
-    lm-eval task each number but the standard errors, which stand beside their metric, and the timing."""
-    return main_metrics(task) or [
-        k for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr") and k != "seconds"
-    ]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.core.layout import seeded_student
 from pipelines.errors import InputError
 from pipelines.model import hf_export
 
@@ -31,6 +32,7 @@ def run(
             raise InputError(
                 f"--push-to-hub {push_to_hub} needs a HuggingFace token: {hf_export.TOKEN_HELP}."
             )
+    model = seeded_student(model)  # `pretrain-cocomix` of a seeded run: its first seed, as elsewhere
     out = out.absolute()
     check_out(out, force)
     folder = hf_export.export_student(model, out)

@@ -73,8 +73,8 @@ def _extract(
             "`extract.store_teacher_topk` needs the teacher's logits; it cannot be combined with "
             "`extract.hidden_from`."
         )
-    ranks = distributed.start(resolve_device(cfg.extract.device), "extract.device")
-    device = distributed.rank_device(resolve_device(cfg.extract.device), ranks)
+    ranks = distributed.start(resolve_device(cfg.extract.device, "extract.device"), "extract.device")
+    device = distributed.rank_device(resolve_device(cfg.extract.device, "extract.device"), ranks)
     workers = _Workers(shard, ranks)
     if force and shard.count > 1:
         raise ConfigError(
@@ -150,33 +150,33 @@ def _extract_chunks(
         disable=not show_progress,
         dynamic_ncols=True,
     )
-    for chunk in todo:
-        blocks = torch.from_numpy(writer.tokens(chunk).astype(np.int64))
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(blocks), blocks_per_batch):
-            ids = blocks[start : start + blocks_per_batch].to(device)
-            clock.start()
-            if isinstance(teacher, StoredHidden):
-                teacher.at(chunk.split, chunk.start + start)
-            out = teacher.hidden_and_grad(ids, top_tokens=cfg.extract.store_teacher_topk)
-            seconds["teacher"] += clock.stop()
-            B, T, D = out.hidden.shape
-            with torch.no_grad():
-                targets = concept_targets(
-                    sae,
-                    out.hidden.float().reshape(B * T, D),
-                    out.grad.float().reshape(B * T, D),
-                    cfg.extract.concepts_per_token,
-                    cfg.extract.attribution,
-                )
-            seconds["sae_and_attribution"] += clock.stop()
-            for name, tensor in _batch_arrays(out, targets, cfg, B, T).items():
-                parts.setdefault(name, []).append(_to_numpy(tensor))
+    with bar:  # closed on an error too, before the error's line is printed
+        for chunk in todo:
+            blocks = torch.from_numpy(writer.tokens(chunk).astype(np.int64))
+            parts: dict[str, list[np.ndarray]] = {}
+            for start in range(0, len(blocks), blocks_per_batch):
+                ids = blocks[start : start + blocks_per_batch].to(device)
+                clock.start()
+                if isinstance(teacher, StoredHidden):
+                    teacher.at(chunk.split, chunk.start + start)
+                out = teacher.hidden_and_grad(ids, top_tokens=cfg.extract.store_teacher_topk)
+                seconds["teacher"] += clock.stop()
+                B, T, D = out.hidden.shape
+                with torch.no_grad():
+                    targets = concept_targets(
+                        sae,
+                        out.hidden.float().reshape(B * T, D),
+                        out.grad.float().reshape(B * T, D),
+                        cfg.extract.concepts_per_token,
+                        cfg.extract.attribution,
+                    )
+                seconds["sae_and_attribution"] += clock.stop()
+                for name, tensor in _batch_arrays(out, targets, cfg, B, T).items():
+                    parts.setdefault(name, []).append(_to_numpy(tensor))
+                seconds["storage"] += clock.stop()
+                bar.update(B * T)
+            writer.write_chunk(chunk, {name: np.concatenate(arrays) for name, arrays in parts.items()})
             seconds["storage"] += clock.stop()
-            bar.update(B * T)
-        writer.write_chunk(chunk, {name: np.concatenate(arrays) for name, arrays in parts.items()})
-        seconds["storage"] += clock.stop()
-    bar.close()
     return seconds
 
 

@@ -102,19 +102,21 @@ def _tokenize_corpus(cfg: Config, corpus: Corpus, session: StageSession, show_pr
         disable=not show_progress,
         dynamic_ncols=True,
     )
-    started, tokens_at_start, last_commit = time.monotonic(), state.tokens, time.monotonic()
-    for texts in corpus.iter_batches(data.batch_documents, state.documents, data.max_documents):
-        streams, cap_reached = _route_batch(texts, encode, separator_id, state, data)
-        for split, ids in streams.items():
-            writer.add(split, np.asarray(ids, dtype=dtype))
-        bar.update(state.tokens - bar.n)
-        if cap_reached:
-            break
-        if time.monotonic() - last_commit >= data.commit_interval_s:
-            writer.commit(state)
-            session.update_progress(documents=state.documents, tokens=state.tokens, **_block_counts(writer))
-            last_commit = time.monotonic()
-    bar.close()
+    with bar:  # closed on an error too, before the error's line is printed
+        started, tokens_at_start, last_commit = time.monotonic(), state.tokens, time.monotonic()
+        for texts in corpus.iter_batches(data.batch_documents, state.documents, data.max_documents):
+            streams, cap_reached = _route_batch(texts, encode, separator_id, state, data)
+            for split, ids in streams.items():
+                writer.add(split, np.asarray(ids, dtype=dtype))
+            bar.update(state.tokens - bar.n)
+            if cap_reached:
+                break
+            if time.monotonic() - last_commit >= data.commit_interval_s:
+                writer.commit(state)
+                session.update_progress(
+                    documents=state.documents, tokens=state.tokens, **_block_counts(writer)
+                )
+                last_commit = time.monotonic()
     elapsed = time.monotonic() - started
 
     tail = writer.finish()

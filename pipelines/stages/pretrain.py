@@ -34,7 +34,7 @@ from pipelines.core.session import StageResult, StageSession, refuse_changed_ups
 from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
-from pipelines.errors import CocomixError, ConfigError, InputError, StageError
+from pipelines.errors import CocomixError, ConfigError, InputError, OtherRankError, StageError
 from pipelines.training.objectives import Objective, objective_for
 from pipelines.training.speed import steady_speed
 from pipelines.training.state import Checkpoints
@@ -55,7 +55,7 @@ def run(
 ) -> StageResult:
     cfg = for_its_objective(resolve_assets(cfg))
     p = cfg.pretrain
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "pretrain.device")
     ranks = distributed.start(device, "pretrain.device")
     device = distributed.rank_device(device, ranks)
     if online_teacher and p.objective != "cocomix":
@@ -220,7 +220,7 @@ def _open_session(
                     "continue from them, or --force to start over."
                 )
             if resume and latest is None and not session.up_to_date:
-                log.info("nothing to resume in %s; starting from step 0", session.dir)
+                log.warning("--resume: %s has no checkpoint to resume; starting from step 0", session.dir)
             decision = Decision(
                 up_to_date=session.up_to_date,
                 resuming=session.resuming and latest is not None,
@@ -233,7 +233,7 @@ def _open_session(
     if error is not None:
         raise error
     if shared["error"] is not None:
-        raise StageError(shared["error"])
+        raise OtherRankError(shared["error"])
     return session, shared["decision"]
 
 

@@ -33,6 +33,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResu
 
 
 def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bool) -> StageResult:
+    device = resolve_device(cfg.sae.device, "sae.device")  # a GPU this machine lacks: said before any work
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))
     if not cfg.teacher.model:
@@ -49,7 +50,6 @@ def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bo
     ) as session:
         if session.up_to_date:
             return StageResult(STAGE, session.dir, True, session.summary, session.fingerprint)
-        device = resolve_device(cfg.sae.device)
         from pipelines.concepts.teacher import load_teacher_for
 
         teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
