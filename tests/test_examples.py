@@ -5,8 +5,10 @@ with `cocomix`, `torchrun` or `bash configs/` (a trailing `\\` joins the next li
 a command. The examples are read from the docs when the tests are collected, so a new one is tested without
 editing this file. Each runs through bash, in its own copy of one run folder built once per test run: a
 quickstart at tiny sizes (`runs/quickstart`, NTP and CoCoMix with seeds 0 and 1, a random GPT-2 teacher on
-the committed plays, a 2,048-latent SAE), with the files the docs name (`data/...`, `configs/`, an SAE in
-SAELens' format) and the docs' placeholders mapped to them (`PLACEHOLDERS`).
+the committed plays, a 2,048-latent SAE, and the docs' variant `cocomix_add` declared but not trained), with
+the files the docs name (`data/...`, `configs/`, an SAE in SAELens' format) and the docs' placeholders mapped
+to them (`PLACEHOLDERS`). The slurm examples submit to a local slurm (`tests/slurm_cluster.py`) whose jobs
+are cancelled at once.
 
 The hub is unreachable, as on most cluster compute nodes: `HF_HUB_OFFLINE=1` and an endpoint that refuses
 connections, so nothing is ever pushed. An example passes when it exits 0, or exits 2 with one line on
@@ -294,7 +296,7 @@ def example_params() -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", example_params())
-def test_example_runs_as_the_docs_say(example: Example, quickstart, request, tmp_path):
+def test_example_runs_as_the_docs_say(example: Example, quickstart, request, tmp_path, record_property):
     reason = skip_reason(example.command)
     if reason:
         pytest.skip(reason)
@@ -309,6 +311,7 @@ def test_example_runs_as_the_docs_say(example: Example, quickstart, request, tmp
         if extra_env is not None:  # nothing a paper-scale chain submitted here may run
             cluster.run("scancel", "--full", "--user=root", check=False)
             cluster.wait_until_idle(120)
+    record_property("exit_code", outcome.returncode)  # the tally by exit code: --junitxml
     if extra_env is not None and outcome.returncode == 0:  # it submitted the plan's jobs, one line each
         assert re.search(r"^\d+ prepare$", outcome.stdout, re.M), outcome.stdout + outcome.stderr
     found = problem(outcome)
