@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -42,7 +43,9 @@ def status(
                 report["damaged"].setdefault(file.stage, []).append(file.path)
         typer.echo(json.dumps(report, indent=2))
         raise typer.Exit(1 if damaged else 0)
-    table = Table(title=f"run {cfg.run.dir}", title_justify="left")
+    # A folder that is not there is a run not started yet, or a mistyped --run-dir: say which it could be.
+    missing = "" if Path(cfg.run.dir).is_dir() else " (no such folder yet: nothing has run there)"
+    table = Table(title=f"run {cfg.run.dir}{missing}", title_justify="left")
     table.add_column("stage", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("fingerprint", no_wrap=True)

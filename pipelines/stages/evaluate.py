@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
             )
         tasks, skipped = list(e.tasks), {}
         declared = declared_data_files(cfg)
-        _check_hub_for_lm_eval([t for t in tasks if t not in declared])
+        local = set(declared) | _included_tasks(e.lmeval_include)
+        _check_hub_for_lm_eval([t for t in tasks if t not in local])
         inputs = {"lm_eval": _lm_eval_version()}
         data = {task: data_identity(cfg, task, path) for task, path in declared.items()}
         files = input_files({"eval.lmeval_include": e.lmeval_include}) if e.lmeval_include else []
@@ -238,6 +240,17 @@ def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> 
             log.info("eval (lm-eval) %s %s: %s", model.label, task, reported)
             table.setdefault(model.label, {}).update(reported)
     return table
+
+
+def _included_tasks(include: str) -> set[str]:
+    """The task names of `eval.lmeval_include`'s configs (`task: NAME` lines): they may read local files,
+    so the hub probe leaves them to lm-eval, whose own load failure is one line too."""
+    if not include:
+        return set()
+    names = set()
+    for config in Path(include).rglob("*.yaml"):
+        names.update(re.findall(r"^task:\s*(\S+)", config.read_text(encoding="utf-8"), re.M))
+    return names
 
 
 def _check_hub_for_lm_eval(hub_tasks: list[str]) -> None:

@@ -93,6 +93,9 @@ def test_status_reports_each_stage_as_json(tmp_path, cocomix, tokenizer_path):
     assert prepare["summary"]["train_blocks"] > 0
     table = cocomix("status")
     assert table.exit_code == 0 and "complete" in table.stdout and prepare["fingerprint"] in table.stdout
+    assert "no such folder" not in table.stdout
+    typo = cocomix("status", "--run-dir", "runz")  # a mistyped folder is not silently an empty run
+    assert typo.exit_code == 0 and "run runz (no such folder yet: nothing has run there)" in typo.stdout
 
 
 def test_global_options_work_before_and_after_the_command(tmp_path, cocomix):
