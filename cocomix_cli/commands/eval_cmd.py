@@ -28,7 +28,7 @@ def evaluate(
             "--model",
             metavar="PATH",
             help="A model folder, or hf:PATH_OR_ID for a transformers LM; repeatable. Default: this run's "
-            "pretrained students.",
+            "pretrained students. RUN/pretrain-NAME of a run with `run.seeds` is its first seed.",
         ),
     ] = None,
     data: Annotated[

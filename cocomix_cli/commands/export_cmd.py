@@ -14,7 +14,11 @@ from cocomix_cli.options import AsJson, Force
 
 def export(
     model: Annotated[
-        Path, typer.Argument(help="A student: a model folder, or a `pretrain-*` stage folder (its `model/`).")
+        Path,
+        typer.Argument(
+            help="A student: a model folder, or a `pretrain-*` stage folder (its `model/`); "
+            "`pretrain-NAME` of a run trained per seed is its lowest seed."
+        ),
     ],
     out: Annotated[
         Path, typer.Argument(help="Folder to write (replaced whole if it holds an earlier export).")

@@ -33,9 +33,7 @@ def columns(labels: list[str]) -> list[Column]:
         header = seeded["student"] if seeded else label.removeprefix("pretrain-")
         grouped.setdefault(header, Column(header)).labels.append(label)
     # A header that is also another model's own label (a folder named `cocomix`) keeps the full names.
-    if len(grouped) != len({c.header for c in grouped.values()}) or any(
-        c.header in labels and c.labels != [c.header] for c in grouped.values()
-    ):
+    if any(c.header in labels and c.labels != [c.header] for c in grouped.values()):
         return [Column(label, [label]) for label in labels]
     return list(grouped.values())
 
