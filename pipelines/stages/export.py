@@ -32,7 +32,7 @@ def run(
             raise InputError(
                 f"--push-to-hub {push_to_hub} needs a HuggingFace token: {hf_export.TOKEN_HELP}."
             )
-    model = seeded_student(model)  # `pretrain-cocomix` of a seeded run: its first seed, as elsewhere
+    model = seeded_student(model)  # `pretrain-cocomix` of a seeded run: its lowest seed on disk
     out = out.absolute()
     check_out(out, force)
     folder = hf_export.export_student(model, out)
