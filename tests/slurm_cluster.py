@@ -8,6 +8,7 @@ daemons needs root. `sbatch`, `squeue`, `scancel` and `scontrol` reach it throug
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,8 +16,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol")
 INSTALL = "apt-get install slurm-wlm munge (`.ci/run` does)"
@@ -152,3 +156,17 @@ def stop(cluster: LocalSlurm) -> None:
                 os.kill(int(path.read_text().split()[0]), signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+@contextlib.contextmanager
+def running(root: Path) -> Iterator[LocalSlurm]:
+    """A cluster started in `root` for a test fixture, stopped after it; the tests are skipped, with the
+    reason, on a machine that cannot run one."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start(root)
+    try:
+        yield cluster
+    finally:
+        stop(cluster)

@@ -31,7 +31,16 @@ from pathlib import Path
 import pytest
 
 from tests import slurm_cluster
-from tests.conftest import FIXTURE_EVAL, REPO, Cocomix, bpe_tokenizer, corpus_jsonl, tiny_teacher
+from tests.cli.test_bad_input import assert_one_line_error
+from tests.conftest import (
+    FIXTURE_EVAL,
+    REPO,
+    CliResult,
+    Cocomix,
+    bpe_tokenizer,
+    corpus_jsonl,
+    tiny_teacher,
+)
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 COMMAND = re.compile(r"(cocomix|torchrun)(\s|$)|bash configs/")
@@ -114,29 +123,21 @@ def skip_reason(command: str) -> str | None:
     return next((reason for start, reason in SKIPPED.items() if command.startswith(start)), None)
 
 
-@dataclass
-class Outcome:
-    command: str
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def problem(outcome: Outcome) -> str | None:
+def problem(outcome: CliResult) -> str | None:
     """What is wrong with an example's outcome, or None when it is what the docs promise."""
     said = outcome.stdout + outcome.stderr
     if "Traceback (most recent call last)" in said:
         return "a traceback"
-    if outcome.returncode == 0:
+    if outcome.exit_code == 0:
         return None
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
-    if outcome.returncode == 2:
+    if outcome.exit_code == 2:
         if not lines or not lines[-1].startswith("error: "):
             return "exit 2 without an `error: ` line at the end of stderr"
         if not LACKS.search(lines[-1]):
             return f"exit 2 for something other than what a bare machine lacks: {lines[-1]}"
         return None
-    return f"exit {outcome.returncode}"
+    return f"exit {outcome.exit_code}"
 
 
 # --- the run folder -----------------------------------------------------------------------------------------
@@ -230,36 +231,31 @@ def quickstart(tmp_path_factory) -> Path:
     """A finished tiny quickstart, built once: `cocomix run` and `cocomix concepts build`."""
     folder = tmp_path_factory.mktemp("quickstart")
     write_quickstart(folder)
-    saved = {name: os.environ.get(name) for name in offline_env()}
-    os.environ.update(offline_env())
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in offline_env().items():
+            env.setenv(name, value)
         for args in (["run"], ["concepts", "build"]):
             result = Cocomix(folder)(*args)
             assert result.exit_code == 0, result.stderr
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return folder
 
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    reason = slurm_cluster.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = slurm_cluster.start(tmp_path_factory.mktemp("examples-slurm"))
-    yield cluster
-    slurm_cluster.stop(cluster)
+    with slurm_cluster.running(tmp_path_factory.mktemp("examples-slurm")) as cluster:
+        yield cluster
 
 
 def run_example(
     command: str, quickstart: Path, folder: Path, extra_env: dict[str, str] | None = None
-) -> Outcome:
+) -> CliResult:
     """`command` through bash in a fresh copy of the quickstart folder."""
     shutil.copytree(quickstart, folder, symlinks=True, ignore=shutil.ignore_patterns(".lock*"))
+    return run_in(folder, command, extra_env)
+
+
+def run_in(folder: Path, command: str, extra_env: dict[str, str] | None = None) -> CliResult:
+    """`command` through bash in `folder`, as on a bare machine with this environment's `cocomix`."""
     bin_dir = str(Path(sys.executable).parent)  # cocomix and torchrun of this environment
     env = {**os.environ, **offline_env(), **(extra_env or {}), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     # No token of the developer's, nor a cache of theirs: a bare machine, where `--push-to-hub` stops first.
@@ -269,7 +265,7 @@ def run_example(
     result = subprocess.run(
         ["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
-    return Outcome(command, result.returncode, result.stdout, result.stderr)
+    return CliResult(result.returncode, result.stdout, result.stderr)
 
 
 def slurm_env(cluster, folder: Path) -> dict[str, str]:
@@ -314,8 +310,8 @@ def test_example_runs_as_the_docs_say(example: Example, quickstart, request, tmp
         if extra_env is not None:  # nothing a paper-scale chain submitted here may run
             cluster.run("scancel", "--full", "--user=root", check=False)
             cluster.wait_until_idle(120)
-    record_property("exit_code", outcome.returncode)  # the tally by exit code: --junitxml
-    if extra_env is not None and outcome.returncode == 0:  # it submitted the plan's jobs, one line each
+    record_property("exit_code", outcome.exit_code)  # the tally by exit code: --junitxml
+    if extra_env is not None and outcome.exit_code == 0:  # it submitted the plan's jobs, one line each
         assert re.search(r"^\d+ prepare$", outcome.stdout, re.M), outcome.stdout + outcome.stderr
     found = problem(outcome)
     assert found is None, (
@@ -360,7 +356,7 @@ def test_an_example_with_a_bad_flag_fails_the_examples_test(quickstart, tmp_path
     commands_md.write_text(text.replace("cocomix status --verify", "cocomix status --verfy", 1))
     [bad] = [e for e in examples_in(commands_md) if "--verfy" in e.command]
     outcome = run_example(as_run_here(bad.command), quickstart, tmp_path / "run")
-    assert outcome.returncode == 2
+    assert outcome.exit_code == 2
     assert problem(outcome) is not None and "--verfy" in outcome.stderr
 
 
@@ -371,11 +367,9 @@ def manifest(folder: Path, stage: str) -> bytes:
     return (folder / "runs" / "quickstart" / stage / "manifest.json").read_bytes()
 
 
-def one_error_line(outcome: Outcome) -> str:
-    assert outcome.returncode == 2, outcome.stdout + outcome.stderr
-    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.stderr
-    return lines[0]
+def one_error_line(outcome: CliResult) -> str:
+    assert_one_line_error(outcome)
+    return outcome.stderr.strip()
 
 
 @pytest.mark.slow
@@ -386,14 +380,7 @@ def test_eval_of_benchmarks_without_data_is_one_line_and_leaves_eval_as_it_was(q
     assert line.startswith("error: No eval task left to score (hellaswag") and "piqa: no local data" in line
     assert "--data TASK=PATH" in line and "eval.data_dir" in line
     assert manifest(folder, "eval") == manifest(quickstart, "eval")  # still complete, as before
-    again = subprocess.run(
-        ["bash", "-c", "cocomix eval --tasks hellaswag,piqa"],
-        cwd=folder,
-        env={**os.environ, **offline_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        capture_output=True,
-        text=True,
-    )
-    assert one_error_line(Outcome("", again.returncode, again.stdout, again.stderr)) == line
+    assert one_error_line(run_in(folder, "cocomix eval --tasks hellaswag,piqa")) == line
 
 
 @pytest.mark.slow
@@ -405,7 +392,7 @@ def test_eval_groups_each_students_seeds_in_one_readable_column(quickstart, tmp_
         f"{command} && cocomix eval --tasks hellaswag,piqa {data} --json", quickstart, folder
     )
     table, as_json = outcome.stdout.rsplit("\n{", 1)
-    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
     assert max(len(line) for line in table.splitlines()) <= 100 and "…" not in table
     header = next(line for line in table.splitlines() if "task / metric" in line)
     assert [cell.strip() for cell in header.strip("┃ ").split("┃")] == ["task / metric", "cocomix", "ntp"]
@@ -418,7 +405,7 @@ def test_eval_groups_each_students_seeds_in_one_readable_column(quickstart, tmp_
 def test_pretrain_resume_in_a_seeded_run_is_its_first_seed_and_trains_nothing(quickstart, tmp_path):
     folder = tmp_path / "run"
     outcome = run_example("cocomix pretrain --resume && cocomix pretrain --objective ntp", quickstart, folder)
-    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
     assert "pretrain-cocomix-seed0: up to date" in outcome.stdout
     assert "pretrain-ntp-seed0: up to date" in outcome.stdout
     students = sorted(p.name for p in (folder / "runs" / "quickstart").glob("pretrain-*"))
@@ -433,7 +420,7 @@ def test_resume_without_a_checkpoint_says_so_before_it_starts(quickstart, tmp_pa
     outcome = run_example(
         "cocomix pretrain --objective ntp --seed 7 --max-steps 2 --resume", quickstart, folder
     )
-    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
     [line] = [line for line in outcome.stderr.splitlines() if "--resume" in line]
     assert "pretrain-ntp-seed7 has no checkpoint to resume; starting from step 0" in line
 
@@ -449,7 +436,7 @@ def test_lm_eval_with_the_hub_unreachable_is_one_line_and_leaves_eval_as_it_was(
     line = one_error_line(run_example(command, quickstart, tmp_path / "offline"))
     assert "lm-eval could not load the data of task arc_challenge" in line
     assert manifest(tmp_path / "offline", "eval") == manifest(quickstart, "eval")
-    status = run_example("cocomix status --json", tmp_path / "offline", tmp_path / "status")
+    status = run_in(tmp_path / "offline", "cocomix status --json")
     [state] = [s for s in json.loads(status.stdout)["stages"] if s["stage"] == "eval"]
     assert state["status"] == "complete"
 
@@ -463,7 +450,7 @@ def test_log_samples_over_cached_scores_writes_the_samples(quickstart, tmp_path)
         quickstart,
         folder,
     )
-    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
     first, second = (json.loads((folder / f"{n}.json").read_text()) for n in ("first", "second"))
     scores = [
         {

@@ -153,12 +153,8 @@ def copy_upstream(source: Path, directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = slurm_cluster.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    started = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
-    yield started
-    slurm_cluster.stop(started)
+    with slurm_cluster.running(tmp_path_factory.mktemp("slurm")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ class ModelRef:
 def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress: bool = True) -> StageResult:
     """Score every model of `eval.models` (default: the run's finished students) on every task."""
     e = cfg.eval
-    resolve_device(e.device, "eval.device")  # a GPU this machine lacks: said before the stage starts
+    device = resolve_device(e.device, "eval.device")  # a GPU this machine lacks: said before the stage starts
     models = _models(cfg)
     if e.backend == "lm-eval":
         if log_samples:
@@ -118,9 +118,9 @@ def run(cfg: Config, *, log_samples: bool = False, force: bool = False, progress
             return StageResult(EVAL_STAGE, session.dir, True, session.summary, session.fingerprint)
         started = time.monotonic()
         if e.backend == "lm-eval":
-            table = _score_with_lm_eval(cfg, models, progress)
+            table = _score_with_lm_eval(cfg, models, device, progress)
         else:
-            table = _score(cfg, models, specs, data, paths, session.dir, log_samples, progress)
+            table = _score(cfg, models, specs, data, paths, session.dir, device, log_samples, progress)
         results = {
             **({"backend": "lm-eval"} if e.backend == "lm-eval" else {}),
             "models": {m.label: {"spec": m.spec, "fingerprint": m.fingerprint} for m in models},
@@ -162,6 +162,7 @@ def _score(
     data: dict[str, Any],
     paths: dict[str, Path],
     stage_dir: Path,
+    device,
     log_samples: bool,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
@@ -171,7 +172,6 @@ def _score(
 
     e = cfg.eval
     (stage_dir / CACHE).mkdir(exist_ok=True)
-    device = resolve_device(e.device, "eval.device")
     table: dict[str, dict[str, Any]] = {}
     run_dir = Path(cfg.run.dir)
     # `ppl` reads the token store's val blocks: opened once, on first use (held against `prepare --force`
@@ -221,7 +221,9 @@ def _samples_missing(stage_dir: Path, models: list[ModelRef], tasks: list[str]) 
     return any(not _samples_path(stage_dir, m, t).exists() for m in models for t in tasks if _has_samples(t))
 
 
-def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> dict[str, dict[str, Any]]:
+def _score_with_lm_eval(
+    cfg: Config, models: list[ModelRef], device, progress: bool
+) -> dict[str, dict[str, Any]]:
     """Any lm-eval task, and the tasks declared in `[eval.task.NAME]`, on our models via
     `pipelines.eval.lmeval` (no cache: lm-eval owns the tasks). One `simple_evaluate` per model and task,
     so that the progress bar can say which task it is scoring."""
@@ -232,7 +234,7 @@ def _score_with_lm_eval(cfg: Config, models: list[ModelRef], progress: bool) -> 
     manager = task_manager(e.lmeval_include)
     table: dict[str, dict[str, Any]] = {}
     for model in models:
-        lm = cocomix_lm(model.spec, resolve_device(e.device, "eval.device"), e.batch_size, progress=progress)
+        lm = cocomix_lm(model.spec, device, e.batch_size, progress=progress)
         for task in e.tasks:
             lm.scorer.progress_label = f"{model.label} {task}"
             delimiter = e.task[task].delimiter if task in declared else ""
