@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from pipelines.config.schema import OBJECTIVES, SECTIONS, Config, field_choices, spell_choices
+from pipelines.config.schema import SECTIONS, Config, field_choices, spell_choices
 from pipelines.errors import ConfigError
 
 
@@ -60,9 +60,14 @@ def section_problems(values: Any, section: str, hints: Mapping[str, Any] | None 
 
 def _relation_problems(cfg: Config) -> list[Problem]:
     from pipelines.config.students import student_config
+    from pipelines.objectives.declaration import objective_names
 
     run, s, p = cfg.run, cfg.sae, cfg.pretrain
+    objectives = objective_names()
     problems = []
+    if p.objective not in objectives:
+        text = f"`pretrain.objective` ({p.objective!r}) must be {spell_choices(objectives)}"
+        problems.append(Problem(("pretrain.objective",), text + " (or an objective of `pretrain.plugins`)"))
     if not run.dir:
         problems.append(Problem(("run.dir",), "`run.dir` must name a folder"))
     if s.k > s.latents:
@@ -80,14 +85,14 @@ def _relation_problems(cfg: Config) -> list[Problem]:
         text = f"`run.objectives` ({run.objectives}) must list distinct names, at least one"
         problems.append(Problem(("run.objectives",), text))
     for key, names in (("run.objectives", run.objectives), ("run.baselines", run.baselines)):
-        unknown = [n for n in names if n not in OBJECTIVES and n not in run.variants]
+        unknown = [n for n in names if n not in objectives and n not in run.variants]
         if unknown:
             declared = f"; declared variants: {', '.join(run.variants)}" if run.variants else ""
             problems.append(
                 Problem(
                     (key,),
                     f"`{key}` names {', '.join(f'`{n}`' for n in unknown)}, which is neither an objective "
-                    f"({spell_choices(OBJECTIVES)}) nor a `[run.variants.NAME]`{declared}",
+                    f"({spell_choices(objectives)}) nor a `[run.variants.NAME]`{declared}",
                 )
             )
     if len(set(run.seeds)) < len(run.seeds) or any(seed < 0 for seed in run.seeds):
@@ -102,11 +107,28 @@ def _relation_problems(cfg: Config) -> list[Problem]:
             )
         )
     # Each variant's own `[pretrain]`, reported under the variant where it differs from the section's.
-    base = set(section_problems(p, "pretrain"))
+    own = declared_setting_problems(p)  # the section's fields are checked with the other sections
+    problems += own
+    base = set(section_problems(p, "pretrain")) | set(own)
     for name in run.variants:
-        for problem in section_problems(student_config(cfg, name).pretrain, "pretrain"):
+        variant = student_config(cfg, name).pretrain
+        for problem in [*section_problems(variant, "pretrain"), *declared_setting_problems(variant)]:
             if problem not in base:
                 problems.append(Problem(problem.keys, f"{problem.text} in `run.variants.{name}`"))
+    return problems
+
+
+def declared_setting_problems(p: Any) -> list[Problem]:
+    """The keys that objectives declare (`ObjectiveSpec.settings`) outside their `accepts`, or not finite."""
+    from pipelines.objectives.declaration import declared_setting
+
+    problems = []
+    for name, value in p.objective_settings.items():
+        key, (_, setting) = f"pretrain.{name}", declared_setting(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem((key,), f"`{key}` ({value}) must be a finite number"))
+        elif setting.accepts is not None and not setting.accepts.holds(value):
+            problems.append(Problem((key,), f"`{key}` ({value}) must be {setting.accepts.rule()}"))
     return problems
 
 

@@ -32,6 +32,7 @@ from pipelines.config.tables import (
 )
 from pipelines.config.values import check_type, did_you_mean, lookup, parse_override, split_override
 from pipelines.errors import ConfigError
+from pipelines.objectives.plugins import load_plugins
 
 
 def load_config(
@@ -45,6 +46,7 @@ def load_config(
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     profiles: dict[str, dict[str, Any]] = {}
+    _load_plugins_of_overrides(overrides)  # before any value is read: plugins declare keys of their own
     file_label = _read_file(path, values, profiles)
     # Where each value that is not a default came from, later sources replacing earlier ones, so that a
     # range error names the `--set` or flag that set the value rather than the file.
@@ -63,6 +65,7 @@ def load_config(
         section, name, ftype = lookup(key, where="command flag")
         values[section][name] = check_type(value, ftype, f"flag for {key}", key)
         sources[f"{section}.{name}"] = f"flag for {key}"
+    _gather_objective_settings(values["pretrain"])
     cfg = Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     raise_problems(cfg, sources, file_label)
     return cfg
@@ -84,6 +87,12 @@ def _read_file(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
     profiles.update(read_profiles(document.pop(PROFILES, {}), str(path)))
+    plugins = (
+        document.get("pretrain", {}).get("plugins") if isinstance(document.get("pretrain"), dict) else None
+    )
+    if plugins is not None:
+        plugins = check_type(plugins, list[str], str(path), "pretrain.plugins")
+        load_plugins([_next_to(path.parent, plugin, PATH) for plugin in plugins], str(path))
     for section, table in document.items():
         if section not in SECTIONS:
             hint = did_you_mean(section, SECTIONS, "section")
@@ -101,6 +110,22 @@ def _read_file(
             _, _, ftype = lookup(key, where=str(path))
             values[section][name] = check_type(value, ftype, str(path), key)
     return str(path)
+
+
+def _load_plugins_of_overrides(overrides: Iterable[str]) -> None:
+    for item in overrides:
+        key, raw = split_override(item)
+        if key == "pretrain.plugins":
+            plugins = check_type(parse_override(raw, list[str]), list[str], f"--set {item}", key)
+            load_plugins(plugins, f"--set {item}")
+
+
+def _gather_objective_settings(pretrain: dict[str, Any]) -> None:
+    """Move the keys that objectives declare (`lookup` accepted them) into `objective_settings`."""
+    fields = {f.name for f in dataclasses.fields(SECTIONS["pretrain"])}
+    declared = {key: pretrain.pop(key) for key in [key for key in pretrain if key not in fields]}
+    if declared:
+        pretrain["objective_settings"] = declared
 
 
 def _read_paths_next_to_the_file(values: dict[str, dict[str, Any]], folder: Path) -> None:

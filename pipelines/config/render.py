@@ -24,6 +24,9 @@ def to_toml(cfg: Config, with_docs: bool = True) -> str:
         tables = []
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
+            if f.metadata.get("flattened"):  # objectives' own keys, written as the plain keys they are
+                lines += [f"{name} = {_toml_value(item)}" for name, item in value.items()]
+                continue
             if isinstance(value, dict):  # sub-tables (custom eval tasks) go after the plain keys
                 tables += [(f"{section_name}.{f.name}.{name}", sub) for name, sub in value.items()]
                 continue
@@ -72,6 +75,9 @@ def reference_markdown() -> str:
         ]
         defaults = cls()
         for f in dataclasses.fields(cls):
+            if f.metadata.get("flattened"):
+                lines += _declared_setting_rows()
+                continue
             default = getattr(defaults, f.name)
             shown = "" if default in ("", [], {}) else f"`{_toml_value(default)}`"
             accepts = f.metadata.get("range")
@@ -87,10 +93,28 @@ def reference_markdown() -> str:
 def field_doc(cls: type, f: dataclasses.Field) -> str:
     """A field's doc, ending with its choices when it is a `Literal` whose doc does not name them all."""
     doc = f.metadata["doc"]
+    if f.metadata.get("lists_objectives"):
+        from pipelines.objectives.declaration import objective_names
+
+        unnamed = [name for name in objective_names() if f"`{name}`" not in doc]
+        doc += f" Also declared: {spell_choices(tuple(unnamed))}." if unnamed else ""
     choices = field_choices(typing.get_type_hints(cls)[f.name])
     if choices and not all(f"`{choice}`" in doc for choice in choices):
         doc += f" Choices: {spell_choices(choices)}."
     return doc
+
+
+def _declared_setting_rows() -> list[str]:
+    """A reference row for each `[pretrain]` key an objective declares (`ObjectiveSpec.settings`)."""
+    from pipelines.objectives.declaration import registered
+
+    rows = []
+    for spec in registered().values():
+        for name, setting in spec.settings.items():
+            rule = setting.accepts.rule().replace("|", "\\|") if setting.accepts else ""
+            doc = f"`{spec.name}` (declared by the objective): {setting.doc}".replace("|", "\\|")
+            rows.append(f"| `{name}` | `{_toml_value(setting.default)}` | {rule} | {doc} |")
+    return rows
 
 
 def _toml_key(key: str) -> str:

@@ -21,7 +21,6 @@ DEFAULT_CONFIG_FILE = "cocomix.toml"
 # The fields with a fixed set of values, each set written once. Module-level names, so that
 # `typing.get_type_hints` resolves the (postponed) annotations that use them.
 TxtSampleBy = Literal["line", "paragraph", "document"]
-Objective = Literal["ntp", "cocomix", "kd", "pause"]
 # The names of `pipelines.model.gpt.PRESETS` (a test keeps them equal): reading a config needs no torch.
 ModelPreset = Literal["tiny", "69m", "386m", "1.38b"]
 PretrainDtype = Literal["auto", "float32", "bfloat16"]
@@ -35,8 +34,17 @@ MissingData = Literal["hub", "skip", "hub_or_skip"]
 WandbMode = Literal["offline", "online", "disabled"]
 DeadLatents = Literal["auxk", "resample", "off"]
 
-OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
+
+
+def __getattr__(name: str) -> Any:
+    # `OBJECTIVES`: the names of the declared objectives (`pipelines.objectives.declaration`), which
+    # plugins extend; a function of the registry rather than a `Literal`, so read when asked.
+    if name == "OBJECTIVES":
+        from pipelines.objectives.declaration import objective_names
+
+        return objective_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def field_choices(ftype: Any) -> tuple[Any, ...]:
@@ -99,6 +107,7 @@ def _field(
     local_path: bool = False,
     relative: str = "",
     accepts: Range | None = None,
+    lists_objectives: bool = False,
 ) -> Any:
     # `local_path`: the value may name files on disk; fingerprints take their content, not the path.
     relative = relative or (SPEC if local_path else "")
@@ -108,6 +117,7 @@ def _field(
         "local_path": local_path,
         "relative": relative,
         "range": accepts,
+        "lists_objectives": lists_objectives,  # its doc ends with the declared objectives it does not name
     }
     if isinstance(default, list):  # a fresh list per instance; configs never mutate them
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -132,6 +142,7 @@ class RunConfig:
         "`cocomix run`: the students to pretrain, evaluated side by side: objectives (`ntp`, `cocomix`, "
         "`kd`, `pause`) or names of `[run.variants.NAME]`; each trains in `pretrain-<name>/`.",
         affects_output=False,
+        lists_objectives=True,
     )
     seeds: list[int] = _field(
         [],
@@ -348,10 +359,20 @@ class ExtractConfig:
 class PretrainConfig:
     """`pretrain`: the student, its objective and the optimiser (defaults: the paper's official settings)."""
 
-    objective: Objective = _field(
+    objective: str = _field(
         "cocomix",
         "`ntp`, `cocomix` (NTP + lam_concept x concept loss), `kd` (NTP + kd_coef x KL to the cached "
-        "teacher top-N) or `pause` (NTP with pause slots). Each objective trains in `pretrain-<objective>/`.",
+        "teacher top-N), `pause` (NTP with pause slots), or another declared objective (built in, or from "
+        "`pretrain.plugins`). Each objective trains in `pretrain-<objective>/`.",
+        lists_objectives=True,
+    )
+    plugins: list[str] = _field(
+        [],
+        "Python files that declare objectives of your own (`register_objective`, docs/DEVELOPMENT.md), "
+        "loaded by every command and rank that reads this config; a plugin objective's student is out of "
+        "date when its file changes (modules the file imports are not followed).",
+        affects_output=False,  # a plugin's content enters the fingerprints of its own objective's students
+        relative=PATH,
     )
     preset: ModelPreset = _field(
         "69m", "Model size: `tiny`, `69m`, `386m` or `1.38b` (width follows the variant)."
@@ -468,6 +489,15 @@ class PretrainConfig:
         "W&B with `wandb_project` set: `offline` (files only, no network or login; upload them later with "
         "`wandb sync`), `online` (streams to the W&B server; needs `wandb login`) or `disabled`.",
         affects_output=False,
+    )
+    objective_settings: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "The `[pretrain]` keys that objectives declare themselves (e.g. `mtp_coef`), written as "
+            "plain keys of `[pretrain]`; filled by the config loader.",
+            "affects_output": False,  # each enters its own objective's fingerprints (`stage_inputs`)
+            "flattened": True,
+        },
     )
 
 

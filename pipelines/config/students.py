@@ -12,25 +12,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from pipelines.config.schema import OBJECTIVES, Config
+from pipelines.config.schema import Config
 from pipelines.errors import ConfigError
+from pipelines.objectives.declaration import key_readers, objective_names
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # no `-`: stage folders `pretrain-<name>-seed<k>` split on it
 # Keys a variant may not set: what names and seeds the student, which `run.objectives` and `run.seeds` own.
 RESERVED_KEYS = ("pretrain.objective", "pretrain.variant", "pretrain.seed")
-# `[pretrain]` keys that only some objectives read. A student of another objective trains with them at their
-# defaults, so they never enter its fingerprint: setting `pretrain.mixing` leaves the NTP and KD students of
-# a run up to date instead of refusing them as changed.
-OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
-    "insert_layer": ("cocomix", "pause"),
-    "n_concepts": ("cocomix",),
-    "concept_k": ("cocomix",),
-    "mixing": ("cocomix",),
-    "concept_targets": ("cocomix",),
-    "lam_concept": ("cocomix",),
-    "kd_coef": ("kd",),
-}
 
 
 @dataclass(frozen=True)
@@ -56,15 +46,24 @@ def students(cfg: Config) -> list[Student]:
 
 def student_config(cfg: Config, name: str, seed: int | None = None) -> Config:
     """The config a student trains with: the variant's overrides applied, its seed set."""
-    if name in OBJECTIVES:
-        overrides = {"objective": name, "variant": ""}
+    settings = dict(cfg.pretrain.objective_settings)
+    if name in objective_names():
+        overrides: dict[str, Any] = {"objective": name, "variant": ""}
     elif name in cfg.run.variants:
         table = cfg.run.variants[name]
         overrides = {"variant": name, "objective": table["objective"]}
-        overrides.update({key.removeprefix("pretrain."): v for key, v in table.items() if key != "objective"})
+        fields = {f.name for f in dataclasses.fields(cfg.pretrain)}
+        for key, value in table.items():
+            key = key.removeprefix("pretrain.")
+            if key in fields:
+                overrides[key] = value
+            elif key != "objective":  # a key its objective declares (`ObjectiveSpec.settings`)
+                settings[key] = value
+        overrides["objective_settings"] = settings
     else:
         raise ConfigError(
-            f"`{name}` is neither an objective ({', '.join(OBJECTIVES)}) nor a variant of `run.variants`"
+            f"`{name}` is neither an objective ({', '.join(objective_names())}) nor a variant of "
+            "`run.variants`"
             + (f" ({', '.join(cfg.run.variants)})" if cfg.run.variants else "")
             + ". Declare it as `[run.variants.NAME]` with an `objective`."
         )
@@ -76,10 +75,15 @@ def student_config(cfg: Config, name: str, seed: int | None = None) -> Config:
 
 
 def for_its_objective(cfg: Config) -> Config:
-    """`cfg` with the `[pretrain]` keys its objective does not read at their defaults (`OBJECTIVE_KEYS`)."""
+    """`cfg` with the `[pretrain]` keys its objective does not read at their defaults: the fields other
+    objectives own and the settings others declare (`pipelines.objectives.declaration.key_readers`)."""
     p = cfg.pretrain
-    defaults = {f.name: f.default for f in dataclasses.fields(p) if f.name in OBJECTIVE_KEYS}
-    unused = {k: v for k, v in defaults.items() if p.objective not in OBJECTIVE_KEYS[k]}
+    readers = key_readers()
+    defaults = {f.name: f.default for f in dataclasses.fields(p) if f.name in readers}
+    unused: dict[str, Any] = {k: v for k, v in defaults.items() if p.objective not in readers[k]}
+    own = {k: v for k, v in p.objective_settings.items() if p.objective in readers.get(k, ())}
+    if own != p.objective_settings:
+        unused["objective_settings"] = own
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(p, **unused)) if unused else cfg
 
 

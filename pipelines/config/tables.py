@@ -8,7 +8,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipelines.config.schema import OBJECTIVES, SECTIONS, CustomTaskConfig, field_choices, spell_choices
+from pipelines.config.schema import SECTIONS, CustomTaskConfig, field_choices, spell_choices
 from pipelines.config.values import check_type, did_you_mean, lookup, split_override
 from pipelines.errors import ConfigError
 
@@ -107,7 +107,10 @@ def read_custom_tasks(tables: Any, where: str) -> dict[str, CustomTaskConfig]:
 
 def read_variants(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     """`[run.variants.NAME]` tables: an objective and `pretrain.*` overrides, each checked like a `--set`."""
-    from pipelines.config.students import OBJECTIVE_KEYS, RESERVED_KEYS, VARIANT_NAME
+    from pipelines.config.students import RESERVED_KEYS, VARIANT_NAME
+    from pipelines.objectives.declaration import key_readers, objective_names
+
+    objectives = objective_names()
 
     _require_tables(
         tables,
@@ -117,14 +120,14 @@ def read_variants(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     variants = {}
     for name, table in tables.items():
         label = f"`run.variants.{name}`"
-        if not VARIANT_NAME.match(name) or name in OBJECTIVES:
+        if not VARIANT_NAME.match(name) or name in objectives:
             raise ConfigError(
                 f"{where}: {label}: a variant name is lowercase letters, digits and `_`, starting with a "
-                f"letter, and not an objective's name ({', '.join(OBJECTIVES)})."
+                f"letter, and not an objective's name ({', '.join(objectives)})."
             )
-        if table.get("objective") not in OBJECTIVES:
+        if table.get("objective") not in objectives:
             raise ConfigError(
-                f"{where}: {label} needs `objective` = {spell_choices(OBJECTIVES)}, got "
+                f"{where}: {label} needs `objective` = {spell_choices(objectives)}, got "
                 f"{table.get('objective')!r}."
             )
         resolved: dict[str, Any] = {"objective": table["objective"]}
@@ -140,7 +143,7 @@ def read_variants(tables: Any, where: str) -> dict[str, dict[str, Any]]:
                     "`run.dir`."
                 )
             _, field_name, ftype = lookup(key, where=f"{where}: {label}")
-            readers = OBJECTIVE_KEYS.get(field_name, (table["objective"],))
+            readers = key_readers().get(field_name, (table["objective"],))
             if table["objective"] not in readers:
                 raise ConfigError(
                     f"{where}: {label} sets `{key}`, which objective `{table['objective']}` does not read "

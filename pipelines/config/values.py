@@ -24,6 +24,13 @@ def lookup(key: str, where: str) -> tuple[str, str, Any]:
         hint = did_you_mean(section, SECTIONS, "section")
         raise ConfigError(f"{where}: unknown section `{section}` in `{key}`{hint}")
     hints = typing.get_type_hints(SECTIONS[section])
+    hints.pop("objective_settings", None)  # filled from the keys objectives declare, never set by name
+    if section == "pretrain" and name not in hints:
+        from pipelines.objectives.declaration import declared_setting
+
+        declared = declared_setting(name)
+        if declared is not None:
+            return section, name, type(declared[1].default)
     if not name or name not in hints:
         names = [f"{section}.{n}" for n in hints]
         if not names:

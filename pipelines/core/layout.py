@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipelines.config.schema import OBJECTIVES as _OBJECTIVE_NAMES
+from pipelines.objectives.declaration import objective_names
 
 RUN_MARKER = "run.json"
 
@@ -80,7 +80,7 @@ def stage_command(stage: str) -> str:
     variant's `pretrain-cocomix_add-seed1` is `cocomix pretrain --variant cocomix_add --seed 1`."""
     if stage.startswith("pretrain-"):
         name, *suffixes = stage.removeprefix("pretrain-").split("-")
-        flag = "--objective" if name in _OBJECTIVE_NAMES else "--variant"
+        flag = "--objective" if name in objective_names() else "--variant"
         command = f"cocomix pretrain {flag} {name}"
         for suffix in suffixes:
             if suffix == "online":

@@ -28,3 +28,18 @@ def train_sae(cfg: Config) -> dict[str, Any]:
 
 def extract_concepts(cfg: Config) -> dict[str, Any]:
     return {**fingerprint_fields(cfg.teacher, "teacher"), **fingerprint_fields(cfg.extract, "extract")}
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """A student's: its `[pretrain]` fields, the keys its objective declares, and a plugin objective's file
+    content (so that editing the file makes its students out of date, and no other)."""
+    from pipelines.objectives.declaration import objective_spec
+    from pipelines.objectives.plugins import plugin_digest
+
+    p = cfg.pretrain
+    spec = objective_spec(p.objective)
+    inputs = {k: v for k, v in fingerprint_fields(p, "pretrain").items() if "batch_blocks" not in k}
+    inputs.update({f"pretrain.{k}": p.objective_settings.get(k, s.default) for k, s in spec.settings.items()})
+    if spec.source:
+        inputs["pretrain.plugin_sha256"] = plugin_digest(spec.source)
+    return inputs

@@ -67,8 +67,9 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return float(flops)
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    return 3.0 * forward_flops_per_token(config, seq_len)
+def train_flops_per_token(config: ModelConfig, seq_len: int, extra_forward: float = 0.0) -> float:
+    """Forward and backward FLOPs per token, with `extra_forward` FLOPs per token of training-only heads."""
+    return 3.0 * (forward_flops_per_token(config, seq_len) + extra_forward)
 
 
 def peak_flops(device) -> float | None:
@@ -91,9 +92,17 @@ def peak_flops_for_name(name: str) -> float | None:
     return next((keys[key] for word in words if (key := " ".join([word, *forms])) in keys), None)
 
 
-def mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, device, devices: int = 1) -> float | None:
-    """Model FLOPs utilisation of `devices` GPUs training at `tokens_per_s`; None off a known GPU."""
+def mfu(
+    config: ModelConfig,
+    seq_len: int,
+    tokens_per_s: float,
+    device,
+    devices: int = 1,
+    extra_forward: float = 0.0,
+) -> float | None:
+    """Model FLOPs utilisation of `devices` GPUs training at `tokens_per_s`, counting `extra_forward` FLOPs
+    per token of an objective's training-only heads (`ObjectiveSpec.extra_flops`); None off a known GPU."""
     peak = peak_flops(device)
     if peak is None:
         return None
-    return train_flops_per_token(config, seq_len) * tokens_per_s / (peak * devices)
+    return train_flops_per_token(config, seq_len, extra_forward) * tokens_per_s / (peak * devices)

@@ -139,6 +139,9 @@ class ModelOutput:
     """(B, T, vocab): logits for the token after each position."""
     concept_logits: torch.Tensor | None = None
     """(B, T, C) for CoCoMix, before any intervention; None otherwise."""
+    hidden: torch.Tensor | None = None
+    """(B, T, D) the last block's state of each token, before the final LayerNorm: what an objective's
+    training-only head reads (`pipelines.training.objectives`)."""
 
 
 class LayerCache:
@@ -311,7 +314,7 @@ class GPT(nn.Module):
     ) -> ModelOutput:
         """Logits for `idx` (B, T); with a cache, `idx` holds only the tokens after those it has seen."""
         x, concept_logits = self.trunk(idx, kv_cache, intervention)
-        return ModelOutput(logits=self.head(x), concept_logits=concept_logits)
+        return ModelOutput(logits=self.head(x), concept_logits=concept_logits, hidden=x)
 
     def trunk(
         self,

@@ -35,6 +35,7 @@ from pipelines.data.batches import SplitArrays
 from pipelines.data.concept_store import ConceptStore, open_extracted_concepts
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import CocomixError, ConfigError, InputError, OtherRankError, StageError
+from pipelines.objectives.declaration import objective_spec
 from pipelines.training.objectives import Objective, objective_for
 from pipelines.training.speed import steady_speed
 from pipelines.training.state import Checkpoints
@@ -87,7 +88,7 @@ def _pretrain(
     per_rank = _per_rank_batch(p, ranks.world)
     stage = student_stage(cfg, online_teacher)
     inputs = {
-        **{k: v for k, v in fingerprint_fields(p, "pretrain").items() if "batch_blocks" not in k},
+        **stage_inputs.pretrain(cfg),
         **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
         # The student's own seed (`pretrain.seed`, else `run.seed`), under the key older runs recorded.
         "run.seed": student_seed(cfg),
@@ -290,10 +291,10 @@ def _training_data(
 def _concept_store(
     cfg: Config, reading: contextlib.ExitStack, prepare_fingerprint: str, token_store: TokenStore
 ) -> tuple[ConceptStore, str]:
-    hint = (
-        "run `cocomix extract-concepts` first, or pass --online-teacher to compute targets in the loop"
-        if cfg.pretrain.objective == "cocomix"
-        else "run `cocomix extract-concepts --store-teacher-topk N` first"
+    p = cfg.pretrain
+    flags = "".join(f" {need.option()}" for need in objective_spec(p.objective).needs if need.applies(p))
+    hint = f"run `cocomix extract-concepts{flags}` first" + (
+        ", or pass --online-teacher to compute targets in the loop" if p.objective == "cocomix" else ""
     )
     run_dir = Path(cfg.run.dir)
     if not cfg.sae.path:  # the targets come from this run's SAE: its settings must still be the config's

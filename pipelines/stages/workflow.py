@@ -26,11 +26,11 @@ from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_
 from pipelines.core.locks import writer_holders
 from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs
 from pipelines.errors import ConfigError
+from pipelines.objectives.declaration import objective_spec
 
 log = logging.getLogger(__name__)
 
 STEPS = ("prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer", "report")
-CONCEPT_OBJECTIVES = ("cocomix", "kd")  # objectives that read concepts.zarr
 BEING_WRITTEN = "being written by"  # the state of a stage another process writes, before its lock holders
 
 
@@ -111,29 +111,20 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
     cache moved) agrees with the manifests.
     """
     from pipelines.core import stage_inputs
-    from pipelines.core.fingerprints import fingerprint_fields
 
     trained = students(cfg)
-    objectives = list(dict.fromkeys(s.objective for s in trained))
-    needs_concepts = any(o in CONCEPT_OBJECTIVES for o in objectives)
-    if "kd" in objectives and not cfg.extract.store_teacher_topk:
-        raise ConfigError(
-            "`run.objectives` has `kd`, which needs the teacher's top-N log-probs: set "
-            "`extract.store_teacher_topk` (e.g. 32)."
-        )
+    reading = [s for s in trained if objective_spec(s.objective).arrays(s.cfg.pretrain)]  # concepts.zarr
+    needs_concepts = bool(reading)
+    for student in reading:
+        for need in objective_spec(student.objective).unmet_needs(student.cfg.pretrain, cfg.extract):
+            what = f"`{student.name}`" + (f" (`{student.objective}`)" if student.cfg.pretrain.variant else "")
+            raise ConfigError(
+                f"`run.objectives` has {what}, which needs {need.what}: set `{need.key}` "
+                f"(e.g. {need.example})."
+            )
     if needs_concepts and not cfg.teacher.model:
-        raise ConfigError(
-            f"`run.objectives` has {', '.join(o for o in objectives if o in CONCEPT_OBJECTIVES)}, "
-            "which needs a teacher: set `teacher.model`."
-        )
-    by_activation = [
-        s.name for s in trained if s.objective == "cocomix" and s.cfg.pretrain.concept_targets == "activation"
-    ]
-    if by_activation and not cfg.extract.store_sae_topk:
-        raise ConfigError(
-            f'`{by_activation[0]}` sets `pretrain.concept_targets = "activation"`, which reads the SAE '
-            "top-k of the extraction: set `extract.store_sae_topk = true`."
-        )
+        names = ", ".join(dict.fromkeys(s.objective for s in reading))
+        raise ConfigError(f"`run.objectives` has {names}, which needs a teacher: set `teacher.model`.")
     d, s = cfg.data, cfg.sae
     stages = [
         (
@@ -169,12 +160,12 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
         )
     for student in trained:
         sp = student.cfg.pretrain
-        inputs = fingerprint_fields(sp, "pretrain")
+        inputs = stage_inputs.pretrain(student.cfg)
         steps = f"{sp.max_steps:,} steps of {_batch_text(sp, d.block_size)}"
         seed = f", seed {student.seed}" if student.seed is not None else ""
         what = f"{student.name} ({sp.objective})" if sp.variant else student.name
         detail = f"{what} student{seed}, preset {sp.preset}, {steps}"
-        reads_concepts = sp.objective in CONCEPT_OBJECTIVES
+        reads_concepts = student in reading
         stages.append(("pretrain", student_stage(student.cfg), detail, inputs, reads_concepts))
     tasks = ", ".join(cfg.eval.tasks)
     names = ", ".join(cfg.run.objectives)

@@ -1,6 +1,7 @@
-"""The objectives of `pretrain`, one class each: the model variant it trains, the per-token arrays it reads
-from the concept store, its loss and the val metrics it reports; and their losses (next-token prediction,
-CoCoMix's concept loss, KD on cached top-N log-probs).
+"""The losses of the paper's objectives (next-token prediction, CoCoMix's concept loss, KD on cached top-N
+log-probs), one class each with the val metrics it reports, their base class, and the module that trains a
+student with one (`ObjectiveLoss`). What each objective is (its model, store arrays, keys) is declared in
+`pipelines.objectives.builtin`, which names these classes.
 
 KD approximation: the cache keeps the teacher's N most likely next tokens per position. The teacher's
 distribution is taken as those N probabilities plus one "tail" bucket holding the rest of the mass
@@ -23,9 +24,15 @@ from torch import nn
 from pipelines.config.schema import Config
 from pipelines.errors import InputError, StageError
 from pipelines.model.gpt import ModelOutput
+from pipelines.objectives.declaration import (
+    ObjectiveSpec,
+    load_loss,
+    objective_spec,
+    registered,
+    setting_value,
+)
 
 __all__ = [
-    "OBJECTIVES",
     "Objective",
     "ObjectiveLoss",
     "concept_loss",
@@ -36,6 +43,9 @@ __all__ = [
 ]
 
 Batch = Mapping[str, torch.Tensor]
+# The student's submodule that holds its objective's training-only heads (`Objective.heads`): trained and
+# checkpointed with the student, dropped from the model it exports.
+OBJECTIVE_HEADS = "objective_heads"
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -87,23 +97,53 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class Objective:
-    """Next-token prediction, and the base of every objective: what the trainer asks of one."""
+    """Next-token prediction, and the base of every objective's loss: what the trainer asks of one.
+
+    What the torch-free layers read (the model it trains, the store arrays it reads, its keys) is its
+    declaration (`pipelines.objectives.declaration.ObjectiveSpec`), which names this class; the instance
+    carries it as `spec`. An objective may own training-only parameters (`heads`): they train, resume and
+    sync with the student and are left out of the exported model."""
 
     name: ClassVar[str] = "ntp"
-    variant: ClassVar[str] = "ntp"  # the model variant it trains (`pipelines.model.gpt.preset`)
-    reads: ClassVar[tuple[str, ...]] = ()  # per-token arrays of the concept store it reads
     val_parts: ClassVar[tuple[str, ...]] = ()  # loss parts averaged over the val blocks as `val_<part>`
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, spec: ObjectiveSpec | None = None):
         self.p = cfg.pretrain
+        self.spec = spec or objective_spec(self.name)
+        self.variant = self.spec.model  # the model variant it trains (`pipelines.model.gpt.preset`)
+        self.reads = self.spec.arrays(cfg.pretrain)  # per-token arrays of the concept store it reads
+
+    @classmethod
+    def for_config(cls, cfg: Config, spec: ObjectiveSpec) -> Objective:
+        """The loss for these settings: this class, or a subclass a setting picks."""
+        return cls(cfg, spec)
+
+    def setting(self, key: str) -> Any:
+        """A `[pretrain]` key the objective declares (`ObjectiveSpec.settings`), or its default."""
+        return setting_value(self.p, key)
 
     def model_overrides(self, n_concepts: int) -> dict[str, Any]:
         """Model settings the objective fixes (the concept head's width, how concepts are mixed)."""
         return {"mixing": "interleave"}
 
+    def heads(self, model_config: Any) -> dict[str, nn.Module]:
+        """Training-only modules the loss uses (e.g. a head on the final hidden state), made after the
+        student's own initialisation; the trainer keeps them in `student.objective_heads`."""
+        return {}
+
     def check_store(self, store: Any, token_store: Any) -> int:
-        """Refuse a concept store (`extract-concepts`) without what this objective reads from it; returns
-        the concept width it trains with (0: none). Called only for an objective that `reads`."""
+        """Refuse a concept store (`extract-concepts`) without the arrays this objective reads; returns the
+        concept width it trains with (0: none). Called only for an objective that `reads`."""
+        lacking = [array for array in self.reads if array not in store.arrays]
+        if lacking:
+            needs = [n for n in self.spec.needs if n.applies(self.p) and set(lacking) & set(n.arrays)]
+            what = needs[0].what if needs else ", ".join(f"`{array}`" for array in lacking)
+            declared = f" (declared in {self.spec.source})" if self.spec.source else ""
+            rerun = "".join(f" {n.option()}" for n in needs)
+            raise StageError(
+                f"Objective `{self.spec.name}`{declared} needs {what}, which this concept store lacks. Run "
+                f"`cocomix extract-concepts{rerun} --force`."
+            )
         return 0
 
     def inputs(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -118,40 +158,46 @@ class Objective:
         ntp = next_token_loss(out.logits, tokens)
         parts = {"ntp_loss": ntp}
         loss = ntp
-        for name, (value, weight) in self.auxiliary(out, inputs).items():
+        for name, (value, weight) in self.auxiliary(out, tokens, inputs).items():
             parts[name] = value
             loss = loss + weight * value
         parts["loss"] = loss
         return loss, parts
 
     def auxiliary(
-        self, out: Any, inputs: Mapping[str, torch.Tensor]
+        self, out: Any, tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor]
     ) -> dict[str, tuple[torch.Tensor, float]]:
-        """Losses added to NTP, each with its weight."""
+        """Losses added to NTP, each with its weight. `out` has the student's `logits`, `concept_logits`
+        (CoCoMix) and `hidden`, its last block's state before the final LayerNorm (`pipelines.model.gpt`)."""
         return {}
 
 
 class Pause(Objective):
     """NTP with the pause model: learned pause slots where CoCoMix mixes in concepts (a baseline)."""
 
-    name = variant = "pause"
+    name = "pause"
 
 
 class CoCoMix(Objective):
     """NTP + `lam_concept` x the concept loss against the cached targets of `extract-concepts`."""
 
-    name = variant = "cocomix"
-    reads = ("concept_ids", "valid")
+    name = "cocomix"
     val_parts = ("concept_loss",)
+
+    @classmethod
+    def for_config(cls, cfg, spec):
+        by_activation = cls is CoCoMix and cfg.pretrain.concept_targets == "activation"
+        return (CoCoMixByActivation if by_activation else cls)(cfg, spec)
 
     def model_overrides(self, n_concepts: int) -> dict[str, Any]:
         p = self.p
         return {"mixing": p.mixing, "n_concepts": n_concepts, "concept_k": min(p.concept_k, n_concepts)}
 
     def check_store(self, store, token_store) -> int:
+        super().check_store(store, token_store)
         return store.n_concepts
 
-    def auxiliary(self, out, inputs):
+    def auxiliary(self, out, tokens, inputs):
         loss = concept_loss(out.concept_logits, inputs["concept_ids"], inputs["valid"])
         return {"concept_loss": (loss, self.p.lam_concept)}
 
@@ -164,20 +210,9 @@ class CoCoMixByActivation(CoCoMix):
     disk does not matter); K is `extract.concepts_per_token`, as for attribution targets, and the positions
     scored are the same (`valid`), so the two differ only in which latents they pick."""
 
-    reads = ("sae_ids", "sae_acts", "valid")
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, spec: ObjectiveSpec | None = None):
+        super().__init__(cfg, spec)
         self.k = cfg.extract.concepts_per_token
-
-    def check_store(self, store, token_store) -> int:
-        if "sae_ids" not in store.arrays:
-            raise StageError(
-                '`pretrain.concept_targets = "activation"` reads the SAE\'s top-k per token, which this '
-                "concept store lacks. Set `extract.store_sae_topk = true` and run `cocomix extract-concepts "
-                "--force`."
-            )
-        return super().check_store(store, token_store)
 
     def inputs(self, tokens, batch):
         arrays = super().inputs(tokens, batch)
@@ -189,11 +224,11 @@ class OnlineCoCoMix(CoCoMix):
     """CoCoMix with targets computed in the loop by the teacher and SAE (`--online-teacher`, the official
     code's way); its concept loss on val is not reported (the targets are not cached to compare)."""
 
-    reads = ()
     val_parts = ()
 
     def __init__(self, cfg: Config, teacher: Any, sae: Any):
         super().__init__(cfg)
+        self.reads = ()
         self.teacher, self.sae, self.extract = teacher, sae, cfg.extract
 
     def inputs(self, tokens, batch):
@@ -210,14 +245,9 @@ class KnowledgeDistillation(Objective):
     """NTP + `kd_coef` x KL(teacher || student) on the cached teacher top-N log-probs."""
 
     name = "kd"
-    reads = ("teacher_ids", "teacher_logprobs", "valid")
 
     def check_store(self, store, token_store) -> int:
-        if "teacher_ids" not in store.arrays:
-            raise StageError(
-                "Objective `kd` needs the teacher's top-N log-probs, which this concept store lacks. Run "
-                "`cocomix extract-concepts --store-teacher-topk 32 --force`."
-            )
+        super().check_store(store, token_store)
         teacher_vocab = store.attrs.get("teacher", {}).get("vocab_size")
         student_vocab = int(token_store.attrs["tokenizer"]["vocab_size"])
         if teacher_vocab is not None and teacher_vocab != student_vocab:
@@ -227,7 +257,7 @@ class KnowledgeDistillation(Objective):
             )
         return 0
 
-    def auxiliary(self, out, inputs):
+    def auxiliary(self, out, tokens, inputs):
         kd = kd_loss(out.logits, inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["valid"])
         return {"kd_loss": (kd, self.p.kd_coef)}
 
@@ -281,21 +311,23 @@ class ObjectiveLoss(nn.Module):
         """The loss of the trunk's output: the student's head (under autocast), then the objective's loss."""
         with self._autocast(tokens):
             logits = self.student.head(hidden)
-        return self.objective.loss(ModelOutput(logits, concept_logits), tokens, inputs)
+        return self.objective.loss(ModelOutput(logits, concept_logits, hidden), tokens, inputs)
 
     def _autocast(self, tokens: torch.Tensor):
         return torch.autocast(tokens.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Objective, CoCoMix, KnowledgeDistillation, Pause)
-}
-
-
 def objective_for(cfg: Config, online: tuple[Any, Any] | None = None) -> Objective:
-    """The objective of `pretrain.objective`; CoCoMix with targets from `online` (teacher, sae) when given."""
+    """The loss of `pretrain.objective`, from its declaration; CoCoMix with targets from `online` (teacher,
+    sae) when given."""
     if online is not None:
         return OnlineCoCoMix(cfg, *online)
-    if cfg.pretrain.objective == "cocomix" and cfg.pretrain.concept_targets == "activation":
-        return CoCoMixByActivation(cfg)
-    return OBJECTIVES[cfg.pretrain.objective](cfg)
+    spec = objective_spec(cfg.pretrain.objective)
+    return load_loss(spec).for_config(cfg, spec)
+
+
+def __getattr__(name: str) -> Any:
+    # `OBJECTIVES`: each declared objective's loss class, by name (imported when asked, as the trainer does).
+    if name == "OBJECTIVES":
+        return {spec.name: load_loss(spec) for spec in registered().values()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

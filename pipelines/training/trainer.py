@@ -37,7 +37,7 @@ from pipelines.core.session import Stopped
 from pipelines.data.batches import BatchOrder, BatchReader, SplitArrays
 from pipelines.errors import StageError
 from pipelines.training.health import NonFiniteWatch
-from pipelines.training.objectives import Objective, ObjectiveLoss, host_tensors
+from pipelines.training.objectives import OBJECTIVE_HEADS, Objective, ObjectiveLoss, host_tensors
 from pipelines.training.parallel import Parallelism
 from pipelines.training.speed import SpeedMeter
 from pipelines.training.state import Checkpoints, rng_state, set_rng_state
@@ -86,8 +86,12 @@ class Trainer:
         self.cfg, self.p, self.data, self.ranks, self.device = cfg, cfg.pretrain, data, ranks, device
         self.dir, self.fingerprint, self.model_config = stage_dir, fingerprint, model_config
         torch.manual_seed(student_seed(cfg))
-        self.model = GPT(model_config).to(device)
+        self.model = GPT(model_config)
         self.objective = data.objective
+        heads = self.objective.heads(model_config)
+        if heads:  # after the student's initialisation, which stays what it is without them
+            self.model.add_module(OBJECTIVE_HEADS, torch.nn.ModuleDict(heads))
+        self.model.to(device)
         autocast = _autocast_dtype(self.p.dtype, device)
         self.parallel = Parallelism(
             ranks, device, fsdp=self.p.fsdp, compile=self.p.compile, compute_dtype=autocast
@@ -387,9 +391,9 @@ class Trainer:
 
         if tokens_per_s is None:
             return None
-        found = mfu(
-            self.model_config, self.model_config.context_length, tokens_per_s, self.device, self.ranks.world
-        )
+        seq_len, count_extra = self.model_config.context_length, self.objective.spec.extra_flops
+        extra = count_extra(self.model_config, seq_len) if count_extra else 0.0  # the objective's heads
+        found = mfu(self.model_config, seq_len, tokens_per_s, self.device, self.ranks.world, extra)
         return _round(found, 5)
 
     # -- signals --
@@ -441,7 +445,9 @@ class Trainer:
         """The trained weights on the host, gathered from every rank: a collective that every rank calls;
         the first rank gets them, the others None."""
         model_state = self.parallel.model_state(self.model)
-        return {k: v.cpu() for k, v in model_state.items()} if self.ranks.main else None
+        if not self.ranks.main:
+            return None
+        return {k: v.cpu() for k, v in model_state.items() if not k.startswith(f"{OBJECTIVE_HEADS}.")}
 
 
 def _autocast_dtype(setting: str, device) -> torch.dtype | None:

@@ -1,0 +1,59 @@
+"""The built-in objectives, one registration each: the paper's four (their losses in
+`pipelines.training.objectives`) and the controls added since, each in a module of its own.
+
+Adding a built-in objective is its module and one line here (docs/DEVELOPMENT.md, "Adding an objective").
+"""
+
+from __future__ import annotations
+
+from pipelines.objectives.declaration import Need, ObjectiveSpec, register_objective
+
+PAPER = "pipelines.training.objectives"
+
+SAE_TOPK = Need(
+    "extract.store_sae_topk",
+    "true",
+    "the SAE top-k of the extraction",
+    ("sae_ids", "sae_acts"),
+    when=lambda p: p.concept_targets == "activation",
+)
+TEACHER_TOPK = Need(
+    "extract.store_teacher_topk",
+    "32",
+    "the teacher's top-N log-probs",
+    ("teacher_ids", "teacher_logprobs"),
+    flag="--store-teacher-topk 32",
+)
+
+
+def _cocomix_reads(p) -> tuple[str, ...]:
+    return ("sae_ids", "sae_acts", "valid") if p.concept_targets == "activation" else ("concept_ids", "valid")
+
+
+register_objective(ObjectiveSpec("ntp", f"{PAPER}:Objective", "next-token prediction"))
+register_objective(
+    ObjectiveSpec(
+        "cocomix",
+        f"{PAPER}:CoCoMix",
+        "NTP + lam_concept x the concept loss, concepts mixed into the hidden states",
+        model="cocomix",
+        reads=_cocomix_reads,
+        owns=("insert_layer", "n_concepts", "concept_k", "mixing", "concept_targets", "lam_concept"),
+        needs=(SAE_TOPK,),
+    )
+)
+register_objective(
+    ObjectiveSpec(
+        "kd",
+        f"{PAPER}:KnowledgeDistillation",
+        "NTP + kd_coef x KL to the cached teacher top-N",
+        reads=("teacher_ids", "teacher_logprobs", "valid"),
+        owns=("kd_coef",),
+        needs=(TEACHER_TOPK,),
+    )
+)
+register_objective(
+    ObjectiveSpec(
+        "pause", f"{PAPER}:Pause", "NTP with learned pause slots", model="pause", owns=("insert_layer",)
+    )
+)

@@ -1,0 +1,224 @@
+"""What an objective is, declared once and read by every layer: the config checks (its name, its own
+`[pretrain]` keys with their types and ranges), the students (which keys it reads, so that others train with
+them at their defaults), the planner (which store arrays it reads, which extraction settings they need),
+the fingerprints (its keys' values; a plugin's file content), the concept-store checks, MFU (its extra
+FLOPs) and the trainer (its loss, named `module:Class` and imported only there).
+
+Nothing here imports torch: the config layer and `cocomix run --dry-run` read declarations without it.
+The registry is filled by `pipelines.objectives.builtin` on first use and by the files of `pretrain.plugins`
+(`pipelines.objectives.plugins`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.config.schema import ExtractConfig, PretrainConfig, Range
+from pipelines.errors import ConfigError
+
+# The model variants of `pipelines.model.gpt.VARIANTS` (its tests keep them equal): which student an
+# objective trains, and so which outputs its loss can read (`logits` and `hidden` always, `concept_logits`
+# from `cocomix`).
+MODELS = ("ntp", "cocomix", "pause")
+# No `-`: stage folders `pretrain-<name>-seed<k>` split on it.
+OBJECTIVE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_SCHEMA_KEYS = frozenset(f.name for f in dataclasses.fields(PretrainConfig))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A `[pretrain]` key an objective declares itself, e.g. MTP's `mtp_coef`: set as `pretrain.mtp_coef`
+    in the file, a `--set` or a variant, checked against `accepts`, and in the fingerprint of that
+    objective's students only. Its type is its default's (an int is accepted where the default is a float)."""
+
+    default: bool | int | float | str
+    doc: str
+    accepts: Range | None = None
+
+
+@dataclass(frozen=True)
+class Need:
+    """Concept-store arrays that exist only when an extraction setting is on, and how to say so."""
+
+    key: str  # the `extract.*` setting that must be true or non-zero, e.g. `extract.store_teacher_topk`
+    example: str  # a value to set it to, e.g. `32`
+    what: str  # what the arrays are, in words: "the teacher's top-N log-probs"
+    arrays: tuple[str, ...]  # the store arrays it adds
+    flag: str = ""  # the `extract-concepts` flag that sets it, if it has one
+    when: Callable[[PretrainConfig], bool] | None = None  # needed only by students with these settings
+
+    def applies(self, p: PretrainConfig) -> bool:
+        return self.when is None or self.when(p)
+
+    def is_met(self, extract: Any) -> bool:
+        return bool(getattr(extract, self.key.removeprefix("extract.")))
+
+    def option(self) -> str:
+        """The `extract-concepts` option that turns the setting on."""
+        return self.flag or f"--set {self.key}={self.example}"
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective: what the torch-free layers need to plan, check and fingerprint its students."""
+
+    name: str
+    loss: (
+        str | type
+    )  # its loss class, a subclass of `pipelines.training.objectives.Objective`: `module:Class`
+    summary: str  # one line, for docs and messages
+    model: str = "ntp"  # the student it trains, one of `MODELS`
+    reads: tuple[str, ...] | Callable[[PretrainConfig], tuple[str, ...]] = ()  # concept-store arrays
+    owns: tuple[
+        str, ...
+    ] = ()  # fields of `[pretrain]` in the schema that only it (and others owning them) reads
+    settings: Mapping[str, Setting] = field(default_factory=dict)  # `[pretrain]` keys of its own
+    needs: tuple[Need, ...] = ()
+    # Forward FLOPs per token of what it adds to the student's (a training-only head), from the model
+    # config and the sequence length; MFU counts 3x them, as for the student.
+    extra_flops: Callable[[Any, int], float] | None = None
+    source: str = ""  # the `pretrain.plugins` file that declared it; empty for a built-in
+
+    def arrays(self, p: PretrainConfig) -> tuple[str, ...]:
+        """The concept-store arrays a student with these settings reads."""
+        return self.reads(p) if callable(self.reads) else self.reads
+
+    def unmet_needs(self, p: PretrainConfig, extract: Any) -> list[Need]:
+        return [need for need in self.needs if need.applies(p) and not need.is_met(extract)]
+
+
+# Arrays every concept store holds; the others exist when an extraction setting (a `Need`) is on.
+ALWAYS_STORED = ("concept_ids", "valid")
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+_declaring_file = ""  # the plugin file being loaded (`pipelines.objectives.plugins`): its objectives' source
+
+
+def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Add an objective; its name, model, keys and settings are checked here, once, for every caller."""
+    if _declaring_file:
+        spec = dataclasses.replace(spec, source=_declaring_file)
+    where = f"objective `{spec.name}`"
+    if not OBJECTIVE_NAME.match(spec.name):
+        raise ConfigError(f"{where}: a name is lowercase letters, digits and `_`, starting with a letter.")
+    taken = _REGISTRY.get(spec.name)
+    if taken is not None:
+        raise ConfigError(f"{where} is already declared{_by(taken)}; choose another name.")
+    if spec.model not in MODELS:
+        raise ConfigError(f"{where}: `model` ({spec.model!r}) must be one of {', '.join(MODELS)}.")
+    unknown = [key for key in spec.owns if key not in _SCHEMA_KEYS]
+    if unknown:
+        raise ConfigError(f"{where} owns {', '.join(unknown)}, which `[pretrain]` does not have.")
+    for key, setting in spec.settings.items():
+        other = declared_setting(key)
+        if key in _SCHEMA_KEYS or other is not None:
+            by = _by(other[0]) if other else " by the schema"
+            raise ConfigError(f"{where} declares `pretrain.{key}`, which is already declared{by}.")
+        if not isinstance(setting.default, (bool, int, float, str)):
+            raise ConfigError(f"{where}: `pretrain.{key}`'s default must be a bool, number or string.")
+    extract_keys = {f"extract.{f.name}" for f in dataclasses.fields(ExtractConfig)}
+    for need in spec.needs:
+        if need.key not in extract_keys:
+            raise ConfigError(f"{where} needs `{need.key}`, which `[extract]` does not have.")
+    provided = {array for need in spec.needs for array in need.arrays}
+    for array in () if callable(spec.reads) else spec.reads:
+        if array not in ALWAYS_STORED and array not in provided:
+            raise ConfigError(
+                f"{where} reads `{array}` from the concept store, which holds only "
+                f"{', '.join(ALWAYS_STORED)} unless a `Need` of the objective names the `extract.*` setting "
+                "that stores it."
+            )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_source(source: str) -> None:
+    """Forget the objectives a plugin file declared, before that file is loaded again."""
+    for name in [name for name, spec in _REGISTRY.items() if spec.source == source]:
+        del _REGISTRY[name]
+
+
+def declaring(source: str):
+    """While loading plugin file `source`: the objectives registered are stamped with it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        global _declaring_file
+        _declaring_file = source
+        try:
+            yield
+        finally:
+            _declaring_file = ""
+
+    return scope()
+
+
+def _by(spec: ObjectiveSpec) -> str:
+    return f" by {spec.source}" if spec.source else " by cocomix"
+
+
+def registered() -> dict[str, ObjectiveSpec]:
+    """Every declared objective: the built-ins first, then those of the plugins loaded so far."""
+    import pipelines.objectives.builtin  # noqa: F401  (its import registers the built-ins, once)
+
+    return _REGISTRY
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(registered())
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    spec = registered().get(name)
+    if spec is None:
+        raise ConfigError(
+            f"`pretrain.objective` ({name!r}) is not a declared objective; declared: "
+            f"{', '.join(objective_names())} (a plugin's file goes in `pretrain.plugins`)."
+        )
+    return spec
+
+
+def declared_setting(key: str) -> tuple[ObjectiveSpec, Setting] | None:
+    """The objective that declares `pretrain.<key>`, and the setting; None when none does."""
+    for spec in registered().values():
+        if key in spec.settings:
+            return spec, spec.settings[key]
+    return None
+
+
+def key_readers() -> dict[str, tuple[str, ...]]:
+    """`[pretrain]` keys that only some objectives read (fields they own, settings they declare): which."""
+    readers: dict[str, tuple[str, ...]] = {}
+    for spec in registered().values():
+        for key in (*spec.owns, *spec.settings):
+            readers[key] = (*readers.get(key, ()), spec.name)
+    return readers
+
+
+def setting_value(p: PretrainConfig, key: str) -> Any:
+    """A declared setting's value for this student: the config's, else its declared default."""
+    found = declared_setting(key)
+    if found is None:
+        raise KeyError(f"no objective declares `pretrain.{key}`")
+    return p.objective_settings.get(key, found[1].default)
+
+
+def load_loss(spec: ObjectiveSpec) -> type:
+    """The loss class the declaration names: imported here, by the trainer, and nowhere earlier."""
+    if not isinstance(spec.loss, str):
+        return spec.loss
+    module_name, _, class_name = spec.loss.partition(":")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ConfigError(
+            f"objective `{spec.name}`{_by(spec)} names its loss `{spec.loss}`, but {module_name} has no "
+            f"`{class_name}`."
+        ) from None
