@@ -126,9 +126,10 @@ class Objective:
         """Model settings the objective fixes (the concept head's width, how concepts are mixed)."""
         return {"mixing": "interleave"}
 
-    def heads(self, model_config: Any) -> dict[str, nn.Module]:
+    def heads(self, student: nn.Module) -> dict[str, nn.Module]:
         """Training-only modules the loss uses (e.g. a head on the final hidden state), made after the
-        student's own initialisation; the trainer keeps them in `student.objective_heads`."""
+        student's own initialisation; the trainer keeps them in `student.objective_heads`. The objective
+        may keep `student` to share its parts (its unembedding, `student.head`) in `auxiliary`."""
         return {}
 
     def check_store(self, store: Any, token_store: Any) -> int:

@@ -88,7 +88,7 @@ class Trainer:
         torch.manual_seed(student_seed(cfg))
         self.model = GPT(model_config)
         self.objective = data.objective
-        heads = self.objective.heads(model_config)
+        heads = self.objective.heads(self.model)
         if heads:  # after the student's initialisation, which stays what it is without them
             self.model.add_module(OBJECTIVE_HEADS, torch.nn.ModuleDict(heads))
         self.model.to(device)
