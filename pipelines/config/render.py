@@ -94,10 +94,10 @@ def field_doc(cls: type, f: dataclasses.Field) -> str:
     """A field's doc, ending with its choices when it is a `Literal` whose doc does not name them all."""
     doc = f.metadata["doc"]
     if f.metadata.get("lists_objectives"):
-        from pipelines.objectives.declaration import objective_names
+        from pipelines.objectives.declaration import registered
 
-        unnamed = [name for name in objective_names() if f"`{name}`" not in doc]
-        doc += f" Also declared: {spell_choices(tuple(unnamed))}." if unnamed else ""
+        unnamed = [f"`{s.name}` ({s.summary})" for s in registered().values() if f"`{s.name}`" not in doc]
+        doc += f" Also declared: {'; '.join(unnamed)}." if unnamed else ""
     choices = field_choices(typing.get_type_hints(cls)[f.name])
     if choices and not all(f"`{choice}`" in doc for choice in choices):
         doc += f" Choices: {spell_choices(choices)}."
