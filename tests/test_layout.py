@@ -19,14 +19,16 @@ LAYERS = {
     "errors": 0,
     "": 0,  # `pipelines` itself: the version
     "config": 1,
+    "objectives": 1,  # the objectives' declarations, which the config checks read
     "core": 2,
     **dict.fromkeys(("data", "model", "sae", "concepts", "training", "eval"), 3),
     "stages": 4,
 }
 # `workflow` chains the stages for `cocomix run`: the one stage module that may import the others.
 CHAIN = "stages.workflow"
-# What the CLI may import: stages, config and errors (and the version); never a building block.
-CLI_MAY_IMPORT = {"stages", "config", "errors", ""}
+# What the CLI may import: stages, config (and the objectives' declarations) and errors (and the version);
+# never a building block.
+CLI_MAY_IMPORT = {"stages", "config", "objectives", "errors", ""}
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -11,16 +11,19 @@ from cocomix_cli.console import console
 from cocomix_cli.context import INVOCATION, resolve_config
 from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
-from pipelines.config.schema import MODEL_PRESETS, OBJECTIVES, spell_choices
+from pipelines.config.schema import MODEL_PRESETS, spell_choices
 from pipelines.config.students import student_config, with_first_run_seed
 from pipelines.errors import ConfigError
+from pipelines.objectives.declaration import objective_names
 
 
 def pretrain(
     ctx: typer.Context,
     objective: Annotated[
         str | None,
-        typer.Option(help=f"{spell_choices(OBJECTIVES)} (`pretrain.objective`)."),
+        typer.Option(
+            help=f"{spell_choices(objective_names())}, or one of `pretrain.plugins` (`pretrain.objective`)."
+        ),
     ] = None,
     variant: Annotated[
         str | None,

@@ -37,16 +37,6 @@ DeadLatents = Literal["auxk", "resample", "off"]
 MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
 
 
-def __getattr__(name: str) -> Any:
-    # `OBJECTIVES`: the names of the declared objectives (`pipelines.objectives.declaration`), which
-    # plugins extend; a function of the registry rather than a `Literal`, so read when asked.
-    if name == "OBJECTIVES":
-        from pipelines.objectives.declaration import objective_names
-
-        return objective_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def field_choices(ftype: Any) -> tuple[Any, ...]:
     """The allowed values of a field typed `Literal[...]` or `list[Literal[...]]`; () for any other type."""
     if typing.get_origin(ftype) is list:

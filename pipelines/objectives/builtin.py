@@ -1,12 +1,11 @@
-"""The built-in objectives, one registration each: the paper's four (their losses in
-`pipelines.training.objectives`) and the controls added since, each in a module of its own.
-
-Adding a built-in objective is its module and one line here (docs/DEVELOPMENT.md, "Adding an objective").
-"""
+"""The built-in objectives, one declaration each in `BUILTIN`, registered in this order: the paper's four
+(their losses in `pipelines.training.objectives`) and the controls added since, each loss in a module of its
+own. Adding a built-in objective is its module and one entry here (docs/DEVELOPMENT.md, "Adding an
+objective")."""
 
 from __future__ import annotations
 
-from pipelines.objectives.declaration import Need, ObjectiveSpec, register_objective
+from pipelines.objectives.spec import Need, ObjectiveSpec
 
 PAPER = "pipelines.training.objectives"
 
@@ -30,8 +29,8 @@ def _cocomix_reads(p) -> tuple[str, ...]:
     return ("sae_ids", "sae_acts", "valid") if p.concept_targets == "activation" else ("concept_ids", "valid")
 
 
-register_objective(ObjectiveSpec("ntp", f"{PAPER}:Objective", "next-token prediction"))
-register_objective(
+BUILTIN: tuple[ObjectiveSpec, ...] = (
+    ObjectiveSpec("ntp", f"{PAPER}:Objective", "next-token prediction"),
     ObjectiveSpec(
         "cocomix",
         f"{PAPER}:CoCoMix",
@@ -40,9 +39,7 @@ register_objective(
         reads=_cocomix_reads,
         owns=("insert_layer", "n_concepts", "concept_k", "mixing", "concept_targets", "lam_concept"),
         needs=(SAE_TOPK,),
-    )
-)
-register_objective(
+    ),
     ObjectiveSpec(
         "kd",
         f"{PAPER}:KnowledgeDistillation",
@@ -50,10 +47,8 @@ register_objective(
         reads=("teacher_ids", "teacher_logprobs", "valid"),
         owns=("kd_coef",),
         needs=(TEACHER_TOPK,),
-    )
-)
-register_objective(
+    ),
     ObjectiveSpec(
         "pause", f"{PAPER}:Pause", "NTP with learned pause slots", model="pause", owns=("insert_layer",)
-    )
+    ),
 )

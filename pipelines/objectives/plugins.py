@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipelines.core.integrity import sha256_file
 from pipelines.errors import ConfigError, first_line
 from pipelines.objectives.declaration import declaring, unregister_source
 
@@ -32,7 +31,7 @@ def _load(path: Path, where: str) -> None:
     resolved = path.resolve()
     if not resolved.is_file():
         raise ConfigError(f"{where}: `pretrain.plugins` names {path}, which is not a file.")
-    digest = sha256_file(resolved)
+    digest = plugin_digest(str(resolved))
     if _loaded.get(resolved) == digest:
         return
     unregister_source(str(resolved))  # an edited file declares its objectives again
@@ -58,5 +57,6 @@ def _load(path: Path, where: str) -> None:
 
 
 def plugin_digest(source: str) -> str:
-    """The content hash of a plugin file, as its objectives' students fingerprint it."""
-    return sha256_file(Path(source))
+    """The content hash of a plugin file, as its objectives' students fingerprint it (a small file: read
+    whole; `core.integrity` is a layer above the config's)."""
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()

@@ -28,7 +28,6 @@ from pipelines.objectives.declaration import (
     ObjectiveSpec,
     load_loss,
     objective_spec,
-    registered,
     setting_value,
 )
 
@@ -325,10 +324,3 @@ def objective_for(cfg: Config, online: tuple[Any, Any] | None = None) -> Objecti
         return OnlineCoCoMix(cfg, *online)
     spec = objective_spec(cfg.pretrain.objective)
     return load_loss(spec).for_config(cfg, spec)
-
-
-def __getattr__(name: str) -> Any:
-    # `OBJECTIVES`: each declared objective's loss class, by name (imported when asked, as the trainer does).
-    if name == "OBJECTIVES":
-        return {spec.name: load_loss(spec) for spec in registered().values()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
