@@ -3,14 +3,15 @@
     python benchmarks/study.py                 # both phases (about 45 min on 2 CPU cores)
     python benchmarks/study.py --phase 1       # the selection only
 
-Phase 1 (selection) runs `configs/study.toml` as written: NTP and the CoCoMix variants of `run.objectives`,
-seeds 0 and 1, scored on the val blocks only. The CoCoMix variant with the lowest mean val perplexity is
-chosen, by this script, from those numbers alone. Phase 2 (the result) trains NTP, KD and the chosen variant
-with seeds 0-4 (phase 1's students are reused, as their settings are unchanged) and scores them on text no
-choice saw: a Shakespeare play `prepare` never read and Milton's shorter poems. Both phases are `cocomix run`
-on the same run folder, so every stage the phases share runs once, and running this script again changes
-nothing and prints the same numbers. Each phase's summary is kept as `phase<N>-summary.json` and
-`phase<N>-report.md` in the run folder; `study.json` holds the choice and the final comparison.
+Phase 1 (selection) runs `configs/study.toml` as written: NTP, the CoCoMix variants of `run.objectives` and
+multi-token prediction (`mtp_coef1`, a control that is never a candidate), seeds 0 and 1, scored on the val
+blocks only. The CoCoMix variant with the lowest mean val perplexity is chosen, by this script, from those
+numbers alone. Phase 2 (the result) trains NTP, KD, the chosen variant and MTP with seeds 0-4 (phase 1's
+students are reused, as their settings are unchanged) and scores them on text no choice saw: a Shakespeare
+play `prepare` never read and Milton's shorter poems. Both phases are `cocomix run` on the same run folder,
+so every stage the phases share runs once, and running this script again changes nothing and prints the same
+numbers. Each phase's summary is kept as `phase<N>-summary.json` and `phase<N>-report.md` in the run folder;
+`study.json` holds the choice and the final comparison.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "study.toml"
 RUN_DIR = REPO / "runs" / "study"
 FINAL_SEEDS = [0, 1, 2, 3, 4]
+MTP = "mtp_coef1"  # multi-token prediction, the control: trained in both phases, never a candidate
 # Held out from every choice: `prepare` stops after 64,000 tokens of the plays in file order (All's Well and
 # part of Antony and Cleopatra), so The Tempest is never trained on; Milton's shorter poems (L'Allegro,
 # Il Penseroso, Comus, Lycidas) are out of domain. About 30,000 and 20,000 tokens: each scores in seconds.
@@ -50,7 +52,15 @@ def keep(phase: int) -> dict:
 
 def choose(summary: dict) -> str:
     """The CoCoMix variant with the lowest mean val perplexity over phase 1's seeds."""
-    candidates = {n: s for n, s in summary["objectives"].items() if n != "ntp"}
+    from pipelines.config.loading import load_config
+    from pipelines.config.students import student_config
+
+    cfg = load_config(CONFIG)
+    candidates = {
+        n: s
+        for n, s in summary["objectives"].items()
+        if student_config(cfg, n).pretrain.objective == "cocomix"
+    }
     return min(candidates, key=lambda n: candidates[n]["val_ppl"])
 
 
@@ -71,10 +81,10 @@ def main() -> None:
     tasks = ["ppl", *HELD_OUT.values()]
     cocomix(
         "run",
-        "--set", f"run.objectives={json.dumps(['ntp', 'kd', chosen])}",
+        "--set", f"run.objectives={json.dumps(['ntp', 'kd', chosen, MTP])}",
         "--set", f"run.seeds={json.dumps(FINAL_SEEDS)}",
         "--set", f"eval.tasks={json.dumps(tasks)}",
-        "--set", 'run.baselines=["ntp", "kd"]',
+        "--set", f"run.baselines={json.dumps(['ntp', 'kd', chosen])}",
     )  # fmt: skip
     final = keep(2)
     result = {
@@ -86,6 +96,7 @@ def main() -> None:
         "final": final["objectives"],
         "final_paired": final["paired_with"]["ntp"],
         "final_paired_with_kd": final["paired_with"]["kd"][chosen],
+        "final_paired_with_chosen": final["paired_with"][chosen],
         "held_out": HELD_OUT,
         "wall_s": round(time.monotonic() - started, 1),
     }

@@ -289,7 +289,7 @@ def test_run_objectives_with_an_unknown_entry_is_refused_naming_it():
         load_config(None, ['run.objectives=["ntp", "bogus"]'])
     assert str(info.value) == (
         '--set run.objectives=["ntp", "bogus"]: `run.objectives` names `bogus`, which is neither an '
-        "objective (`ntp`, `cocomix`, `kd` or `pause`) nor a `[run.variants.NAME]`."
+        "objective (`ntp`, `cocomix`, `kd`, `pause` or `mtp`) nor a `[run.variants.NAME]`."
     )
     assert load_config(None, ["run.objectives=ntp,kd"]).run.objectives == ["ntp", "kd"]
 
@@ -438,7 +438,7 @@ ONLY_PRETRAIN = "a variant overrides `pretrain.*` keys only"
     [
         (
             'objective = "bogus"',
-            "`run.variants.v` needs `objective` = `ntp`, `cocomix`, `kd` or `pause`, got 'bogus'.",
+            "`run.variants.v` needs `objective` = `ntp`, `cocomix`, `kd`, `pause` or `mtp`, got 'bogus'.",
         ),
         (
             'objective = "cocomix"\n"extract.attribution" = "paper"',

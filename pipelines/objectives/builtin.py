@@ -5,7 +5,8 @@ objective")."""
 
 from __future__ import annotations
 
-from pipelines.objectives.spec import Need, ObjectiveSpec
+from pipelines.config.schema import NON_NEGATIVE
+from pipelines.objectives.spec import Need, ObjectiveSpec, Setting
 
 PAPER = "pipelines.training.objectives"
 
@@ -50,5 +51,17 @@ BUILTIN: tuple[ObjectiveSpec, ...] = (
     ),
     ObjectiveSpec(
         "pause", f"{PAPER}:Pause", "NTP with learned pause slots", model="pause", owns=("insert_layer",)
+    ),
+    ObjectiveSpec(
+        "mtp",
+        "pipelines.training.mtp:MultiTokenPrediction",
+        "NTP + mtp_coef x the loss of a head that predicts token t+2 (Gloeckle et al., 2024)",
+        settings={
+            "mtp_coef": Setting(0.1, "MTP: weight of the loss of token t+2 (as `lam_concept`).", NON_NEGATIVE)
+        },
+        # One block on T tokens, then the shared unembedding (`pipelines.model.flops`' terms).
+        extra_flops=lambda c, seq_len: (
+            24 * c.n_embd**2 + 4 * c.n_embd * seq_len + 2 * c.n_embd * c.vocab_size
+        ),
     ),
 )
