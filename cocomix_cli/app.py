@@ -244,9 +244,9 @@ STAGE_COMMANDS = {
 }
 
 app.command("run")(run_cmd.run)
-for spec in workflow.stage_specs():
-    if spec.command is not None:
-        app.command(spec.command)(STAGE_COMMANDS[spec.step])
+for _stage in workflow.stage_specs():
+    if _stage.command is not None:
+        app.command(_stage.command)(STAGE_COMMANDS[_stage.step])
 app.command("export")(export_cmd.export)
 app.command("status")(status_cmd.status)
 app.add_typer(concepts_cmd.app, name="concepts")

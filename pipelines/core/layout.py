@@ -1,7 +1,8 @@
 """The run folder's layout: every stage folder and every file other stages read, named once.
 
 A run folder holds `run.json` and one subfolder per stage; each stage folder has a `manifest.json`. Code that
-needs a stage or file name takes it from here, so that renaming one is a one-line change.
+needs a stage or file name takes it from here, so that renaming one is a one-line change (a stage's folder is
+declared with the stage, in `stage_registry`).
 """
 
 from __future__ import annotations

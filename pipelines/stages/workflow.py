@@ -7,7 +7,8 @@ an objective or a `[run.variants.NAME]`, once per seed of `run.seeds`; `pipeline
 rules of the single commands hold: a finished stage with the same fingerprint is skipped, an interrupted one
 resumes, one whose inputs changed is refused with the differences. The report (`summary.json`, `report.md`,
 `loss_curves.png` in the run folder) is rebuilt from the stages' files, so an interrupted and resumed run
-reports what an uninterrupted one does.
+reports what an uninterrupted one does. The steps, and the functions below that plan and run each, are
+declared in `pipelines.core.stage_registry`.
 """
 
 from __future__ import annotations
