@@ -40,6 +40,7 @@ from cocomix_cli.interrupts import (
 )
 from pipelines import __version__
 from pipelines.errors import CocomixError, OtherRankError
+from pipelines.stages import workflow
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -231,13 +232,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Each stage's own command, by the step it runs; the command's name is the step's declaration
+# (`pipelines.core.stage_registry`).
+STAGE_COMMANDS = {
+    "prepare": prepare_cmd.prepare,
+    "train-sae": train_sae_cmd.train_sae,
+    "extract-concepts": extract_cmd.extract_concepts,
+    "pretrain": pretrain_cmd.pretrain,
+    "eval": eval_cmd.evaluate,
+    "steer": steer_cmd.steer,
+}
+
 app.command("run")(run_cmd.run)
-app.command("prepare")(prepare_cmd.prepare)
-app.command("train-sae")(train_sae_cmd.train_sae)
-app.command("extract-concepts")(extract_cmd.extract_concepts)
-app.command("pretrain")(pretrain_cmd.pretrain)
-app.command("eval")(eval_cmd.evaluate)
-app.command("steer")(steer_cmd.steer)
+for _stage in workflow.stage_specs():
+    if _stage.command is not None:
+        app.command(_stage.command)(STAGE_COMMANDS[_stage.step])
 app.command("export")(export_cmd.export)
 app.command("status")(status_cmd.status)
 app.add_typer(concepts_cmd.app, name="concepts")

@@ -15,15 +15,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Commands whose rerun resumes them, each with the flag the rerun needs (None: the same command).
-RESUME_FLAGS: dict[str, str | None] = {
-    "run": None,
-    "prepare": None,
-    "train-sae": None,
-    "extract-concepts": None,
-    "eval": None,  # scores only what its cache lacks
-    "pretrain": "--resume",
-}
+
+def resume_flags() -> dict[str, str | None]:
+    """Commands whose rerun resumes them, each with the flag the rerun needs (None: the same command):
+    `cocomix run`, and each stage's own command that its declaration says resumes."""
+    from pipelines.stages.workflow import stage_specs
+
+    return {"run": None, **{s.command: s.resume_flag for s in stage_specs() if s.command and s.resumes}}
+
+
 # Flags that must not be repeated to resume: `--force` starts the stage over.
 NOT_TO_REPEAT = ("--force",)
 
@@ -47,10 +47,11 @@ def resume_command(invocation: Invocation | None) -> str | None:
     The command comes first, then the flag resuming needs, then the rest as typed (global options after the
     command are accepted), e.g. `cocomix pretrain --resume --objective kd --set pretrain.lr=0.001`.
     """
-    if invocation is None or invocation.command not in RESUME_FLAGS:
+    flags = resume_flags()
+    if invocation is None or invocation.command not in flags:
         return None
     name, *own = invocation.command_args
-    flag = RESUME_FLAGS[name]
+    flag = flags[name]
     kept = [arg for arg in own if arg not in NOT_TO_REPEAT]
     if flag is not None and flag not in kept:
         kept.insert(0, flag)

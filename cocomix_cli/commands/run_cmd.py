@@ -12,9 +12,10 @@ from rich.table import Table
 
 from cocomix_cli.console import console
 from cocomix_cli.context import resolve_config
+from pipelines.stages import workflow
 
 ACTION_STYLES = {"skip": "green", "resume": "yellow", "run": "cyan", "refuse": "red"}
-STEP_NAMES = "prepare, train-sae, extract-concepts, pretrain, eval, steer, report"
+STEP_NAMES = ", ".join(workflow.steps())
 
 
 def run(
@@ -39,8 +40,6 @@ def run(
     t-interval; the run folder gets summary.json, report.md and loss_curves.png.
     """
     cfg = resolve_config(ctx)
-    from pipelines.stages import workflow
-
     if dry_run:
         rows = workflow.plan(cfg, start, until)
         if as_json:

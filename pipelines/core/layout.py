@@ -1,7 +1,8 @@
 """The run folder's layout: every stage folder and every file other stages read, named once.
 
 A run folder holds `run.json` and one subfolder per stage; each stage folder has a `manifest.json`. Code that
-needs a stage or file name takes it from here, so that renaming one is a one-line change.
+needs a stage or file name takes it from here, so that renaming one is a one-line change (a stage's folder is
+declared with the stage, in `stage_registry`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pipelines.core.stage_registry import spec_of_folder, stage_folder
 from pipelines.objectives.declaration import objective_names
 
 RUN_MARKER = "run.json"
@@ -17,8 +19,10 @@ RUN_MARKER = "run.json"
 MANIFEST = "manifest.json"
 
 
-# Stage folders and the outputs other stages read from them: named here once.
-PREPARE_STAGE, TRAIN_SAE_STAGE, EXTRACT_STAGE = "prepare", "train-sae", "extract-concepts"
+# Stage folders (declared with their stages in `stage_registry`) and the outputs other stages read from them.
+PREPARE_STAGE = stage_folder("prepare")
+TRAIN_SAE_STAGE = stage_folder("train-sae")
+EXTRACT_STAGE = stage_folder("extract-concepts")
 
 
 TOKENS_STORE = "tokens.zarr"  # in prepare/
@@ -34,7 +38,8 @@ FINAL_MODEL = "model"  # in each pretrain-OBJECTIVE/
 HF_MODEL = "hf"  # beside it: the same student as a transformers folder (`pipelines.model.hf_export`)
 
 
-EVAL_STAGE = "eval"
+EVAL_STAGE = stage_folder("eval")
+STEER_STAGE = stage_folder("steer")
 DICTIONARY_STAGE = "concepts"  # `cocomix concepts build` writes its dictionary here
 
 
@@ -77,7 +82,8 @@ def student_stage(cfg, online_teacher: bool = False) -> str:
 
 def stage_command(stage: str) -> str:
     """The command that (re)makes a stage folder: `pretrain-kd` is `cocomix pretrain --objective kd`, a
-    variant's `pretrain-cocomix_add-seed1` is `cocomix pretrain --variant cocomix_add --seed 1`."""
+    variant's `pretrain-cocomix_add-seed1` is `cocomix pretrain --variant cocomix_add --seed 1`, a stage that
+    has no command of its own is `cocomix run --from STEP --until STEP`."""
     if stage.startswith("pretrain-"):
         name, *suffixes = stage.removeprefix("pretrain-").split("-")
         flag = "--objective" if name in objective_names() else "--variant"
@@ -88,7 +94,10 @@ def stage_command(stage: str) -> str:
             elif suffix.startswith("seed"):
                 command += f" --seed {suffix.removeprefix('seed')}"
         return command
-    return f"cocomix {stage}"
+    spec = spec_of_folder(stage)
+    if spec is not None and spec.command is None:
+        return f"cocomix run --from {spec.step} --until {spec.step}"
+    return f"cocomix {spec.command if spec else stage}"
 
 
 _SEEDED_STAGE = re.compile(r"^pretrain-.+-seed(\d+)$")

@@ -26,7 +26,7 @@ from pipelines.core import stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.files import atomic_write_bytes, atomic_write_json, read_json
 from pipelines.core.fingerprints import input_files
-from pipelines.core.layout import TOKENS_STORE
+from pipelines.core.layout import PREPARE_STAGE, TOKENS_STORE
 from pipelines.core.session import StageResult, StageSession, known_files
 from pipelines.data.corpus import Corpus, resolve_corpus
 from pipelines.data.token_store import TOKEN_SPLITS, chunk_rows, create_token_store, token_dtype
@@ -35,7 +35,7 @@ from pipelines.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
-STAGE = "prepare"
+STAGE = PREPARE_STAGE
 RESUME_FILE = "resume.json"
 
 

@@ -17,7 +17,7 @@ from pipelines.config.render import to_toml
 from pipelines.config.schema import Config
 from pipelines.config.students import students
 from pipelines.core.files import atomic_write_bytes, read_json
-from pipelines.core.layout import MANIFEST, eval_results_path, student_stage
+from pipelines.core.layout import EVAL_STAGE, MANIFEST, STEER_STAGE, eval_results_path, student_stage
 from pipelines.core.plot import line_chart
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
@@ -71,8 +71,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         if state["status"] != "not started":
             stages[state["stage"]] = {"status": state["status"], "wall_s": state.get("elapsed_s")}
     if results.get("results"):
-        stages["eval"] = {"status": "complete", "wall_s": results.get("seconds")}
-    demo = read_json(run_dir / "steer" / "demo.json")
+        stages[EVAL_STAGE] = {"status": "complete", "wall_s": results.get("seconds")}
+    demo = read_json(run_dir / STEER_STAGE / "demo.json")
     return {
         "run_dir": str(run_dir),
         "seeds": sorted({seed for folders in by_name.values() for seed in folders}),

@@ -23,13 +23,20 @@ from pipelines.config.schema import Config
 from pipelines.config.students import first_student
 from pipelines.core.files import atomic_write_json
 from pipelines.core.fingerprints import fingerprint_fields
-from pipelines.core.layout import CONCEPTS_STORE, EXTRACT_STAGE, FINAL_MODEL, stage_command, student_stage
+from pipelines.core.layout import (
+    CONCEPTS_STORE,
+    EXTRACT_STAGE,
+    FINAL_MODEL,
+    STEER_STAGE,
+    stage_command,
+    student_stage,
+)
 from pipelines.core.session import StageResult, StageSession, Upstream, finished_output, finished_upstream
 from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGE = "steer"
+STAGE = STEER_STAGE
 DEMO = "demo.json"
 
 

@@ -17,13 +17,13 @@ from pipelines.core import stage_inputs
 from pipelines.core.assets import resolve_assets
 from pipelines.core.devices import resolve_device
 from pipelines.core.fingerprints import input_files
-from pipelines.core.layout import TRAINED_SAE
+from pipelines.core.layout import TRAIN_SAE_STAGE, TRAINED_SAE
 from pipelines.core.session import StageResult, StageSession, known_files
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import ConfigError, InputError
 from pipelines.sae.trainer import SaeTrainer
 
-STAGE = "train-sae"
+STAGE = TRAIN_SAE_STAGE
 
 
 def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResult:

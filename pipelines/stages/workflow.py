@@ -7,7 +7,8 @@ an objective or a `[run.variants.NAME]`, once per seed of `run.seeds`; `pipeline
 rules of the single commands hold: a finished stage with the same fingerprint is skipped, an interrupted one
 resumes, one whose inputs changed is refused with the differences. The report (`summary.json`, `report.md`,
 `loss_curves.png` in the run folder) is rebuilt from the stages' files, so an interrupted and resumed run
-reports what an uninterrupted one does.
+reports what an uninterrupted one does. The steps, and the functions below that plan and run each, are
+declared in `pipelines.core.stage_registry`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pipelines.core.files import read_json
 from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_stage
 from pipelines.core.locks import writer_holders
 from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs
+from pipelines.core.stage_registry import StagePlan, StageSpec, load, stage_spec, stage_specs, steps
 from pipelines.errors import ConfigError
 from pipelines.objectives.declaration import objective_spec
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prepare", "train-sae", "extract-concepts", "pretrain", "eval", "steer", "report")
 BEING_WRITTEN = "being written by"  # the state of a stage another process writes, before its lock holders
 
 
@@ -38,12 +39,12 @@ BEING_WRITTEN = "being written by"  # the state of a stage another process write
 class PlannedStage:
     """One row of the plan: a stage folder, what is on disk, and what `cocomix run` will do with it."""
 
-    step: str  # one of STEPS (`--from` / `--until` name these)
+    step: str  # one of `steps()` (`--from` / `--until` name these)
     stage: str  # its folder in the run, e.g. `pretrain-cocomix`
     state: str  # on disk: `not started`, `interrupted`, `complete`, `complete, but data.x changed`, ...
     action: str  # skip, resume, run, refuse
     detail: str
-    # For schedulers (configs/slurm/submit.sh): the command that makes the stage, and the stage whose
+    # For schedulers (configs/slurm/submit.sh): the command that makes the stage, and the step whose
     # outputs it waits for (`""` for none). Eval, steer and report are `cocomix run --from eval`.
     command: str = ""
     after: str = ""
@@ -53,21 +54,17 @@ def plan(cfg: Config, first: str | None = None, last: str | None = None) -> list
     """The stages `cocomix run` would execute, with their state on disk; reads only manifests."""
     run_dir = Path(cfg.run.dir)
     selected = _selected_steps(first, last)
-    rows = []
     stages = _stages(cfg)
-    upstream = [stage for _, stage, *_ in stages if stage in ("prepare", "train-sae")]
-    for step, stage, detail, inputs, reads_concepts in stages:
-        if step not in selected:
+    planned = {spec.step for spec, _ in stages}
+    rows = []
+    for spec, made in stages:
+        if spec.step not in selected:
             continue
-        state, action = _state(run_dir, step, stage, inputs)
-        command = stage_command(stage) if step in STEPS[:4] else "cocomix run --from eval"
-        after = {
-            "prepare": "",
-            "train-sae": "prepare",
-            "extract-concepts": upstream[-1],
-            "pretrain": "extract-concepts" if reads_concepts else "prepare",
-        }.get(step, "pretrain")
-        rows.append(PlannedStage(step, stage, state, action, detail, command, after))
+        stage = made.folder or spec.folder
+        state, action = _state(run_dir, spec, stage, made.inputs)
+        command = spec.job or stage_command(stage)
+        after = _waits_for(spec.after if made.after is None else made.after, planned)
+        rows.append(PlannedStage(spec.step, stage, state, action, made.detail, command, after))
     return rows
 
 
@@ -78,7 +75,7 @@ def execute(
     progress: bool = True,
     announce: Callable[[int, int, PlannedStage], None] = lambda i, n, row: None,
 ) -> dict[str, Any] | None:
-    """Run the planned stages; returns the run summary when the report step ran."""
+    """Run the planned stages; returns the run summary when the last step (the report) ran."""
     rows = plan(cfg, first, last)
     refused = [r for r in rows if r.action == "refuse"]
     if refused:
@@ -95,25 +92,22 @@ def execute(
     summary = None
     for index, row in enumerate(rows, start=1):
         announce(index, len(rows), row)
-        summary = _RUNNERS[row.step](cfg, row, progress)
-    return summary if rows and rows[-1].step == "report" else None
+        summary = load(stage_spec(row.step).runner)(cfg, row, progress)
+    return summary if rows and rows[-1].step == steps()[-1] else None
 
 
 # --- what runs ---------------------------------------------------------------------------------------
 
 
-def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
-    """(step, stage folder, description, config inputs recorded in its manifest, whether it reads the
-    concepts) in run order.
+def _stages(cfg: Config) -> list[tuple[StageSpec, StagePlan]]:
+    """Each registered step with each folder its planner makes for this config, in run order.
 
     Descriptions and inputs come from the config as written: a `pypi:` spec and the local files it resolves
     to have the same fingerprint value, so a plan made before the package is fetched (or after the asset
     cache moved) agrees with the manifests.
     """
-    from pipelines.core import stage_inputs
-
     trained = students(cfg)
-    reading = [s for s in trained if objective_spec(s.objective).arrays(s.cfg.pretrain)]  # concepts.zarr
+    reading = [s for s in trained if _reads_concepts(s)]
     needs_concepts = bool(reading)
     for student in reading:
         for need in objective_spec(student.objective).unmet_needs(student.cfg.pretrain, cfg.extract):
@@ -125,92 +119,34 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
     if needs_concepts and not cfg.teacher.model:
         names = ", ".join(dict.fromkeys(s.objective for s in reading))
         raise ConfigError(f"`run.objectives` has {names}, which needs a teacher: set `teacher.model`.")
-    d, s = cfg.data, cfg.sae
-    stages = [
-        (
-            "prepare",
-            "prepare",
-            f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks"
-            + (f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""),
-            stage_inputs.prepare(cfg),
-            False,
-        )
-    ]
-    if needs_concepts and not s.path:
-        stages.append(
-            (
-                "train-sae",
-                "train-sae",
-                f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
-                f"layer {cfg.teacher.layer}",
-                stage_inputs.train_sae(cfg),
-                False,
-            )
-        )
-    if needs_concepts:
-        sae = f"SAE {s.path}" if s.path else "the SAE trained in this run"
-        stages.append(
-            (
-                "extract-concepts",
-                "extract-concepts",
-                f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}",
-                stage_inputs.extract_concepts(cfg),
-                False,
-            )
-        )
-    for student in trained:
-        sp = student.cfg.pretrain
-        inputs = stage_inputs.pretrain(student.cfg)
-        steps = f"{sp.max_steps:,} steps of {_batch_text(sp, d.block_size)}"
-        seed = f", seed {student.seed}" if student.seed is not None else ""
-        what = f"{student.name} ({sp.objective})" if sp.variant else student.name
-        detail = f"{what} student{seed}, preset {sp.preset}, {steps}"
-        reads_concepts = student in reading
-        stages.append(("pretrain", student_stage(student.cfg), detail, inputs, reads_concepts))
-    tasks = ", ".join(cfg.eval.tasks)
-    names = ", ".join(cfg.run.objectives)
-    seeds = f" x seeds {', '.join(map(str, cfg.run.seeds))}" if cfg.run.seeds else ""
-    stages.append(("eval", "eval", f"{tasks} for {names}{seeds}", {}, False))
-    demo = first_student(cfg, "cocomix")
-    if demo is not None:
-        stages.append(
-            (
-                "steer",
-                "steer",
-                f"inspect and sweep {cfg.steer.demo_scales} on {student_stage(demo.cfg)}",
-                {},
-                False,
-            )
-        )
-    stages.append(("report", "report", "summary.json, report.md, loss_curves.png", {}, False))
-    return stages
+    return [(spec, made) for spec in stage_specs() for made in load(spec.planner)(cfg)]
 
 
-def _batch_text(p, block_size: int) -> str:
-    if p.global_batch_blocks:
-        tokens = p.max_steps * p.global_batch_blocks * block_size
-        return f"{p.global_batch_blocks:,} blocks ({tokens:,} tokens)"
-    return f"{p.batch_blocks * p.grad_accum:,} blocks per rank"
+def _waits_for(step: str, planned: set[str]) -> str:
+    """`step`, or when the run leaves it out, the step it waits for in turn (extract-concepts waits for
+    prepare when the SAE is not trained in the run)."""
+    while step and step not in planned:
+        step = stage_spec(step).after
+    return step
 
 
 def _selected_steps(first: str | None, last: str | None) -> set[str]:
+    order = steps()
     for name, value in (("--from", first), ("--until", last)):
-        if value is not None and value not in STEPS:
-            raise ConfigError(f"{name} {value!r} is not a step; choose from {', '.join(STEPS)}.")
-    start = STEPS.index(first) if first else 0
-    stop = STEPS.index(last) if last else len(STEPS) - 1
+        if value is not None and value not in order:
+            raise ConfigError(f"{name} {value!r} is not a step; choose from {', '.join(order)}.")
+    start = order.index(first) if first else 0
+    stop = order.index(last) if last else len(order) - 1
     if start > stop:
         raise ConfigError(
-            f"--from {first} comes after --until {last}; steps run in the order {', '.join(STEPS)}."
+            f"--from {first} comes after --until {last}; steps run in the order {', '.join(order)}."
         )
-    return set(STEPS[start : stop + 1])
+    return set(order[start : stop + 1])
 
 
-def _state(run_dir: Path, step: str, stage: str, inputs: dict[str, Any]) -> tuple[str, str]:
-    if step == "report":
-        return "-", "run"
-    if step == "eval":
-        return "cached per model and task", "run"  # only what the cache lacks is scored
+def _state(run_dir: Path, spec: StageSpec, stage: str, inputs: dict[str, Any]) -> tuple[str, str]:
+    if spec.state is not None:
+        return spec.state, "run"
     manifest = read_json(run_dir / stage / MANIFEST)
     if manifest is None:
         if holds_orphan_outputs(run_dir / stage):
@@ -239,28 +175,93 @@ def student_stages(cfg: Config) -> list[str]:
     return [student_stage(s.cfg) for s in students(cfg)]
 
 
-# --- the steps ---------------------------------------------------------------------------------------
+def _reads_concepts(student) -> bool:
+    """Whether the student's objective reads concepts.zarr (its declaration's store arrays)."""
+    return bool(objective_spec(student.objective).arrays(student.cfg.pretrain))
 
 
-def _prepare(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def _needs_concepts(cfg: Config) -> bool:
+    return any(_reads_concepts(s) for s in students(cfg))
+
+
+# --- the steps: what each makes for a config (`plan_*`) and how `cocomix run` makes it (`run_*`) --------
+# Named by their declarations in `pipelines.core.stage_registry`.
+
+
+def plan_prepare(cfg: Config) -> list[StagePlan]:
+    from pipelines.core import stage_inputs
+
+    d = cfg.data
+    detail = f"tokenize {d.source} with {d.tokenizer} into {d.block_size}-token blocks" + (
+        f" (first {d.max_tokens:,} tokens)" if d.max_tokens else ""
+    )
+    return [StagePlan(detail, stage_inputs.prepare(cfg))]
+
+
+def run_prepare(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import prepare
 
     prepare.run(cfg, progress=progress)
 
 
-def _train_sae(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def plan_train_sae(cfg: Config) -> list[StagePlan]:
+    from pipelines.core import stage_inputs
+
+    s = cfg.sae
+    if not _needs_concepts(cfg) or s.path:
+        return []
+    detail = (
+        f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
+        f"layer {cfg.teacher.layer}"
+    )
+    return [StagePlan(detail, stage_inputs.train_sae(cfg))]
+
+
+def run_train_sae(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import train_sae
 
     train_sae.run(cfg, progress=progress)
 
 
-def _extract(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def plan_extract(cfg: Config) -> list[StagePlan]:
+    from pipelines.core import stage_inputs
+
+    if not _needs_concepts(cfg):
+        return []
+    sae = f"SAE {cfg.sae.path}" if cfg.sae.path else "the SAE trained in this run"
+    detail = f"top-{cfg.extract.concepts_per_token} concepts per token from {sae}"
+    return [StagePlan(detail, stage_inputs.extract_concepts(cfg))]
+
+
+def run_extract(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import extract
 
     extract.run(cfg, progress=progress)
 
 
-def _pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def plan_pretrain(cfg: Config) -> list[StagePlan]:
+    from pipelines.core import stage_inputs
+
+    made = []
+    for student in students(cfg):
+        sp = student.cfg.pretrain
+        schedule = f"{sp.max_steps:,} steps of {_batch_text(sp, cfg.data.block_size)}"
+        seed = f", seed {student.seed}" if student.seed is not None else ""
+        what = f"{student.name} ({sp.objective})" if sp.variant else student.name
+        detail = f"{what} student{seed}, preset {sp.preset}, {schedule}"
+        after = None if _reads_concepts(student) else "prepare"  # NTP needs no concepts
+        made.append(StagePlan(detail, stage_inputs.pretrain(student.cfg), student_stage(student.cfg), after))
+    return made
+
+
+def _batch_text(p, block_size: int) -> str:
+    if p.global_batch_blocks:
+        tokens = p.max_steps * p.global_batch_blocks * block_size
+        return f"{p.global_batch_blocks:,} blocks ({tokens:,} tokens)"
+    return f"{p.batch_blocks * p.grad_accum:,} blocks per rank"
+
+
+def run_pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import pretrain
 
     (student,) = [s for s in students(cfg) if student_stage(s.cfg) == row.stage]
@@ -269,7 +270,14 @@ def _pretrain(cfg: Config, row: PlannedStage, progress: bool) -> None:
         raise KeyboardInterrupt
 
 
-def _eval(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def plan_eval(cfg: Config) -> list[StagePlan]:
+    tasks = ", ".join(cfg.eval.tasks)
+    names = ", ".join(cfg.run.objectives)
+    seeds = f" x seeds {', '.join(map(str, cfg.run.seeds))}" if cfg.run.seeds else ""
+    return [StagePlan(f"{tasks} for {names}{seeds}")]
+
+
+def run_eval(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import evaluate
 
     evaluate.run(_eval_config(cfg), progress=progress)
@@ -282,24 +290,24 @@ def _eval_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, models=models))
 
 
-def _steer(cfg: Config, row: PlannedStage, progress: bool) -> None:
+def plan_steer(cfg: Config) -> list[StagePlan]:
+    demo = first_student(cfg, "cocomix")
+    if demo is None:
+        return []
+    return [StagePlan(f"inspect and sweep {cfg.steer.demo_scales} on {student_stage(demo.cfg)}")]
+
+
+def run_steer(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import steer
 
     steer.run(cfg)
 
 
-def _report(cfg: Config, row: PlannedStage, progress: bool) -> dict[str, Any]:
+def plan_report(cfg: Config) -> list[StagePlan]:
+    return [StagePlan("summary.json, report.md, loss_curves.png")]
+
+
+def run_report(cfg: Config, row: PlannedStage, progress: bool) -> dict[str, Any]:
     from pipelines.stages import report
 
     return report.write(cfg)
-
-
-_RUNNERS: dict[str, Callable[[Config, PlannedStage, bool], Any]] = {
-    "prepare": _prepare,
-    "train-sae": _train_sae,
-    "extract-concepts": _extract,
-    "pretrain": _pretrain,
-    "eval": _eval,
-    "steer": _steer,
-    "report": _report,
-}
