@@ -443,3 +443,38 @@ def test_a_kill_across_a_resampling_event_then_resume_gives_the_same_final_weigh
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
 
     assert rows(setup / "run") == rows(setup / "clean/run")
+
+
+# --- SAE families and `sae.architecture` ----------------------------------------------------------------
+
+
+def test_the_architecture_key_changes_no_fingerprint_of_a_topk_run(setup, monkeypatch):
+    """`sae.architecture` is left out of train-sae's inputs at `topk`: the fingerprint is the one computed at
+    296d566, before the key existed, so a train-sae finished then stays complete; naming `topk` explicitly
+    is the same run."""
+    from pipelines.core import stage_inputs
+    from pipelines.core.fingerprints import fingerprint
+
+    monkeypatch.chdir(setup / "teacher")  # no cocomix.toml: the built-in defaults
+    settings = ["sae.latents=256", "sae.k=4", "teacher.model=gpt2"]
+    for extra in ([], ["sae.architecture=topk"]):
+        inputs = stage_inputs.train_sae(load_config(None, [*settings, *extra]))
+        assert "sae.architecture" not in inputs
+        assert fingerprint(inputs) == "c425d2b7bb835e2e"  # 296d566's
+
+    first = run_stage(setup, overrides(setup))
+    manifest = json.loads((setup / "run/train-sae/manifest.json").read_text())
+    assert "sae.architecture" not in manifest["inputs"] and manifest["status"] == "complete"
+    again = run_stage(setup, overrides(setup, **{"sae.architecture": "topk"}))
+    assert again.up_to_date and again.fingerprint == first.fingerprint
+
+
+def test_an_unknown_or_untrainable_architecture_is_one_line_listing_the_families(setup, cocomix):
+    for name in ("gated", "relu"):
+        args = [a for o in overrides(setup, **{"sae.architecture": name}) for a in ("--set", o)]
+        result = cocomix(*args, "train-sae")
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert (
+            f"`sae.architecture` ('{name}') must be an SAE family `train-sae` trains: `topk`" in result.stderr
+        )
+        assert "register yours in `pipelines/sae/families.py`" in result.stderr

@@ -1,4 +1,4 @@
-"""`cocomix train-sae`: a TopK SAE on the teacher's hook, into `<run.dir>/train-sae/sae` (SAELens format)."""
+"""`cocomix train-sae`: an SAE on the teacher's hook, into `<run.dir>/train-sae/sae` (SAELens format)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def train_sae(
     force: Force = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a TopK sparse autoencoder on the teacher's activations (Gao et al. recipe; dead latents
-    resampled by default, `sae.dead_latents`); resumable."""
+    """Train a sparse autoencoder (`sae.architecture`: TopK by default) on the teacher's activations (Gao et
+    al. recipe; dead latents resampled by default, `sae.dead_latents`); resumable."""
     cfg = resolve_config(ctx, {"sae.device": device})
     from pipelines.stages import train_sae as stage
 
@@ -28,9 +28,9 @@ def train_sae(
         result,
         as_json,
         lambda s: (
-            f"{s['latents']} latents, k={s['k']}, {s['tokens']:,} tokens -> {s['sae']}: FVU {s['fvu']:.4f}, "
-            f"L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%} ({s.get('resampled', 0):,} restarts), "
-            f"loss {s['loss_clean']:.3f} -> "
+            f"{s['architecture']} SAE, {s['latents']} latents, k={s['k']}, {s['tokens']:,} tokens -> "
+            f"{s['sae']}: FVU {s['fvu']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%} "
+            f"({s.get('resampled', 0):,} restarts), loss {s['loss_clean']:.3f} -> "
             f"{s['loss_spliced']:.3f} spliced ({s['loss_zero_ablation']:.3f} zeroed)"
         ),
     )

@@ -1,6 +1,7 @@
-"""The TopK SAE trainer of `train-sae` (Gao et al. 2024), over a resumable stream of teacher activations.
+"""The SAE trainer of `train-sae` (Gao et al. 2024), over a resumable stream of teacher activations.
 
-The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, TopK activation, decoder rows kept at unit
+The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, the activation of the family that
+`sae.architecture` names (TopK by default; `pipelines.sae.families`), decoder rows kept at unit
 norm (their gradient's radial part removed before each step), encoder initialised as the decoder's
 transpose, pre-bias initialised to the mean of the first buffer, Adam with the learning rate scaled by
 1/sqrt(width / 2^14) and gradient clipping at 1. Dead latents (`sae.dead_latents`): the AuxK loss that
@@ -13,9 +14,9 @@ the step: a resumed run recomputes the buffer and ends with the same weights as 
 
 The stage around it (inputs, session, summary) is `pipelines.stages.train_sae`.
 
-Just over 400 lines, kept whole: the step, the dead-latent remedies and the checkpoint all read and write the
-same state (weights, Adam moments, the tokens since each latent fired, the step that fixes the buffer), and
-the exact-resume guarantee holds only while they agree on it; `auxk_loss` is the one piece that stands alone.
+Kept whole: the step, the dead-latent remedies and the checkpoint all read and write the same state
+(weights, Adam moments, the tokens since each latent fired, the step that fixes the buffer), and the
+exact-resume guarantee holds only while they agree on it; `auxk_loss` (`pipelines.sae.auxk`) stands alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
 from pipelines.core.layout import TRAINED_SAE
 from pipelines.data.token_store import TokenStore
 from pipelines.errors import first_line
+from pipelines.sae.auxk import auxk_loss
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,12 @@ RESAMPLE_POOL_TOKENS = 65_536
 
 
 class SaeTrainer:
-    """Gao et al.'s TopK SAE training loop over a deterministic, resumable stream of teacher activations."""
+    """Gao et al.'s SAE training loop over a deterministic, resumable stream of teacher activations."""
 
     def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device, on_eval=None):
         import torch
 
-        from pipelines.sae.topk_sae import TopKSAE
+        from pipelines.sae.families import sae_class
 
         self.cfg, self.s = cfg, cfg.sae
         self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
@@ -61,7 +63,8 @@ class SaeTrainer:
         self.aux_k = self.s.aux_k or max(1, teacher.d_model // 2)
         self.lr = self.s.lr or 2e-4 / math.sqrt(self.s.latents / 2**14)
         torch.manual_seed(cfg.run.seed)
-        self.sae = TopKSAE(teacher.d_model, self.s.latents, self.s.k, normalize="layer_norm").to(device)
+        family = sae_class(self.s.architecture)
+        self.sae = family.for_training(teacher.d_model, self.s.latents, self.s.k).to(device)
         with torch.no_grad():
             self.sae.W_dec.normal_()
             self.sae.W_dec.div_(self.sae.W_dec.norm(dim=-1, keepdim=True))
@@ -193,28 +196,16 @@ class SaeTrainer:
             kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
         losses = self._train_step(self._batch(self.step))
         self.step += 1
+        if self.step == self.total_steps:  # the last buffer's batches, already in memory
+            first = (self.step - 1) // self.steps_per_buffer * self.steps_per_buffer
+            self.sae.end_training(self._batch(step) for step in range(first, self.step))
         return losses
 
     def _encode_decode(self, x, dense_pre_grad: bool = False):
-        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`.
-
-        The top k are chosen without a graph and their values recomputed from the k encoder columns chosen:
-        the same values, whose backward reads k columns per token where the dense pre-activations' would be
-        two more (N x C) products. `pre` keeps a graph only where the AuxK loss reads it (`dense_pre_grad`).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        sae = self.sae
-        centred = x - sae.b_dec
-        with torch.set_grad_enabled(dense_pre_grad and torch.is_grad_enabled()):
-            pre = centred @ sae.W_enc + sae.b_enc
-        ids = pre.detach().topk(sae.k, dim=-1).indices  # (N, k)
-        # Rows of a contiguous copy of W_enc^T: a column of W_enc itself is strided by C.
-        columns = F.embedding(ids, sae.W_enc.t().contiguous())  # (N, k, d_in)
-        values = (torch.einsum("nkd,nd->nk", columns, centred) + sae.b_enc[ids]).relu()
-        recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
-        return pre, ids, values, recon
+        """(pre-activations, kept ids, their values, reconstruction) of normalised inputs `x`, as the
+        family trains (`SparseAutoencoder.train_encode`)."""
+        code = self.sae.train_encode(x, dense_pre_grad)
+        return code.pre, code.ids, code.values, code.recon
 
     def _train_step(self, x) -> dict:
         """One optimizer step; its losses as device tensors, read back only when they are logged."""
@@ -222,7 +213,8 @@ class SaeTrainer:
 
         sae = self.sae
         auxk = self.s.dead_latents == "auxk" and self.s.aux_coef > 0
-        pre, ids, values, recon = self._encode_decode(x, dense_pre_grad=auxk)
+        code = self.sae.train_encode(x, dense_pre_grad=auxk)
+        pre, ids, values, recon = code.pre, code.ids, code.values, code.recon
         variance = (x - x.mean(0)).pow(2).sum(-1).mean()
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
@@ -241,6 +233,7 @@ class SaeTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             self.optimizer.step()
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+            sae.observe_training_batch(code)
             hits = (values > 0).flatten().long()  # scattered: a boolean index would make the host wait
             fired = torch.zeros_like(self.tokens_since_fired).scatter_add_(0, ids.flatten(), hits)
             self.tokens_since_fired += x.shape[0]
@@ -287,7 +280,11 @@ class SaeTrainer:
                 pool.device
             )
             sources = pool[rows]
-            top_k_mean = self._encode_decode(sources)[2].mean(-1, keepdim=True)
+            # Each source's k largest activations: the kept ones where the family keeps k per token (as
+            # computed in training, so that TopK restarts are those of earlier versions bit for bit).
+            kept = self._encode_decode(sources)[2] if sae.k_per_token is not None else None
+            top_k = kept if kept is not None else sae.pre_activation(sources).topk(self.s.k).values.relu()
+            top_k_mean = top_k.mean(-1, keepdim=True)
             offsets = sources - sae.b_dec
             sae.W_dec[dead] = F.normalize(offsets, dim=-1)
             # pre-activation on the source = offsets . column = top_k_mean (b_enc is 0)
@@ -318,7 +315,7 @@ class SaeTrainer:
             flat = hidden.flatten(0, 1)
             recon = self.sae(flat)
             fvu = (flat - recon).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
-            l0 = (self.sae.encode_topk(flat).values > 0).sum(-1).float().mean()
+            l0 = (self.sae.encode(flat) > 0).sum(-1).float().mean()
             clean = self.teacher.next_token_loss(ids)
             spliced = self.teacher.next_token_loss(ids, replace=lambda h: self.sae(h.float()))
             zero = self.teacher.next_token_loss(ids, replace=torch.zeros_like)
@@ -390,29 +387,10 @@ class SaeTrainer:
             "sae": str(self.dir / TRAINED_SAE),
             "steps": self.step,
             "tokens": self.step * self.s.batch_tokens,
+            "architecture": self.s.architecture,
             "latents": self.s.latents,
             "k": self.s.k,
             "lr": self.lr,
             **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss", "tokens_per_s")},
             "tokens_per_s": steady_speed(rows),  # the median window's
         }
-
-
-def auxk_loss(pre, residual, dead, aux_k: int, W_dec):
-    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents;
-    0 while none is dead.
-
-    pre (N, C) pre-activations, residual (N, d) = x - reconstruction, dead (C,) bool, W_dec (C, d). The
-    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`. The top `aux_k` are
-    taken however many are dead, so that the host never waits to count them: where fewer are dead, the rest
-    are live latents at -inf, whose ReLU weight 0 adds 0 to the sum and to every gradient (the CPU kernel may
-    then add up a dead row's gradient terms in another order: equal up to rounding).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    dead_pre = pre.masked_fill(~dead, float("-inf"))
-    values, ids = dead_pre.topk(min(aux_k, pre.shape[-1]), dim=-1)
-    recon = F.embedding_bag(ids, W_dec, per_sample_weights=values.relu(), mode="sum")
-    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-    return torch.where(dead.any(), (residual - recon).pow(2).sum(-1).mean() / variance, 0.0)

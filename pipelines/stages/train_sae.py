@@ -1,4 +1,5 @@
-"""`train-sae`: a TopK sparse autoencoder on the teacher's hook, trained as in Gao et al. (2024).
+"""`train-sae`: a sparse autoencoder on the teacher's hook (`sae.architecture`, TopK by default), trained as
+in Gao et al. (2024).
 
 This stage owns what surrounds the training: the token store and the teacher it reads, the checks of the
 token budget, the session (resume, fingerprint, manifest) and the summary. The trainer itself, with its
@@ -21,6 +22,7 @@ from pipelines.core.layout import TRAINED_SAE
 from pipelines.core.session import StageResult, StageSession, known_files
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import ConfigError, InputError
+from pipelines.sae.families import check_trainable
 from pipelines.sae.trainer import SaeTrainer
 
 STAGE = "train-sae"
@@ -33,6 +35,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResu
 
 
 def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bool) -> StageResult:
+    check_trainable(cfg.sae.architecture)
     device = resolve_device(cfg.sae.device, "sae.device")  # a GPU this machine lacks: said before any work
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))

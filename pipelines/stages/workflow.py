@@ -26,6 +26,7 @@ from pipelines.core.layout import FINAL_MODEL, MANIFEST, stage_command, student_
 from pipelines.core.locks import writer_holders
 from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs
 from pipelines.errors import ConfigError
+from pipelines.sae.families import check_trainable
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,13 @@ def _stages(cfg: Config) -> list[tuple[str, str, str, dict[str, Any], bool]]:
         )
     ]
     if needs_concepts and not s.path:
+        check_trainable(s.architecture)
         stages.append(
             (
                 "train-sae",
                 "train-sae",
-                f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
-                f"layer {cfg.teacher.layer}",
+                f"{s.architecture} SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the "
+                f"teacher's layer {cfg.teacher.layer}",
                 stage_inputs.train_sae(cfg),
                 False,
             )
