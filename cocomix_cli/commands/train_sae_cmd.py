@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from cocomix_cli.context import resolve_config
+from cocomix_cli.console import console
+from cocomix_cli.context import INVOCATION, resolve_config
+from cocomix_cli.interrupts import resume_command
 from cocomix_cli.options import AsJson, Force, report
 
 
@@ -19,11 +21,22 @@ def train_sae(
     as_json: AsJson = False,
 ) -> None:
     """Train a sparse autoencoder (`sae.architecture`: TopK by default) on the teacher's activations (Gao et
-    al. recipe; dead latents resampled by default, `sae.dead_latents`); resumable."""
+    al. recipe; dead latents resampled by default, `sae.dead_latents`); resumable. SIGTERM or Ctrl-C finish
+    the current step, save a checkpoint and exit 0; the same command resumes."""
     cfg = resolve_config(ctx, {"sae.device": device})
     from pipelines.stages import train_sae as stage
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress)
+    if result.stopped is not None and not as_json:
+        stop = result.stopped
+        again = resume_command(ctx.meta.get(INVOCATION)) or "cocomix train-sae"
+        console.print(
+            f"{result.stage}: stopped by {stop.stopped_by} after step {stop.stopped_at_step}; checkpoint "
+            f"{stop.checkpoint}. Continue with `{again}`.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     report(
         result,
         as_json,

@@ -11,6 +11,8 @@ the SAE reconstructs worst, with their Adam state reset. Activations come from t
 after the hooked block) over the train blocks through a shuffling buffer. Buffer r is a pure function of
 (seed, r), so a checkpoint needs only the step, and a resampling event is a pure function of the state and
 the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted one (on CPU).
+Checkpoints are `pipelines.training.state`'s checked step folders; SIGTERM or Ctrl-C finish the step, save
+one and return (`Stopped`), as in `pretrain`.
 
 The stage around it (inputs, session, summary) is `pipelines.stages.train_sae`.
 
@@ -21,10 +23,10 @@ exact-resume guarantee holds only while they agree on it; `auxk_loss` (`pipeline
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +34,20 @@ import numpy as np
 
 from pipelines.config.schema import Config
 from pipelines.core.failpoints import kill_point
-from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
+from pipelines.core.files import truncate_jsonl_after
 from pipelines.core.layout import TRAINED_SAE
+from pipelines.core.session import Stopped
 from pipelines.data.token_store import TokenStore
-from pipelines.errors import first_line
+from pipelines.errors import StageError
 from pipelines.sae.auxk import auxk_loss
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# The single file an older cocomix kept its resume state in; it is not read (`restore`).
+LEGACY_CHECKPOINT = "checkpoint.pt"
+SAE_STATE_FORMAT = "cocomix-sae-state/1"
+KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on if it is damaged
 # Inputs scored to choose the restart directions: the first rows of the (already shuffled) current buffer.
 RESAMPLE_POOL_TOKENS = 65_536
 
@@ -53,6 +59,7 @@ class SaeTrainer:
         import torch
 
         from pipelines.sae.families import sae_class
+        from pipelines.training.state import Checkpoints
 
         self.cfg, self.s = cfg, cfg.sae
         self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
@@ -76,6 +83,7 @@ class SaeTrainer:
         self.window_steps = -(-self.s.dead_after_tokens // self.s.batch_tokens)
         self.resampled = 0  # latents restarted so far
         self.step = 0
+        self.checkpoints = Checkpoints(stage_dir, KEEP_CHECKPOINTS)
         self._buffer: tuple[int, Any] | None = None
         self._epoch_order: tuple[int, Any] = (-1, None)
         self.on_eval = on_eval or (
@@ -124,14 +132,19 @@ class SaeTrainer:
     def restore(self, resume: bool) -> None:
         import torch
 
-        path = self.dir / CHECKPOINT
-        state = self._read_checkpoint(path) if resume and path.exists() else None
-        if state is not None:
-            self.sae.load_state_dict(state["sae"])
+        legacy = self.dir / LEGACY_CHECKPOINT
+        if resume and legacy.exists():
+            raise StageError(
+                f"{legacy} is the resume state of an older cocomix, which this one does not read. Run "
+                "`cocomix train-sae --force` to train the SAE from the start."
+            )
+        if resume and self.checkpoints.latest() is not None:
+            checkpoint, sae_state, state = self.checkpoints.load_newest_intact()
+            self.sae.load_state_dict(sae_state)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.tokens_since_fired = state["tokens_since_fired"]
+            self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
             self.resampled = int(state["resampled"])
-            self.step = int(state["step"])
+            self.step = checkpoint.step
             truncate_jsonl_after(self.dir / METRICS, self.step)
             log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
             return
@@ -140,25 +153,13 @@ class SaeTrainer:
             self.sae.b_dec.copy_(self._batch(0).mean(0))
         self._log({"step": 0, "loss": None, "aux_loss": None, **self.evaluate(), "tokens_per_s": None})
 
-    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
-        """The resume state, or None when the file is damaged: training is a pure function of the
-        settings, so starting over ends with the same weights, only later."""
-        import torch
-
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            if not {"sae", "optimizer", "tokens_since_fired", "resampled", "step"} <= set(state):
-                raise KeyError("missing entries")
-            return state
-        except Exception as exc:  # torch reports a torn zip or pickle with many exception types
-            log.warning("%s is damaged (%s); training from the start", path, first_line(exc))
-            return None
-
-    def train(self, show_progress: bool) -> None:
+    def train(self, show_progress: bool) -> Stopped | None:
+        """Train to the end; returns None when done, or where a signal stopped it early."""
         import torch
         from tqdm.auto import tqdm
 
         from pipelines.training.speed import SpeedMeter
+        from pipelines.training.stop_signals import StopSignals
 
         eval_every = max(1, self.s.eval_every_tokens // self.s.batch_tokens)
         checkpoint_every = max(1, self.s.checkpoint_every_tokens // self.s.batch_tokens)
@@ -172,7 +173,7 @@ class SaeTrainer:
             dynamic_ncols=True,
         )
         speed = SpeedMeter(self.s.batch_tokens, torch.device(self.device), warmup_windows=0)  # no compiling
-        with bar:  # closed on an error too, before the error's line is printed
+        with bar, StopSignals("train-sae") as signals:  # the bar closes before an error's line is printed
             while self.step < self.total_steps:
                 losses = self._advance()
                 speed.step()
@@ -186,9 +187,14 @@ class SaeTrainer:
                     tokens_per_s, _ = speed.window()
                     with speed.paused():
                         self._log({**row, **self.evaluate(), "tokens_per_s": round(tokens_per_s, 1)})
-                if self.step % checkpoint_every == 0 and self.step < self.total_steps:
+                stop = signals.requested is not None and self.step < self.total_steps
+                if stop or self.step % checkpoint_every == 0 and self.step < self.total_steps:
                     with speed.paused():
                         self._save_checkpoint()
+                if stop:
+                    path = str(self.checkpoints.latest().path)
+                    return Stopped(stopped_by=signals.requested, stopped_at_step=self.step, checkpoint=path)
+        return None
 
     def _advance(self) -> dict:
         """One step of the loop: resample dead latents where due, train on the step's batch, count it."""
@@ -348,18 +354,14 @@ class SaeTrainer:
         )
 
     def _save_checkpoint(self) -> None:
-        import torch
-
+        config = {"architecture": self.sae.architecture, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae}
         state = {
-            "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
             "resampled": self.resampled,
             "step": self.step,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
+        self.checkpoints.save(self.step, self.sae.state_dict(), config, state, model_format=SAE_STATE_FORMAT)
         if self.resampled:
             kill_point("train-sae checkpoint after resampling")
 
@@ -382,7 +384,7 @@ class SaeTrainer:
                 "metrics": {k: v for k, v in final.items() if k not in ("step", "tokens_per_s")},
             },
         )
-        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints.dir, ignore_errors=True)
         return {
             "sae": str(self.dir / TRAINED_SAE),
             "steps": self.step,

@@ -11,6 +11,7 @@ Run it with `cocomix train-sae` (see its `--help`). Output: `train-sae/sae/`, a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from pipelines.config.schema import Config
@@ -58,7 +59,10 @@ def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bo
         teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
         trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device, on_eval=session.update_progress)
         trainer.restore(resume=session.resuming)
-        trainer.train(show_progress=progress)
+        stopped = trainer.train(show_progress=progress)
+        if stopped is not None:  # a signal: the checkpoint is saved, the stage stays resumable
+            summary = dataclasses.asdict(stopped)
+            return StageResult(STAGE, session.dir, False, summary, session.fingerprint, stopped=stopped)
         summary = trainer.finish()
         session.complete(summary, outputs=[TRAINED_SAE])
         return StageResult(STAGE, session.dir, False, summary, session.fingerprint)

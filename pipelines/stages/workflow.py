@@ -262,7 +262,8 @@ def _prepare(cfg: Config, row: PlannedStage, progress: bool) -> None:
 def _train_sae(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import train_sae
 
-    train_sae.run(cfg, progress=progress)
+    if train_sae.run(cfg, progress=progress).stopped is not None:  # SIGTERM / Ctrl-C: saved, resumable
+        raise KeyboardInterrupt
 
 
 def _extract(cfg: Config, row: PlannedStage, progress: bool) -> None:
