@@ -67,3 +67,4 @@ def saelens_architectures() -> dict[str, str]:
 register_sae_family("topk", "pipelines.sae.topk_sae:TopKSAE", trainable=True, saelens=("topk",))
 register_sae_family("relu", "pipelines.sae.relu_sae:ReLUSAE", saelens=("standard",))
 register_sae_family("jumprelu", "pipelines.sae.jumprelu_sae:JumpReLUSAE", saelens=("jumprelu",))
+register_sae_family("batchtopk", "pipelines.sae.batchtopk_sae:BatchTopKSAE", trainable=True)
