@@ -79,27 +79,32 @@ def test_training_lowers_fvu_and_writes_a_saelens_folder_that_extract_loads(setu
 @pytest.mark.parametrize("damage", [None, "truncated checkpoint", "torn last metrics row"])
 def test_sigkill_then_resume_gives_the_same_final_weights(setup, damage):
     args = [a for o in overrides(setup) for a in ("--set", o)]
-    checkpoint = setup / "run/train-sae/checkpoint.pt"
+    checkpoints = setup / "run/train-sae/checkpoints"
     process = cocomix_subprocess([*args, "train-sae"], cwd=setup)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not checkpoint.exists():
+    while time.monotonic() < deadline and len(list(checkpoints.glob("step-*"))) < 2:
         assert process.poll() is None, "training finished before it could be killed"
         time.sleep(0.01)
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    newest = max(checkpoints.glob("step-*"))
     if damage == "truncated checkpoint":
-        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+        state = newest / "trainer.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     elif damage == "torn last metrics row":
         with open(setup / "run/train-sae/metrics.jsonl", "a") as fh:
             fh.write('{"step": 99, "loss"')
     resumed = cocomix_subprocess(["--verbose", *args, "train-sae"], cwd=setup, stderr=-1, text=True)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    if damage == "truncated checkpoint":
+    if damage == "truncated checkpoint":  # the one before it is intact: the resume starts there
         assert (
-            f"{checkpoint.relative_to(setup)} is damaged (" in stderr and "training from the start" in stderr
+            f"checkpoint {newest.relative_to(setup)} is damaged: trainer.pt does not match its digest"
+            in stderr
         )
+        assert "falling back to the one before it" in stderr
+        assert f"resuming train-sae at step {int(newest.name[5:]) - 8} of 80" in stderr
     else:
         assert "resuming train-sae at step" in stderr
 
@@ -264,8 +269,10 @@ def test_the_loop_reads_values_back_only_at_evaluations_and_resampling_checks(se
     with ReadBacks(monkeypatch, sae_trainer.SaeTrainer) as recorder:
         run_stage(setup, overrides(setup))
     assert recorder.steps == 80
-    # Evaluations every 20 steps; the dead latents counted at every resampling event (every 16 steps).
-    assert set(recorder.after_step()) - {0} == {16, 20, 32, 40, 48, 60, 64, 80}, recorder.after_step()
+    # Evaluations every 20 steps; the dead latents counted at every resampling event (every 16 steps); the
+    # state copied to the host for each checkpoint (every 8 steps).
+    checkpoints = set(range(8, 80, 8))
+    assert set(recorder.after_step()) - {0} == {20, 40, 60, 80} | checkpoints, recorder.after_step()
 
 
 def test_the_auxk_loop_reads_values_back_only_at_evaluations(setup, monkeypatch):
@@ -274,7 +281,8 @@ def test_the_auxk_loop_reads_values_back_only_at_evaluations(setup, monkeypatch)
     with ReadBacks(monkeypatch, sae_trainer.SaeTrainer) as recorder:
         run_stage(setup, overrides(setup, **DYING, **{"sae.dead_latents": "auxk"}))
     assert recorder.steps == 80
-    assert set(recorder.after_step()) - {0} == {16, 32, 48, 64, 80}, recorder.after_step()  # evaluations
+    evaluations, checkpoints = {16, 32, 48, 64, 80}, set(range(8, 80, 8))
+    assert set(recorder.after_step()) - {0} == evaluations | checkpoints, recorder.after_step()
     rows = [json.loads(line) for line in (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()]
     assert any(row["aux_loss"] > 0 for row in rows[1:])  # latents died and AuxK trained them
 
@@ -419,7 +427,8 @@ def test_a_kill_across_a_resampling_event_then_resume_gives_the_same_final_weigh
     env = {**os.environ, "COCOMIX_KILL_AT": kill_at}
     killed = cocomix_subprocess([*args, "train-sae"], cwd=setup, env=env)
     assert killed.wait(timeout=300) == -signal.SIGKILL
-    checkpoint = torch.load(setup / "run/train-sae/checkpoint.pt", weights_only=True)
+    newest = max((setup / "run/train-sae/checkpoints").glob("step-*"))
+    checkpoint = torch.load(newest / "trainer.pt", weights_only=True)
     # killed after the first event: the newest checkpoint is from before it, and the resume replays it;
     # killed after the first checkpoint that follows an event: the resume starts from the restarted latents
     assert (checkpoint["resampled"] > 0) == (kill_at == "train-sae checkpoint after resampling")
@@ -443,3 +452,89 @@ def test_a_kill_across_a_resampling_event_then_resume_gives_the_same_final_weigh
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
 
     assert rows(setup / "run") == rows(setup / "clean/run")
+
+
+# --- SAE families and `sae.architecture` ----------------------------------------------------------------
+
+
+def test_the_architecture_key_changes_no_fingerprint_of_a_topk_run(setup, monkeypatch):
+    """`sae.architecture` is left out of train-sae's inputs at `topk`: the fingerprint is the one computed at
+    296d566, before the key existed, so a train-sae finished then stays complete; naming `topk` explicitly
+    is the same run."""
+    from pipelines.core import stage_inputs
+    from pipelines.core.fingerprints import fingerprint
+
+    monkeypatch.chdir(setup / "teacher")  # no cocomix.toml: the built-in defaults
+    settings = ["sae.latents=256", "sae.k=4", "teacher.model=gpt2"]
+    for extra in ([], ["sae.architecture=topk"]):
+        inputs = stage_inputs.train_sae(load_config(None, [*settings, *extra]))
+        assert "sae.architecture" not in inputs
+        assert fingerprint(inputs) == "c425d2b7bb835e2e"  # 296d566's
+
+    first = run_stage(setup, overrides(setup))
+    manifest = json.loads((setup / "run/train-sae/manifest.json").read_text())
+    assert "sae.architecture" not in manifest["inputs"] and manifest["status"] == "complete"
+    again = run_stage(setup, overrides(setup, **{"sae.architecture": "topk"}))
+    assert again.up_to_date and again.fingerprint == first.fingerprint
+
+
+def test_an_unknown_or_untrainable_architecture_is_one_line_listing_the_families(setup, cocomix):
+    for name in ("gated", "relu"):
+        args = [a for o in overrides(setup, **{"sae.architecture": name}) for a in ("--set", o)]
+        result = cocomix(*args, "train-sae")
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert (
+            f"`sae.architecture` ('{name}') must be an SAE family `train-sae` trains: `topk`" in result.stderr
+        )
+        assert "register yours in `pipelines/sae/families.py`" in result.stderr
+
+
+# --- stopping on a signal -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_the_resume_gives_the_same_sae(setup, cocomix):
+    """SIGTERM finishes the step, saves a checkpoint and exits 0 with the command that continues; a stage
+    folder holding an older cocomix's `checkpoint.pt` is one line naming `--force`; the resume ends with
+    the weights of a run never stopped."""
+    args = [a for o in overrides(setup) for a in ("--set", o)]
+    checkpoints = setup / "run/train-sae/checkpoints"
+    process = cocomix_subprocess([*args, "train-sae"], cwd=setup, stdout=-1, stderr=-1, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(checkpoints.glob("step-*")):
+        assert process.poll() is None, "training finished before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert (
+        "train-sae: stopped by SIGTERM after step" in stdout and "Continue with `cocomix train-sae" in stdout
+    )
+    stopped_at = int((checkpoints / "latest").read_text().strip().removeprefix("step-"))
+    assert 8 <= stopped_at < 80 and f"after step {stopped_at};" in stdout
+    assert json.loads((setup / "run/train-sae/manifest.json").read_text())["status"] == "running"
+
+    legacy = setup / "run/train-sae/checkpoint.pt"
+    legacy.write_bytes(b"an older cocomix's resume state")
+    refused = cocomix(*args, "train-sae")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "checkpoint.pt is the resume state of an older cocomix" in refused.stderr
+    assert "Run `cocomix train-sae --force`" in refused.stderr
+    legacy.unlink()
+
+    resumed = cocomix_subprocess(["--verbose", *args, "train-sae"], cwd=setup, stderr=-1, text=True)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f"resuming train-sae at step {stopped_at} of 80" in stderr
+    assert not checkpoints.exists()  # a finished stage keeps its SAE only
+
+    (setup / "clean").mkdir()
+    tiny_teacher(setup / "clean" / "teacher")
+    prepared_run(setup / "clean", documents=200, block_size=64)
+    run_stage(setup / "clean", overrides(setup))
+    a = load_sae(str(setup / "run/train-sae/sae")).sae
+    b = load_sae(str(setup / "clean/run/train-sae/sae")).sae
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    rows = (setup / "run/train-sae/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 20, 40, 60, 80]

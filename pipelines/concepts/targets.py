@@ -66,10 +66,10 @@ def _check_sae(cfg: Config, sae, d_model: int, teacher_spec: str) -> None:
             f"SAE `{cfg.sae.path}` reads vectors of size {sae.d_in}, but teacher `{teacher_spec}` has "
             f"hidden size {d_model}. Use an SAE trained on this teacher's layer {cfg.teacher.layer}."
         )
-    k = getattr(sae, "k", None)  # TopK SAEs only: their targets come from the k active latents
+    k = sae.k_per_token  # TopK SAEs only: their targets come from the k active latents
     if k is not None and cfg.extract.concepts_per_token > k:
         raise InputError(
-            f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({sae.k})."
+            f"`extract.concepts_per_token` ({cfg.extract.concepts_per_token}) exceeds the SAE's k ({k})."
         )
     if cfg.extract.concepts_per_token > sae.d_sae:
         raise InputError(

@@ -262,8 +262,15 @@ class SaeConfig:
         "`saelens:RELEASE/SAE_ID`; empty uses the one `train-sae` trained in this run.",
         local_path=True,
     )
+    architecture: str = _field(
+        "topk",
+        "`train-sae`: SAE family to train, by its name in `pipelines.sae.families` (`topk`: Gao et al.'s, "
+        "the paper's).",
+    )
     latents: int = _field(4096, "`train-sae`: SAE width (number of latents).", accepts=AT_LEAST_1)
-    k: int = _field(32, "`train-sae`: active latents per token (TopK).", accepts=AT_LEAST_1)
+    k: int = _field(
+        32, "`train-sae`: active latents per token (TopK; on average for other families).", accepts=AT_LEAST_1
+    )
     train_tokens: int = _field(
         2_000_000, "`train-sae`: activations (tokens) to train on.", accepts=AT_LEAST_1
     )

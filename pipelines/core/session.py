@@ -339,6 +339,9 @@ def refuse_changed_upstream(run_dir: Path, stage: str, expected: Mapping[str, An
 def _refuse_changed_upstream(
     run_dir: Path, stage: str, recorded: Mapping[str, Any], expected: Mapping[str, Any]
 ) -> None:
+    from pipelines.core.stage_inputs import LEFT_OUT_AT_DEFAULT
+
+    recorded = {**LEFT_OUT_AT_DEFAULT, **recorded}  # a key left out was at its default
     changed = [k for k, v in expected.items() if k in recorded and recorded[k] != v]
     if changed:
         what = ", ".join(f"{k} = {shorten(recorded[k])}" for k in changed[:3])

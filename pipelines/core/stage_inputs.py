@@ -18,10 +18,19 @@ def prepare(cfg: Config) -> dict[str, Any]:
     return fingerprint_fields(cfg.data, "data")
 
 
+# Keys added after runs were recorded without them, left out at the value those runs had, so that adding a
+# key changes no finished run's fingerprint.
+LEFT_OUT_AT_DEFAULT = {"sae.architecture": "topk"}
+
+
 def train_sae(cfg: Config) -> dict[str, Any]:
     return {
         **fingerprint_fields(cfg.teacher, "teacher"),
-        **{k: v for k, v in fingerprint_fields(cfg.sae, "sae").items() if k != "sae.path"},
+        **{
+            k: v
+            for k, v in fingerprint_fields(cfg.sae, "sae").items()
+            if k != "sae.path" and not (k in LEFT_OUT_AT_DEFAULT and LEFT_OUT_AT_DEFAULT[k] == v)
+        },
         "run.seed": cfg.run.seed,
     }
 

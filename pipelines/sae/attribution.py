@@ -4,20 +4,20 @@
 latents. `paper` (Eq. 1 as written): the same with the dense pre-activation over all C latents. Targets are
 the top `K` latents by signed score.
 
-TopK SAEs: the k latents of the TopK are the active ones, so `official` is computed over those k only (k
-decoder rows gathered per token, never the dense (tokens x C) product), and targets always come from them,
-whatever their activation (a dense top-K would pick arbitrary inactive latents, score 0, when fewer than K of
-the k score >= 0). Every token has targets.
+SAEs with a fixed k per token (`k_per_token`, TopK): the k latents of the TopK are the active ones, so
+`official` is computed over those k only (k decoder rows gathered per token, never the dense (tokens x C)
+product), and targets always come from them, whatever their activation (a dense top-K would pick arbitrary
+inactive latents, score 0, when fewer than K of the k score >= 0). Every token has targets.
 
-ReLU and JumpReLU SAEs: how many latents are active (activation non-zero) varies by token, so the work is
+Other SAEs (ReLU, JumpReLU): how many latents are active (activation non-zero) varies by token, so the work is
 dense, in slices of about `_DENSE_BUDGET` (tokens x C) floats to keep memory flat. `official` targets are the
 top-K attributions among the active latents. A token with n < K active latents fills the remaining slots by
 repeating its active latents in attribution order (ids a b c -> a b c a for K = 4): the concept loss is the
 mean of the K slots' cross-entropies, so each active latent keeps (as nearly as K allows) an equal share, as
-if the token had exactly its n targets; repeating only the best one would weight it (K - n + 1) times. A
-token with no active latent has no concept: `has_active` is False, `extract-concepts` and the online teacher
-mark it invalid, so the concept loss skips it as it skips a block's last position (ids and scores are 0).
-`paper` scores every latent as for TopK SAEs; validity follows the same no-active rule.
+if the token had exactly its n targets; repeating only the best one would weight it (K - n + 1) times. A token
+with no active latent has no concept: `has_active` is False, `extract-concepts` and the online teacher mark it
+invalid, so the concept loss skips it as it skips a block's last position (ids and scores are 0). `paper`
+scores every latent as for TopK SAEs; validity follows the same no-active rule.
 
 The SAE activations stored for the concept dictionary (`stored_sae_width` per token): the k of a TopK SAE;
 for other SAEs the `DENSE_STORED_LATENTS` largest activations (at least K, at most C), zero-padded where
@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.config.schema import Attribution
-from pipelines.sae.formats import SAE
-from pipelines.sae.topk_sae import TopKSAE
+from pipelines.sae.base import SparseAutoencoder as SAE
 
 ATTRIBUTIONS = typing.get_args(Attribution)
 # Gathered decoder rows per slice: (tokens x k x d_in) floats, bounded to keep memory flat.
@@ -61,8 +60,8 @@ class ConceptTargets:
 
 def stored_sae_width(sae: SAE, top_k: int) -> int:
     """SAE activations stored per token: the k of a TopK SAE, else a fixed width (module docstring)."""
-    if isinstance(sae, TopKSAE):
-        return sae.k
+    if sae.k_per_token is not None:
+        return sae.k_per_token
     return min(sae.d_sae, max(DENSE_STORED_LATENTS, top_k))
 
 
@@ -72,7 +71,7 @@ def concept_targets(
     """Targets for N tokens from their hidden states (N, d_in) and loss gradients (N, d_in)."""
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"unknown attribution {attribution!r}; choose from {ATTRIBUTIONS}")
-    if isinstance(sae, TopKSAE):
+    if sae.k_per_token is not None:
         return _topk_targets(sae, hidden, grad, top_k, attribution)
     step = max(1, _DENSE_BUDGET // sae.d_sae)
     width = stored_sae_width(sae, top_k)
@@ -86,9 +85,9 @@ def concept_targets(
 
 
 def _topk_targets(
-    sae: TopKSAE, hidden: torch.Tensor, grad: torch.Tensor, top_k: int, attribution: str
+    sae: SAE, hidden: torch.Tensor, grad: torch.Tensor, top_k: int, attribution: str
 ) -> ConceptTargets:
-    encoding = sae.encode_topk(hidden)
+    encoding = sae.encode_active(hidden)
     every = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     if attribution == "official":
         scores = official_scores(sae, grad, encoding.values, encoding.ids)
@@ -126,9 +125,7 @@ def _repeat_active(ranked: torch.Tensor, n_active: torch.Tensor) -> torch.Tensor
     return ranked.gather(-1, slots % n_active.clamp(min=1)[:, None])
 
 
-def official_scores(
-    sae: TopKSAE, grad: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
-) -> torch.Tensor:
+def official_scores(sae: SAE, grad: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(N, k): (g . W_dec[id]) * activation for each token's k active latents."""
     n, k = ids.shape
     step = max(1, _GATHER_BUDGET // (k * sae.d_in))

@@ -30,8 +30,9 @@ import torch
 
 from pipelines.core.integrity import sha256_file
 from pipelines.errors import InputError, first_line
+from pipelines.sae.base import SparseAutoencoder
+from pipelines.sae.families import sae_class, saelens_architectures
 from pipelines.sae.jumprelu_sae import JumpReLUSAE
-from pipelines.sae.relu_sae import ReLUSAE
 from pipelines.sae.sources import resolve_sae_source
 from pipelines.sae.topk_sae import TopKSAE
 
@@ -42,10 +43,9 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_PARAMS = "params.npz"
 OPENAI_SUFFIXES = (".pt", ".pth", ".bin")
 LAYOUTS = ("openai", "saelens", "gemmascope", "sparsify")
-SAELENS_ARCHITECTURES = ("topk", "standard", "jumprelu")
 
-SAE = TopKSAE | ReLUSAE
-"""Any SAE cocomix loads (`JumpReLUSAE` is a `ReLUSAE`)."""
+SAE = SparseAutoencoder
+"""Any SAE cocomix loads: one of the families of `pipelines.sae.families`."""
 
 
 @dataclass(frozen=True)
@@ -86,26 +86,8 @@ def save_saelens(sae: SAE, folder: Path, extra_config: dict | None = None) -> Pa
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
-    save_safetensors(tensors, folder / SAELENS_WEIGHTS)
-    if isinstance(sae, TopKSAE):
-        config = {
-            "architecture": "topk",
-            "d_in": sae.d_in,
-            "d_sae": sae.d_sae,
-            "k": sae.k,
-            "activation_fn_kwargs": {"k": sae.k},
-            "normalize_activations": sae.normalize,
-            "apply_b_dec_to_input": True,
-        }
-    else:
-        config = {
-            "architecture": "jumprelu" if isinstance(sae, JumpReLUSAE) else "standard",
-            "d_in": sae.d_in,
-            "d_sae": sae.d_sae,
-            "normalize_activations": sae.normalize,
-            "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        }
+    save_safetensors(sae.saelens_tensors(), folder / SAELENS_WEIGHTS)
+    config = sae.saelens_config()
     config = {**config, "dtype": "float32", **(extra_config or {})}
     (folder / SAELENS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
@@ -156,20 +138,11 @@ def _load_saelens(folder: Path, cfg_overrides: dict[str, Any]) -> SAE:
     where = folder / SAELENS_CONFIG
     config = {**json.loads(where.read_text()), **cfg_overrides}
     architecture, k = _saelens_architecture(config, where)
-    normalize = config.get("normalize_activations") or "none"
-    apply_b_dec = config.get("apply_b_dec_to_input", True)
     for flag in ("finetuning_scaling_factor", "rescale_acts_by_decoder_norm"):
         if config.get(flag):
             raise InputError(f"{where}: `{flag} = true` is not supported.")
-    d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
-    if architecture == "topk":
-        if not apply_b_dec:
-            raise InputError(f"{where}: `apply_b_dec_to_input = false` is not supported.")
-        sae: SAE = TopKSAE(d_in, d_sae, int(k), normalize=normalize)
-    elif architecture == "jumprelu":
-        sae = JumpReLUSAE(d_in, d_sae, normalize, apply_b_dec)
-    else:
-        sae = ReLUSAE(d_in, d_sae, normalize, apply_b_dec)
+    family = sae_class(saelens_architectures()[architecture])
+    sae = family.from_saelens_config({**config, "k": k}, where)
     tensors = load_file(str(folder / SAELENS_WEIGHTS))
     if "log_threshold" in tensors and "threshold" not in tensors:  # a SAELens training checkpoint
         tensors["threshold"] = tensors.pop("log_threshold").float().exp()
@@ -178,16 +151,17 @@ def _load_saelens(folder: Path, cfg_overrides: dict[str, Any]) -> SAE:
 
 
 def _saelens_architecture(config: dict[str, Any], where: Path) -> tuple[str, int | None]:
-    """(`topk`, `standard` or `jumprelu`, k) from a SAELens cfg.json of any version."""
+    """(the SAELens architecture, one of `saelens_architectures()`, k) from a SAELens cfg.json of any
+    version."""
     architecture = config.get("architecture") or "standard"
     activation = config.get("activation_fn_str") or config.get("activation_fn")
     k = config.get("k") or (config.get("activation_fn_kwargs") or {}).get("k")
     if architecture == "standard" and (activation == "topk" or activation is None and k is not None):
         architecture = "topk"
-    if architecture not in SAELENS_ARCHITECTURES:
+    if architecture not in saelens_architectures():
         raise InputError(
             f"{where}: SAELens architecture {architecture!r} is not supported; cocomix reads "
-            f"{', '.join(SAELENS_ARCHITECTURES)}. {_accepted()}"
+            f"{', '.join(saelens_architectures())}. {_accepted()}"
         )
     if architecture == "topk" and k is None:
         raise InputError(f"{where}: a TopK SAE without `k`.")
@@ -244,7 +218,7 @@ def _load_sparsify(folder: Path) -> TopKSAE:
     return sae
 
 
-def _fill(sae: SAE, tensors: dict[str, torch.Tensor], where: Path) -> None:
+def _fill(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], where: Path) -> None:
     """Copy `tensors` into `sae` as float32; names and shapes must match its parameters exactly."""
     params = dict(sae.named_parameters())
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -265,7 +239,7 @@ def _fill(sae: SAE, tensors: dict[str, torch.Tensor], where: Path) -> None:
 def _accepted() -> str:
     return (
         "Accepted: an OpenAI sparse_autoencoder TopK state dict (.pt); a SAELens folder "
-        f"({SAELENS_CONFIG} + {SAELENS_WEIGHTS}; architecture {', '.join(SAELENS_ARCHITECTURES)}); a "
+        f"({SAELENS_CONFIG} + {SAELENS_WEIGHTS}; architecture {', '.join(saelens_architectures())}); a "
         f"Gemma Scope {GEMMA_SCOPE_PARAMS} or a folder holding one; an EleutherAI sparsify folder "
         f"({SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS}); each locally, as hf:REPO[/PATH] or as "
         "saelens:RELEASE/SAE_ID."

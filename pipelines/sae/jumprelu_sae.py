@@ -15,6 +15,7 @@ from pipelines.sae.relu_sae import ReLUSAE
 
 class JumpReLUSAE(ReLUSAE):
     architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
 
     def __init__(self, d_in: int, d_sae: int, normalize: str = "none", apply_b_dec_to_input: bool = True):
         super().__init__(d_in, d_sae, normalize, apply_b_dec_to_input)

@@ -2,60 +2,38 @@
 pre-activation is active, so how many are active varies from token to token.
 
 `acts = ReLU(W_enc^T (norm(x) - b_dec) + b_enc)`, with `- b_dec` only when `apply_b_dec_to_input` (SAELens'
-flag; Gemma Scope's SAEs do not subtract it). Parameter names and shapes as in `pipelines.sae.topk_sae`.
+flag; Gemma Scope's SAEs do not subtract it). Parameters and the rest as in `pipelines.sae.base`.
 `JumpReLUSAE` (`pipelines.sae.jumprelu_sae`) is this module with a per-latent threshold.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
-from torch import nn
 
-from pipelines.sae.normalization import check_normalization, normalize_input
+from pipelines.sae.base import SparseAutoencoder
 
 
-class ReLUSAE(nn.Module):
+class ReLUSAE(SparseAutoencoder):
     architecture = "relu"
-
-    def __init__(self, d_in: int, d_sae: int, normalize: str = "none", apply_b_dec_to_input: bool = True):
-        super().__init__()
-        check_normalization(normalize)
-        self.d_in, self.d_sae, self.normalize = d_in, d_sae, normalize
-        self.apply_b_dec_to_input = apply_b_dec_to_input
-        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    def prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        if self.normalize == "layer_norm":
-            return normalize_input(x)
-        return x, None, None
-
-    def _centred(self, x_prepared: torch.Tensor) -> torch.Tensor:
-        return x_prepared - self.b_dec if self.apply_b_dec_to_input else x_prepared
-
-    def pre_activation(self, x_prepared: torch.Tensor) -> torch.Tensor:
-        """(..., d_sae) dense pre-activations."""
-        return self._centred(x_prepared) @ self.W_enc + self.b_enc
+    saelens_architecture = "standard"
 
     def activate(self, pre: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations from pre-activations of all latents, or of the latents `ids` alone."""
         return pre.relu()
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d_sae) dense activations; zero means inactive."""
-        return self.activate(self.pre_activation(self.prepare_input(x)[0]))
+    def saelens_config(self) -> dict[str, Any]:
+        return {
+            "architecture": self.saelens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "normalize_activations": self.normalize,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+        }
 
-    def latent_activations(self, x_prepared: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(..., n) activations of the latents `ids` alone (what steering scales)."""
-        return self.activate(self._centred(x_prepared) @ self.W_enc[:, ids] + self.b_enc[ids], ids)
-
-    def decode(self, acts: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-        recon = acts @ self.W_dec + self.b_dec
-        return recon * std + mean if mean is not None else recon
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of `x` in its own (un-normalised) space."""
-        x_prepared, mean, std = self.prepare_input(x)
-        return self.decode(self.activate(self.pre_activation(x_prepared)), mean, std)
+    @classmethod
+    def from_saelens_config(cls, config: dict[str, Any], where: Path) -> ReLUSAE:
+        normalize = config.get("normalize_activations") or "none"
+        apply_b_dec = config.get("apply_b_dec_to_input", True)
+        return cls(int(config["d_in"]), int(config["d_sae"]), normalize, apply_b_dec)

@@ -1,6 +1,7 @@
-"""The TopK SAE trainer of `train-sae` (Gao et al. 2024), over a resumable stream of teacher activations.
+"""The SAE trainer of `train-sae` (Gao et al. 2024), over a resumable stream of teacher activations.
 
-The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, TopK activation, decoder rows kept at unit
+The recipe of OpenAI's v5 SAEs: layer-norm input normalisation, the activation of the family that
+`sae.architecture` names (TopK by default; `pipelines.sae.families`), decoder rows kept at unit
 norm (their gradient's radial part removed before each step), encoder initialised as the decoder's
 transpose, pre-bias initialised to the mean of the first buffer, Adam with the learning rate scaled by
 1/sqrt(width / 2^14) and gradient clipping at 1. Dead latents (`sae.dead_latents`): the AuxK loss that
@@ -10,20 +11,22 @@ the SAE reconstructs worst, with their Adam state reset. Activations come from t
 after the hooked block) over the train blocks through a shuffling buffer. Buffer r is a pure function of
 (seed, r), so a checkpoint needs only the step, and a resampling event is a pure function of the state and
 the step: a resumed run recomputes the buffer and ends with the same weights as an uninterrupted one (on CPU).
+Checkpoints are `pipelines.training.state`'s checked step folders; SIGTERM or Ctrl-C finish the step, save
+one and return (`Stopped`), as in `pretrain`.
 
 The stage around it (inputs, session, summary) is `pipelines.stages.train_sae`.
 
-Just over 400 lines, kept whole: the step, the dead-latent remedies and the checkpoint all read and write the
-same state (weights, Adam moments, the tokens since each latent fired, the step that fixes the buffer), and
-the exact-resume guarantee holds only while they agree on it; `auxk_loss` is the one piece that stands alone.
+Kept whole: the step, the dead-latent remedies and the checkpoint all read and write the same state
+(weights, Adam moments, the tokens since each latent fired, the step that fixes the buffer), and the
+exact-resume guarantee holds only while they agree on it; `auxk_loss` (`pipelines.sae.auxk`) stands alone.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +34,32 @@ import numpy as np
 
 from pipelines.config.schema import Config
 from pipelines.core.failpoints import kill_point
-from pipelines.core.files import atomic_write_bytes, truncate_jsonl_after
+from pipelines.core.files import truncate_jsonl_after
 from pipelines.core.layout import TRAINED_SAE
+from pipelines.core.session import Stopped
 from pipelines.data.token_store import TokenStore
-from pipelines.errors import first_line
+from pipelines.errors import StageError
+from pipelines.sae.auxk import auxk_loss
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# The single file an older cocomix kept its resume state in; it is not read (`restore`).
+LEGACY_CHECKPOINT = "checkpoint.pt"
+SAE_STATE_FORMAT = "cocomix-sae-state/1"
+KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on if it is damaged
 # Inputs scored to choose the restart directions: the first rows of the (already shuffled) current buffer.
 RESAMPLE_POOL_TOKENS = 65_536
 
 
 class SaeTrainer:
-    """Gao et al.'s TopK SAE training loop over a deterministic, resumable stream of teacher activations."""
+    """Gao et al.'s SAE training loop over a deterministic, resumable stream of teacher activations."""
 
     def __init__(self, cfg: Config, teacher, token_store: TokenStore, stage_dir: Path, device, on_eval=None):
         import torch
 
-        from pipelines.sae.topk_sae import TopKSAE
+        from pipelines.sae.families import sae_class
+        from pipelines.training.state import Checkpoints
 
         self.cfg, self.s = cfg, cfg.sae
         self.teacher, self.token_store, self.dir, self.device = teacher, token_store, stage_dir, device
@@ -61,7 +70,8 @@ class SaeTrainer:
         self.aux_k = self.s.aux_k or max(1, teacher.d_model // 2)
         self.lr = self.s.lr or 2e-4 / math.sqrt(self.s.latents / 2**14)
         torch.manual_seed(cfg.run.seed)
-        self.sae = TopKSAE(teacher.d_model, self.s.latents, self.s.k, normalize="layer_norm").to(device)
+        family = sae_class(self.s.architecture)
+        self.sae = family.for_training(teacher.d_model, self.s.latents, self.s.k).to(device)
         with torch.no_grad():
             self.sae.W_dec.normal_()
             self.sae.W_dec.div_(self.sae.W_dec.norm(dim=-1, keepdim=True))
@@ -73,6 +83,7 @@ class SaeTrainer:
         self.window_steps = -(-self.s.dead_after_tokens // self.s.batch_tokens)
         self.resampled = 0  # latents restarted so far
         self.step = 0
+        self.checkpoints = Checkpoints(stage_dir, KEEP_CHECKPOINTS)
         self._buffer: tuple[int, Any] | None = None
         self._epoch_order: tuple[int, Any] = (-1, None)
         self.on_eval = on_eval or (
@@ -121,14 +132,19 @@ class SaeTrainer:
     def restore(self, resume: bool) -> None:
         import torch
 
-        path = self.dir / CHECKPOINT
-        state = self._read_checkpoint(path) if resume and path.exists() else None
-        if state is not None:
-            self.sae.load_state_dict(state["sae"])
+        legacy = self.dir / LEGACY_CHECKPOINT
+        if resume and legacy.exists():
+            raise StageError(
+                f"{legacy} is the resume state of an older cocomix, which this one does not read. Run "
+                "`cocomix train-sae --force` to train the SAE from the start."
+            )
+        if resume and self.checkpoints.latest() is not None:
+            checkpoint, sae_state, state = self.checkpoints.load_newest_intact()
+            self.sae.load_state_dict(sae_state)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.tokens_since_fired = state["tokens_since_fired"]
+            self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
             self.resampled = int(state["resampled"])
-            self.step = int(state["step"])
+            self.step = checkpoint.step
             truncate_jsonl_after(self.dir / METRICS, self.step)
             log.info("resuming train-sae at step %d of %d", self.step, self.total_steps)
             return
@@ -137,25 +153,13 @@ class SaeTrainer:
             self.sae.b_dec.copy_(self._batch(0).mean(0))
         self._log({"step": 0, "loss": None, "aux_loss": None, **self.evaluate(), "tokens_per_s": None})
 
-    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
-        """The resume state, or None when the file is damaged: training is a pure function of the
-        settings, so starting over ends with the same weights, only later."""
-        import torch
-
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            if not {"sae", "optimizer", "tokens_since_fired", "resampled", "step"} <= set(state):
-                raise KeyError("missing entries")
-            return state
-        except Exception as exc:  # torch reports a torn zip or pickle with many exception types
-            log.warning("%s is damaged (%s); training from the start", path, first_line(exc))
-            return None
-
-    def train(self, show_progress: bool) -> None:
+    def train(self, show_progress: bool) -> Stopped | None:
+        """Train to the end; returns None when done, or where a signal stopped it early."""
         import torch
         from tqdm.auto import tqdm
 
         from pipelines.training.speed import SpeedMeter
+        from pipelines.training.stop_signals import StopSignals
 
         eval_every = max(1, self.s.eval_every_tokens // self.s.batch_tokens)
         checkpoint_every = max(1, self.s.checkpoint_every_tokens // self.s.batch_tokens)
@@ -169,7 +173,7 @@ class SaeTrainer:
             dynamic_ncols=True,
         )
         speed = SpeedMeter(self.s.batch_tokens, torch.device(self.device), warmup_windows=0)  # no compiling
-        with bar:  # closed on an error too, before the error's line is printed
+        with bar, StopSignals("train-sae") as signals:  # the bar closes before an error's line is printed
             while self.step < self.total_steps:
                 losses = self._advance()
                 speed.step()
@@ -183,9 +187,14 @@ class SaeTrainer:
                     tokens_per_s, _ = speed.window()
                     with speed.paused():
                         self._log({**row, **self.evaluate(), "tokens_per_s": round(tokens_per_s, 1)})
-                if self.step % checkpoint_every == 0 and self.step < self.total_steps:
+                stop = signals.requested is not None and self.step < self.total_steps
+                if stop or self.step % checkpoint_every == 0 and self.step < self.total_steps:
                     with speed.paused():
                         self._save_checkpoint()
+                if stop:
+                    path = str(self.checkpoints.latest().path)
+                    return Stopped(stopped_by=signals.requested, stopped_at_step=self.step, checkpoint=path)
+        return None
 
     def _advance(self) -> dict:
         """One step of the loop: resample dead latents where due, train on the step's batch, count it."""
@@ -193,28 +202,16 @@ class SaeTrainer:
             kill_point("train-sae resampled")  # before any checkpoint holds the restarted latents
         losses = self._train_step(self._batch(self.step))
         self.step += 1
+        if self.step == self.total_steps:  # the last buffer's batches, already in memory
+            first = (self.step - 1) // self.steps_per_buffer * self.steps_per_buffer
+            self.sae.end_training(self._batch(step) for step in range(first, self.step))
         return losses
 
     def _encode_decode(self, x, dense_pre_grad: bool = False):
-        """(pre-activations, top-k ids, their ReLU values, reconstruction) of normalised inputs `x`.
-
-        The top k are chosen without a graph and their values recomputed from the k encoder columns chosen:
-        the same values, whose backward reads k columns per token where the dense pre-activations' would be
-        two more (N x C) products. `pre` keeps a graph only where the AuxK loss reads it (`dense_pre_grad`).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        sae = self.sae
-        centred = x - sae.b_dec
-        with torch.set_grad_enabled(dense_pre_grad and torch.is_grad_enabled()):
-            pre = centred @ sae.W_enc + sae.b_enc
-        ids = pre.detach().topk(sae.k, dim=-1).indices  # (N, k)
-        # Rows of a contiguous copy of W_enc^T: a column of W_enc itself is strided by C.
-        columns = F.embedding(ids, sae.W_enc.t().contiguous())  # (N, k, d_in)
-        values = (torch.einsum("nkd,nd->nk", columns, centred) + sae.b_enc[ids]).relu()
-        recon = F.embedding_bag(ids, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
-        return pre, ids, values, recon
+        """(pre-activations, kept ids, their values, reconstruction) of normalised inputs `x`, as the
+        family trains (`SparseAutoencoder.train_encode`)."""
+        code = self.sae.train_encode(x, dense_pre_grad)
+        return code.pre, code.ids, code.values, code.recon
 
     def _train_step(self, x) -> dict:
         """One optimizer step; its losses as device tensors, read back only when they are logged."""
@@ -222,7 +219,8 @@ class SaeTrainer:
 
         sae = self.sae
         auxk = self.s.dead_latents == "auxk" and self.s.aux_coef > 0
-        pre, ids, values, recon = self._encode_decode(x, dense_pre_grad=auxk)
+        code = self.sae.train_encode(x, dense_pre_grad=auxk)
+        pre, ids, values, recon = code.pre, code.ids, code.values, code.recon
         variance = (x - x.mean(0)).pow(2).sum(-1).mean()
         residual = x - recon
         mse = residual.pow(2).sum(-1).mean() / variance
@@ -241,6 +239,7 @@ class SaeTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             self.optimizer.step()
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+            sae.observe_training_batch(code)
             hits = (values > 0).flatten().long()  # scattered: a boolean index would make the host wait
             fired = torch.zeros_like(self.tokens_since_fired).scatter_add_(0, ids.flatten(), hits)
             self.tokens_since_fired += x.shape[0]
@@ -287,7 +286,11 @@ class SaeTrainer:
                 pool.device
             )
             sources = pool[rows]
-            top_k_mean = self._encode_decode(sources)[2].mean(-1, keepdim=True)
+            # Each source's k largest activations: the kept ones where the family keeps k per token (as
+            # computed in training, so that TopK restarts are those of earlier versions bit for bit).
+            kept = self._encode_decode(sources)[2] if sae.k_per_token is not None else None
+            top_k = kept if kept is not None else sae.pre_activation(sources).topk(self.s.k).values.relu()
+            top_k_mean = top_k.mean(-1, keepdim=True)
             offsets = sources - sae.b_dec
             sae.W_dec[dead] = F.normalize(offsets, dim=-1)
             # pre-activation on the source = offsets . column = top_k_mean (b_enc is 0)
@@ -318,7 +321,7 @@ class SaeTrainer:
             flat = hidden.flatten(0, 1)
             recon = self.sae(flat)
             fvu = (flat - recon).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
-            l0 = (self.sae.encode_topk(flat).values > 0).sum(-1).float().mean()
+            l0 = (self.sae.encode(flat) > 0).sum(-1).float().mean()
             clean = self.teacher.next_token_loss(ids)
             spliced = self.teacher.next_token_loss(ids, replace=lambda h: self.sae(h.float()))
             zero = self.teacher.next_token_loss(ids, replace=torch.zeros_like)
@@ -351,18 +354,14 @@ class SaeTrainer:
         )
 
     def _save_checkpoint(self) -> None:
-        import torch
-
+        config = {"architecture": self.sae.architecture, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae}
         state = {
-            "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
             "resampled": self.resampled,
             "step": self.step,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
+        self.checkpoints.save(self.step, self.sae.state_dict(), config, state, model_format=SAE_STATE_FORMAT)
         if self.resampled:
             kill_point("train-sae checkpoint after resampling")
 
@@ -385,34 +384,15 @@ class SaeTrainer:
                 "metrics": {k: v for k, v in final.items() if k not in ("step", "tokens_per_s")},
             },
         )
-        (self.dir / CHECKPOINT).unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints.dir, ignore_errors=True)
         return {
             "sae": str(self.dir / TRAINED_SAE),
             "steps": self.step,
             "tokens": self.step * self.s.batch_tokens,
+            "architecture": self.s.architecture,
             "latents": self.s.latents,
             "k": self.s.k,
             "lr": self.lr,
             **{k: v for k, v in final.items() if k not in ("step", "loss", "aux_loss", "tokens_per_s")},
             "tokens_per_s": steady_speed(rows),  # the median window's
         }
-
-
-def auxk_loss(pre, residual, dead, aux_k: int, W_dec):
-    """Gao et al.'s AuxK: reconstruct the (detached) residual from each token's top `aux_k` dead latents;
-    0 while none is dead.
-
-    pre (N, C) pre-activations, residual (N, d) = x - reconstruction, dead (C,) bool, W_dec (C, d). The
-    squared error is normalised by the residual's variance, as OpenAI's `normalized_mse`. The top `aux_k` are
-    taken however many are dead, so that the host never waits to count them: where fewer are dead, the rest
-    are live latents at -inf, whose ReLU weight 0 adds 0 to the sum and to every gradient (the CPU kernel may
-    then add up a dead row's gradient terms in another order: equal up to rounding).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    dead_pre = pre.masked_fill(~dead, float("-inf"))
-    values, ids = dead_pre.topk(min(aux_k, pre.shape[-1]), dim=-1)
-    recon = F.embedding_bag(ids, W_dec, per_sample_weights=values.relu(), mode="sum")
-    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-    return torch.where(dead.any(), (residual - recon).pow(2).sum(-1).mean() / variance, 0.0)

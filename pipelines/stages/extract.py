@@ -245,7 +245,7 @@ def _provenance(session: StageSession, teacher, sae, prepare_fingerprint: str) -
             "spec": inputs["sae.path"],
             "d_in": sae.d_in,
             "d_sae": sae.d_sae,
-            "k": getattr(sae, "k", None),  # None: active latents vary by token
+            "k": sae.k_per_token,  # None: active latents vary by token
             "architecture": sae.architecture,
         },
         "files": {f["path"]: f["sha256"] for f in session.files},

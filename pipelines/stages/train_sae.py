@@ -1,4 +1,5 @@
-"""`train-sae`: a TopK sparse autoencoder on the teacher's hook, trained as in Gao et al. (2024).
+"""`train-sae`: a sparse autoencoder on the teacher's hook (`sae.architecture`, TopK by default), trained as
+in Gao et al. (2024).
 
 This stage owns what surrounds the training: the token store and the teacher it reads, the checks of the
 token budget, the session (resume, fingerprint, manifest) and the summary. The trainer itself, with its
@@ -10,6 +11,7 @@ Run it with `cocomix train-sae` (see its `--help`). Output: `train-sae/sae/`, a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from pipelines.config.schema import Config
@@ -21,6 +23,7 @@ from pipelines.core.layout import TRAIN_SAE_STAGE, TRAINED_SAE
 from pipelines.core.session import StageResult, StageSession, known_files
 from pipelines.data.token_store import TokenStore, open_prepared_tokens
 from pipelines.errors import ConfigError, InputError
+from pipelines.sae.families import check_trainable
 from pipelines.sae.trainer import SaeTrainer
 
 STAGE = TRAIN_SAE_STAGE
@@ -33,6 +36,7 @@ def run(cfg: Config, *, force: bool = False, progress: bool = True) -> StageResu
 
 
 def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bool) -> StageResult:
+    check_trainable(cfg.sae.architecture)
     device = resolve_device(cfg.sae.device, "sae.device")  # a GPU this machine lacks: said before any work
     run_dir = Path(cfg.run.dir)
     token_store, prepare_fingerprint = open_prepared_tokens(reading, run_dir, stage_inputs.prepare(cfg))
@@ -55,7 +59,10 @@ def _train(cfg: Config, reading: contextlib.ExitStack, force: bool, progress: bo
         teacher = load_teacher_for(cfg.teacher, device, token_store.attrs)
         trainer = SaeTrainer(cfg, teacher, token_store, session.dir, device, on_eval=session.update_progress)
         trainer.restore(resume=session.resuming)
-        trainer.train(show_progress=progress)
+        stopped = trainer.train(show_progress=progress)
+        if stopped is not None:  # a signal: the checkpoint is saved, the stage stays resumable
+            summary = dataclasses.asdict(stopped)
+            return StageResult(STAGE, session.dir, False, summary, session.fingerprint, stopped=stopped)
         summary = trainer.finish()
         session.complete(summary, outputs=[TRAINED_SAE])
         return StageResult(STAGE, session.dir, False, summary, session.fingerprint)

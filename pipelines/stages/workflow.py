@@ -29,6 +29,7 @@ from pipelines.core.session import ORPHAN_OUTPUTS, holds_orphan_outputs
 from pipelines.core.stage_registry import StagePlan, StageSpec, load, stage_spec, stage_specs, steps
 from pipelines.errors import ConfigError
 from pipelines.objectives.declaration import objective_spec
+from pipelines.sae.families import check_trainable
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,10 @@ def plan_train_sae(cfg: Config) -> list[StagePlan]:
     s = cfg.sae
     if not _needs_concepts(cfg) or s.path:
         return []
+    check_trainable(s.architecture)
     detail = (
-        f"TopK SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the teacher's "
-        f"layer {cfg.teacher.layer}"
+        f"{s.architecture} SAE, {s.latents:,} latents, k={s.k}, {s.train_tokens:,} tokens of the "
+        f"teacher's layer {cfg.teacher.layer}"
     )
     return [StagePlan(detail, stage_inputs.train_sae(cfg))]
 
@@ -220,7 +222,8 @@ def plan_train_sae(cfg: Config) -> list[StagePlan]:
 def run_train_sae(cfg: Config, row: PlannedStage, progress: bool) -> None:
     from pipelines.stages import train_sae
 
-    train_sae.run(cfg, progress=progress)
+    if train_sae.run(cfg, progress=progress).stopped is not None:  # SIGTERM / Ctrl-C: saved, resumable
+        raise KeyboardInterrupt
 
 
 def plan_extract(cfg: Config) -> list[StagePlan]:

@@ -1,13 +1,13 @@
-"""Training checkpoints of `pretrain`: everything a resumed run needs to continue bit for bit.
+"""Training checkpoints of `pretrain` and `train-sae`: what a resumed run needs to continue bit for bit.
 
-`checkpoints/step-000200/` holds the model folder (`config.json` + `model.safetensors`, loadable like any
-saved model), `trainer.pt` (optimizer state, step, RNG states, the stage fingerprint) and `digests.json`
-(the sha256 of those files). A checkpoint is written into a hidden temporary folder and renamed into place,
-then `checkpoints/latest` is rewritten atomically to name it, for people and tools. Resuming does not trust
-that pointer: it takes the newest `step-*` folder whose files match their digests, and falls back to the
-one before when a file is damaged, so a garbage pointer or a truncated checkpoint costs at most the steps
-since the previous one. Only the newest `keep_last` are kept. The data position needs no saving: the batch
-of step s is a function of (seed, s).
+`checkpoints/step-000200/` holds the model folder (`config.json` + `model.safetensors`; pretrain's loads like
+any saved model, train-sae's holds the SAE's state), `trainer.pt` (optimizer state, step, RNG states, the
+stage fingerprint) and `digests.json` (the sha256 of those files). A checkpoint is written into a hidden
+temporary folder and renamed into place, then `checkpoints/latest` is rewritten atomically to name it, for
+people and tools. Resuming does not trust that pointer: it takes the newest `step-*` folder whose files match
+their digests, and falls back to the one before when a file is damaged, so a garbage pointer or a truncated
+checkpoint costs at most the steps since the previous one. Only the newest `keep_last` are kept. The data
+position needs no saving: the batch of step s is a function of (seed, s).
 """
 
 from __future__ import annotations
@@ -79,9 +79,17 @@ class Checkpoints:
         raise StageError(f"No intact checkpoint in {self.dir} to resume from. Start over with --force.")
 
     def save(
-        self, step: int, model_state: dict[str, torch.Tensor], model_config: dict, trainer_state: dict
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor],
+        model_config: dict,
+        trainer_state: dict,
+        model_format: str | None = None,
     ) -> Checkpoint:
+        """`model_format` names what `config.json` describes when it is not a cocomix model (an SAE)."""
         from pipelines.model.checkpoint import CONFIG_FILE, MODEL_FORMAT, WEIGHTS_FILE
+
+        model_format = model_format or MODEL_FORMAT
 
         name = f"step-{step:06d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
@@ -91,9 +99,9 @@ class Checkpoints:
             save_safetensors(
                 {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
                 tmp / WEIGHTS_FILE,
-                metadata={"format": MODEL_FORMAT},
+                metadata={"format": model_format},
             )
-            atomic_write_json(tmp / CONFIG_FILE, {"format": MODEL_FORMAT, "model": model_config})
+            atomic_write_json(tmp / CONFIG_FILE, {"format": model_format, "model": model_config})
             buffer = io.BytesIO()
             torch.save(trainer_state, buffer)
             atomic_write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
