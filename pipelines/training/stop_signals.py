@@ -3,7 +3,7 @@ checkpoint and returns instead of dying between two (the loop polls `requested`)
 
 A second Ctrl-C stops at once (KeyboardInterrupt). A repeated SIGTERM is not a second request: under slurm
 every process of the step gets it from slurmstepd and again from torchrun. Signals reach the main thread
-only, so elsewhere nothing is installed. `pretrain`'s trainer keeps its own copy of these rules.
+only, so elsewhere nothing is installed. `pretrain`'s and `train-sae`'s loops both stop this way.
 """
 
 from __future__ import annotations

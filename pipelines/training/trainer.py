@@ -3,14 +3,15 @@
 Exactness: the batch of step s is a function of (seed, s) (`pipelines.data.batches`), the learning rate a
 function of s (`pipelines.training.optim`), and a checkpoint holds model, optimizer and RNG states, so an
 interrupted run that resumes ends with the same weights as one that never stopped (bitwise on CPU).
-SIGTERM or SIGINT finish the current step, save a checkpoint and return; a second signal aborts at once.
+SIGTERM or SIGINT finish the current step, save a checkpoint and return (`pipelines.training.stop_signals`);
+a second Ctrl-C aborts at once.
 The objective (`pipelines.training.objectives`) says what the loss reads and adds; `Parallelism`
 (`pipelines.training.parallel`) wraps the model and gathers its states; `SpeedMeter`
 (`pipelines.training.speed`) times the steps.
 
-Just over 400 lines, kept whole: what is left here (the loop, evaluation, checkpoint state, signals) all
+Just over 400 lines, kept whole: what is left here (the loop, evaluation, checkpoint state) all
 reads and writes the same step, model and ranks, and the parts that own something apart (parallelism,
-speed, checkpoint files, health) already live in their own modules.
+speed, checkpoint files, health, stop signals) already live in their own modules.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from pipelines.training.objectives import OBJECTIVE_HEADS, Objective, ObjectiveL
 from pipelines.training.parallel import Parallelism
 from pipelines.training.speed import SpeedMeter
 from pipelines.training.state import Checkpoints, rng_state, set_rng_state
+from pipelines.training.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ class Trainer:
         self.tokens_per_step = self.global_batch * model_config.context_length
         self.order = BatchOrder(data.train.n_blocks, student_seed(cfg), self.global_batch)
         self.non_finite = NonFiniteWatch(device)
-        self._stop_signal: str | None = None
         self.trackers = None  # opened by `train`, once `restore` has set the step they continue from
 
     # -- state --
@@ -190,54 +190,53 @@ class Trainer:
             disable=not show_progress,
             dynamic_ncols=True,
         )
-        previous_handlers = self._install_signal_handlers()
-        try:
-            self._open_trackers()
-            self._announce_layout(bar if show_progress else None)
-            if self.step == 0:
-                self._log({"kind": "val", "step": 0, **self.evaluate()})
-            # The first window after a start holds the compilation when compiling.
-            speed = SpeedMeter(self.tokens_per_step, self.device, warmup_windows=1 if p.compile else 0)
-            while self.step < p.max_steps:
-                parts, grad_norm = self._train_step(reader.step(self.step))
-                self.step += 1
-                speed.step()
-                bar.update(1)
-                # The host reads values back from the device only here, at log steps.
-                if self.step % p.log_every == 0 or self.step == p.max_steps:
-                    self._check_finite()
-                    parts, grad_norm = self._read_back(parts, grad_norm)
-                    tokens_per_s, warmup = speed.window()
-                    lr = self.optimizer.param_groups[0]["lr"]  # the step's, set by `_train_step`
-                    row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
-                    row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=self.mfu(tokens_per_s))
-                    row["warmup"] = warmup
-                    self._log(row)
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
-                if self.step % p.eval_every == 0 or self.step == p.max_steps:
-                    with speed.paused():
+        with StopSignals(self.dir.name) as signals:
+            try:
+                self._open_trackers()
+                self._announce_layout(bar if show_progress else None)
+                if self.step == 0:
+                    self._log({"kind": "val", "step": 0, **self.evaluate()})
+                # The first window after a start holds the compilation when compiling.
+                speed = SpeedMeter(self.tokens_per_step, self.device, warmup_windows=1 if p.compile else 0)
+                while self.step < p.max_steps:
+                    parts, grad_norm = self._train_step(reader.step(self.step))
+                    self.step += 1
+                    speed.step()
+                    bar.update(1)
+                    # The host reads values back from the device only here, at log steps.
+                    if self.step % p.log_every == 0 or self.step == p.max_steps:
                         self._check_finite()
-                        self._log({"kind": "val", "step": self.step, **self.evaluate()})
-                    if on_progress is not None:
-                        on_progress(step=self.step, steps=p.max_steps)
-                stop = self.ranks.any(self._stop_signal is not None)
-                if stop or (self.step % p.save_every == 0 and self.step < p.max_steps):
-                    with speed.paused():
-                        self.save_checkpoint()
-                if stop:
-                    latest = self.checkpoints.latest()
-                    return Stopped(
-                        stopped_by=self._stop_signal or "a signal on another rank",
-                        stopped_at_step=self.step,
-                        checkpoint=str(latest.path) if latest else None,
-                    )
-        finally:
-            bar.close()
-            reader.close()
-            if self.trackers is not None:
-                self.trackers.close()
-                self.trackers = None
-            self._restore_signal_handlers(previous_handlers)
+                        parts, grad_norm = self._read_back(parts, grad_norm)
+                        tokens_per_s, warmup = speed.window()
+                        lr = self.optimizer.param_groups[0]["lr"]  # the step's, set by `_train_step`
+                        row = {"kind": "train", "step": self.step, **parts, "lr": lr, "grad_norm": grad_norm}
+                        row.update(tokens_per_s=_round(tokens_per_s, 1), mfu=self.mfu(tokens_per_s))
+                        row["warmup"] = warmup
+                        self._log(row)
+                        bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+                    if self.step % p.eval_every == 0 or self.step == p.max_steps:
+                        with speed.paused():
+                            self._check_finite()
+                            self._log({"kind": "val", "step": self.step, **self.evaluate()})
+                        if on_progress is not None:
+                            on_progress(step=self.step, steps=p.max_steps)
+                    stop = self.ranks.any(signals.requested is not None)
+                    if stop or (self.step % p.save_every == 0 and self.step < p.max_steps):
+                        with speed.paused():
+                            self.save_checkpoint()
+                    if stop:
+                        latest = self.checkpoints.latest()
+                        return Stopped(
+                            stopped_by=signals.requested or "a signal on another rank",
+                            stopped_at_step=self.step,
+                            checkpoint=str(latest.path) if latest else None,
+                        )
+            finally:
+                bar.close()
+                reader.close()
+                if self.trackers is not None:
+                    self.trackers.close()
+                    self.trackers = None
         return None
 
     def batch_reader(self) -> BatchReader:
@@ -395,34 +394,6 @@ class Trainer:
         extra = count_extra(self.model_config, seq_len) if count_extra else 0.0  # the objective's heads
         found = mfu(self.model_config, seq_len, tokens_per_s, self.device, self.ranks.world, extra)
         return _round(found, 5)
-
-    # -- signals --
-
-    def _install_signal_handlers(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                # Ctrl-C pressed again: stop now. A repeated SIGTERM is not a second request: under slurm
-                # every process of the step gets it from slurmstepd and again from torchrun, and a rank that
-                # stopped now would leave the others waiting in the checkpoint's collectives.
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                return
-            self._stop_signal = signal.Signals(signum).name
-            log.warning(
-                "%s received: finishing step %d, then saving a checkpoint", self._stop_signal, self.step + 1
-            )
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    @staticmethod
-    def _restore_signal_handlers(previous) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
     # -- outputs --
 
