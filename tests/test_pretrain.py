@@ -604,7 +604,7 @@ def test_the_loop_reads_values_back_only_at_log_eval_and_checkpoint_steps(run, m
 
 def test_config_rejects_unknown_objective():
     with pytest.raises(
-        ConfigError, match="`pretrain.objective` \\('mlm'\\) must be `ntp`, `cocomix`, `kd` or `pause`"
+        ConfigError, match="`pretrain.objective` \\('mlm'\\) must be `ntp`, `cocomix`, `kd`, `pause` or `mtp`"
     ):
         load_config(None, ["pretrain.objective=mlm"])
 
