@@ -170,3 +170,10 @@ def test_a_plugin_that_reads_what_the_extraction_does_not_store_is_refused_by_th
         "`run.objectives` has `smooth` (`zloss`), which needs the teacher's hidden states: set "
         "`extract.store_hidden` (e.g. true).",
     )
+
+
+def test_the_models_an_objective_may_train_are_the_student_s_variants():
+    from pipelines.model.gpt import VARIANTS
+    from pipelines.objectives.spec import MODELS
+
+    assert MODELS == VARIANTS
