@@ -26,3 +26,20 @@ def report(result, as_json: bool, describe: Callable[[dict], str]) -> None:
         )
     else:
         console.print(f"{result.stage}: {describe(result.summary)}", highlight=False, soft_wrap=True)
+
+
+def report_stopped(ctx: typer.Context, result, fallback: str) -> None:
+    """A training stage stopped by a signal: where it stopped, its checkpoint, and the command that continues
+    it: the command as typed plus its resume flag (a bare one could resume another stage, or be refused, when
+    flags or --set chose the settings), else `fallback`."""
+    from cocomix_cli.context import INVOCATION
+    from cocomix_cli.interrupts import resume_command
+
+    stop = result.stopped
+    again = resume_command(ctx.meta.get(INVOCATION)) or fallback
+    console.print(
+        f"{result.stage}: stopped by {stop.stopped_by} after step {stop.stopped_at_step}; checkpoint "
+        f"{stop.checkpoint}. Continue with `{again}`.",
+        highlight=False,
+        soft_wrap=True,
+    )

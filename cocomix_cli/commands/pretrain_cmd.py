@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cocomix_cli.console import console
-from cocomix_cli.context import INVOCATION, resolve_config
-from cocomix_cli.interrupts import resume_command
-from cocomix_cli.options import AsJson, Force, report
+from cocomix_cli.context import resolve_config
+from cocomix_cli.options import AsJson, Force, report, report_stopped
 from pipelines.config.schema import MODEL_PRESETS, spell_choices
 from pipelines.config.students import student_config, with_first_run_seed
 from pipelines.errors import ConfigError
@@ -95,16 +93,7 @@ def pretrain(
         if as_json:
             report(result, as_json, str)
             return
-        stop = result.stopped
-        # The command as typed, plus --resume: a bare `cocomix pretrain --resume` would resume another
-        # stage, or be refused, when flags or --set chose the objective or settings.
-        again = resume_command(ctx.meta.get(INVOCATION)) or "cocomix pretrain --resume"
-        console.print(
-            f"{result.stage}: stopped by {stop.stopped_by} after step {stop.stopped_at_step}; checkpoint "
-            f"{stop.checkpoint}. Continue with `{again}`.",
-            highlight=False,
-            soft_wrap=True,
-        )
+        report_stopped(ctx, result, "cocomix pretrain --resume")
         return
     report(result, as_json, _describe)
 

@@ -6,10 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cocomix_cli.console import console
-from cocomix_cli.context import INVOCATION, resolve_config
-from cocomix_cli.interrupts import resume_command
-from cocomix_cli.options import AsJson, Force, report
+from cocomix_cli.context import resolve_config
+from cocomix_cli.options import AsJson, Force, report, report_stopped
 
 
 def train_sae(
@@ -28,14 +26,7 @@ def train_sae(
 
     result = stage.run(cfg, force=force, progress=ctx.obj.progress)
     if result.stopped is not None and not as_json:
-        stop = result.stopped
-        again = resume_command(ctx.meta.get(INVOCATION)) or "cocomix train-sae"
-        console.print(
-            f"{result.stage}: stopped by {stop.stopped_by} after step {stop.stopped_at_step}; checkpoint "
-            f"{stop.checkpoint}. Continue with `{again}`.",
-            highlight=False,
-            soft_wrap=True,
-        )
+        report_stopped(ctx, result, "cocomix train-sae")
         return
     report(
         result,
