@@ -13,7 +13,7 @@ def readme_commands() -> list[str]:
 def test_readme_opens_with_install_and_test_commands():
     install, test = readme_commands()
     assert 'pip install torch==2.13.0 -e ".[dev]"' in install and install.endswith("cocomix run")
-    assert test == "python -m pytest -q"
+    assert test == "python -m pytest -q -n auto --dist loadfile"
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
