@@ -107,13 +107,13 @@ def test_each_student_is_compared_with_each_baseline_and_each_pair_once():
 def test_the_loss_curves_are_the_mean_over_seeds_with_a_min_max_band(two_seeds):
     directory, _ = two_seeds
     cfg = load_config(directory / "cocomix.toml")
-    series, bands = report.loss_series(directory / "run", report.student_folders(cfg))
+    val = report.loss_series(directory / "run", report.student_folders(cfg))["ntp"]["val"]
     rows = {}
     for seed in (0, 1):
         lines = (directory / "run" / f"pretrain-ntp-seed{seed}" / "metrics.jsonl").read_text().splitlines()
         rows[seed] = {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "val"}
-    assert [s for s, _ in series["ntp val"]] == sorted(rows[0]) == [0, 4, 8, 12]
-    for (step, mean), (_, low, high) in zip(series["ntp val"], bands["ntp val"], strict=True):
+    assert [s for s, _ in val.points] == sorted(rows[0]) == [0, 4, 8, 12]
+    for (step, mean), (_, low, high) in zip(val.points, val.band, strict=True):
         assert mean == pytest.approx((rows[0][step] + rows[1][step]) / 2)
         assert (low, high) == (min(rows[0][step], rows[1][step]), max(rows[0][step], rows[1][step]))
 

@@ -1,67 +1,147 @@
-"""Line charts as PNG files, drawn with matplotlib (Agg): the loss curves of `pretrain` and the `run` report.
+"""Loss-curve charts drawn with matplotlib (Agg), as PNG or SVG: `pretrain`'s per-student curve and the `run`
+report's curves of every student.
 
-This module owns how a chart looks (size, resolution, style, legend) and that the file is written atomically
-and byte for byte the same for the same points, so an unchanged run rewrites an identical file. Matplotlib is
-imported inside the function, so that `cocomix --help` does not pay for it, and no pyplot state is touched.
+This module owns how a chart looks (size, resolution, style, legend) and that the same points give the same
+bytes, so an unchanged run rewrites an identical file: matplotlib's default style rather than the user's
+matplotlibrc, a fixed size, no version or date in the metadata, and a fixed salt for the ids of an SVG.
+Matplotlib is imported inside the functions, so that `cocomix --help` does not pay for it, and no pyplot
+state is touched.
+
+How the curves are told apart: one colour per student, a line style per kind (train solid, val dashed with
+its points marked), so that a student's two curves read as one student. A second panel zooms on the last
+half of the steps, where the students' curves crowd.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.core.files import atomic_write_bytes
 
-WIDTH_PX, HEIGHT_PX, DPI = 800, 480, 100
+WIDTH_PX, HEIGHT_PX, DPI = 1000, 480, 100
+KIND_STYLES = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o", "markersize": 3}}
+KIND_LABELS = {"train": "train (NTP loss)", "val": "val"}
+ZOOM_FROM = 0.5  # the zoom panel shows the steps from this fraction of the last step on
+SVG_SALT = "cocomix"
 
 
-def line_chart(
-    path: Path,
-    series: Mapping[str, Sequence[tuple[float, float]]],
+@dataclass(frozen=True)
+class Curve:
+    """One line of a chart: its (x, y) points, and the (x, low, high) band shaded around it in its colour (the
+    spread of a mean over seeds), empty for a single run."""
+
+    points: Sequence[tuple[float, float]] = ()
+    band: Sequence[tuple[float, float, float]] = ()
+
+    def __post_init__(self):  # as tuples, so that equal curves compare equal however they were built
+        object.__setattr__(self, "points", tuple(tuple(p) for p in self.points))
+        object.__setattr__(self, "band", tuple(tuple(b) for b in self.band))
+
+
+def write_loss_chart(
+    path: Path, students: Mapping[str, Mapping[str, Curve]], *, x_label: str, y_label: str, title: str
+) -> None:
+    """`draw_loss_chart` written atomically to `path`, as PNG or SVG by its suffix."""
+    image_format = Path(path).suffix.lstrip(".").lower()
+    chart = draw_loss_chart(
+        students, x_label=x_label, y_label=y_label, title=title, image_format=image_format
+    )
+    atomic_write_bytes(Path(path), chart)
+
+
+def draw_loss_chart(
+    students: Mapping[str, Mapping[str, Curve]],
     *,
     x_label: str,
     y_label: str,
     title: str,
-    bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None,
-) -> None:
-    """Draw each series of (x, y) points as a line named by its key in the legend; write `path` as a PNG.
+    image_format: str = "png",
+) -> bytes:
+    """The chart of each student's curves by kind (`train`, `val`), as PNG or SVG bytes.
 
-    `bands` shades a (x, low, high) range around the series of the same name, in its colour (the spread of
-    a mean over seeds). Series without points are left out (of the lines and the legend). The same arguments
-    give the same bytes: matplotlib's default style rather than the user's matplotlibrc, a fixed size, no
-    version in the metadata.
+    A student's colour is its place in `students` (matplotlib's default cycle), so the order of the mapping,
+    not the data, decides colours. Curves without points are left out, and a student with none is left out
+    of the legend; a chart with no points at all says "no data". The zoom panel is drawn when some curve
+    has points in the last half of the steps and the steps span more than one value.
     """
     import matplotlib
     import matplotlib.style
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    drawn = {label: points for label, points in series.items() if points}
-    with matplotlib.style.context("default"):
+    if image_format not in ("png", "svg"):
+        raise ValueError(f"a chart is written as png or svg, not {image_format!r}")
+    drawn = {
+        name: {kind: curve for kind, curve in curves.items() if curve.points}
+        for name, curves in students.items()
+    }
+    colours = {name: f"C{i % 10}" for i, name in enumerate(students)}
+    xs = [x for curves in drawn.values() for curve in curves.values() for x, _ in curve.points]
+    zoom_start = ZOOM_FROM * max(xs) if xs else 0.0
+    zoomed = len(set(xs)) > 1 and any(x >= zoom_start for x in xs)
+
+    with matplotlib.style.context("default"), matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
         fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, layout="constrained")
-        ax = fig.add_subplot()
-        for label, points in drawn.items():
-            xs, ys = [p[0] for p in points], [p[1] for p in points]
-            (line,) = ax.plot(xs, ys, label=label, linewidth=1.5, marker="o" if len(points) == 1 else None)
-            band = (bands or {}).get(label)
-            if band:
-                ax.fill_between(
-                    [b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                    color=line.get_color(), alpha=0.2, linewidth=0,
-                )  # fmt: skip
-        if drawn:
-            ax.legend(loc="upper right")
-            if all(float(x).is_integer() for points in drawn.values() for x, _ in points):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5
+        if zoomed:
+            ax, zoom = fig.subplots(1, 2, width_ratios=[3, 2])
+        else:
+            ax, zoom = fig.add_subplot(), None
+        for axes in (ax, zoom) if zoom is not None else (ax,):
+            for name, curves in drawn.items():
+                for kind, curve in curves.items():
+                    _draw(axes, curve, colours[name], KIND_STYLES.get(kind, {}))
+            axes.set_xlabel(x_label)
+            axes.grid(True, alpha=0.3)
+            if all(float(x).is_integer() for x in xs):
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5
+        ax.set_ylabel(y_label)
+        if zoom is not None:
+            fig.suptitle(title)
+            ax.set_title("all steps", loc="left", fontsize="medium")
+            _zoom_limits(zoom, drawn, zoom_start, max(xs))
+            zoom.set_title(f"zoom: steps {zoom_start:,.0f} to {max(xs):,.0f}", loc="left", fontsize="medium")
+        else:
+            ax.set_title(title)
+        if xs:
+            kinds = list(dict.fromkeys(kind for curves in drawn.values() for kind in curves))
+            handles = [
+                Line2D([], [], color=colours[name], linewidth=2, label=name) for name in drawn if drawn[name]
+            ]
+            handles += [
+                Line2D([], [], color="black", label=KIND_LABELS.get(kind, kind), **KIND_STYLES.get(kind, {}))
+                for kind in kinds
+            ]
+            ax.legend(handles=handles, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(y_label)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    atomic_write_bytes(Path(path), buf.getvalue())
+        metadata = {"Software": None} if image_format == "png" else {"Date": None, "Creator": None}
+        fig.savefig(buf, format=image_format, dpi=DPI, metadata=metadata)
+    return buf.getvalue()
+
+
+def _draw(axes, curve: Curve, colour: str, style: dict) -> None:
+    xs, ys = [p[0] for p in curve.points], [p[1] for p in curve.points]
+    marker = style.get("marker") or ("o" if len(xs) == 1 else None)
+    axes.plot(xs, ys, color=colour, linewidth=1.5, **{**style, "marker": marker})
+    if curve.band:
+        axes.fill_between(
+            [b[0] for b in curve.band], [b[1] for b in curve.band], [b[2] for b in curve.band],
+            color=colour, alpha=0.2, linewidth=0,
+        )  # fmt: skip
+
+
+def _zoom_limits(zoom, drawn: Mapping[str, Mapping[str, Curve]], start: float, stop: float) -> None:
+    """The zoom panel's limits: the steps from `start` on, and the y range of the lines there (bands may leave
+    the panel: the lines are what crowd)."""
+    ys = [y for curves in drawn.values() for c in curves.values() for x, y in c.points if x >= start]
+    low, high = min(ys), max(ys)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+    zoom.set_xlim(start, stop + 0.02 * (stop - start or 1))
+    zoom.set_ylim(low - margin, high + margin)

@@ -18,7 +18,7 @@ from pipelines.config.schema import Config
 from pipelines.config.students import students
 from pipelines.core.files import atomic_write_bytes, read_json
 from pipelines.core.layout import EVAL_STAGE, MANIFEST, STEER_STAGE, eval_results_path, student_stage
-from pipelines.core.plot import line_chart
+from pipelines.core.plot import Curve, write_loss_chart
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
 from pipelines.eval.tasks import PPL_TASK, main_metrics
@@ -32,12 +32,11 @@ def write(cfg: Config) -> dict[str, Any]:
     """Write the three files into the run folder and return the summary; unchanged text is not rewritten."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
-    series, bands = loss_series(run_dir, student_folders(cfg))
-    several = bool(bands)
-    line_chart(
+    curves = loss_series(run_dir, student_folders(cfg))
+    several = any(curve.band for kinds in curves.values() for curve in kinds.values())
+    write_loss_chart(
         run_dir / LOSS_CURVES,
-        series,
-        bands=bands,
+        curves,
         x_label="optimizer step",
         y_label="loss (nats/token)",
         title="Next-token loss by step, per student: mean of the seeds, min to max shaded"
@@ -315,26 +314,25 @@ def _demo_row(prompt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def loss_series(
-    run_dir: Path, folders: dict[str, dict[int, str]]
-) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float, float]]]]:
-    """The chart's lines by legend label, "<name> train" (the NTP part of the train loss, comparable across
-    objectives) and "<name> val", and their bands. One seed: its points, no bands. Several: the mean over
-    the seeds at each step they all logged, and a (step, min, max) band; a name not trained yet has empty
-    lines."""
-    series, bands = {}, {}
+def loss_series(run_dir: Path, folders: dict[str, dict[int, str]]) -> dict[str, dict[str, Curve]]:
+    """Each student's curves by kind: `train` (the NTP part of the train loss, comparable across objectives)
+    and `val`. One seed: its points, no band. Several: the mean over the seeds at each step they all logged,
+    and a (step, min, max) band; a name not trained yet has curves without points."""
+    students = {}
     for name, by_seed in folders.items():
         curves = [_curves(run_dir / folder / "metrics.jsonl") for folder in by_seed.values()]
+        students[name] = {}
         for kind in ("train", "val"):
-            runs = [dict(c[kind]) for c in curves if c[kind]]
-            label = f"{name} {kind}"
             if len(by_seed) == 1:
-                series[label] = curves[0][kind]
+                students[name][kind] = Curve(curves[0][kind])
                 continue
+            runs = [dict(c[kind]) for c in curves if c[kind]]
             steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
-            series[label] = [(step, statistics.fmean(r[step] for r in runs)) for step in steps]
-            bands[label] = [(step, min(r[step] for r in runs), max(r[step] for r in runs)) for step in steps]
-    return series, bands
+            students[name][kind] = Curve(
+                [(step, statistics.fmean(r[step] for r in runs)) for step in steps],
+                [(step, min(r[step] for r in runs), max(r[step] for r in runs)) for step in steps],
+            )
+    return students
 
 
 def _curves(path: Path) -> dict[str, list[tuple[float, float]]]:
