@@ -21,7 +21,7 @@ LAYERS = {
     "config": 1,
     "objectives": 1,  # the objectives' declarations, which the config checks read
     "core": 2,
-    **dict.fromkeys(("data", "model", "sae", "concepts", "training", "eval"), 3),
+    **dict.fromkeys(("data", "model", "sae", "concepts", "training", "eval", "report"), 3),
     "stages": 4,
 }
 # `workflow` chains the stages for `cocomix run`: the one stage module that may import the others.

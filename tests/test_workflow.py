@@ -223,6 +223,7 @@ def test_a_run_folder_copied_elsewhere_is_complete_there_and_an_identical_sae_re
     assert "train-sae/manifest.json" in rewritten
     assert set(rewritten) <= {
         "report.md",
+        "report.html",
         "summary.json",
         "train-sae/manifest.json",
         "train-sae/metrics.jsonl",

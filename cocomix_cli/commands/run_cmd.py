@@ -100,4 +100,5 @@ def _print_summary(summary: dict) -> None:
                 f"  {run['setting']:>10}: {run['text']!r}", highlight=False, markup=False, soft_wrap=True
             )
     run_dir = summary["run_dir"]
-    console.print(f"report: {run_dir}/report.md, {run_dir}/summary.json, {summary['loss_curves']}")
+    files = [f"{run_dir}/{name}" for name in ("report.html", "report.md", "summary.json")]
+    console.print(f"report: {', '.join(files)}, {summary['loss_curves']}")

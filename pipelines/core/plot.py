@@ -145,3 +145,68 @@ def _zoom_limits(zoom, drawn: Mapping[str, Mapping[str, Curve]], start: float, s
     margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
     zoom.set_xlim(start, stop + 0.02 * (stop - start or 1))
     zoom.set_ylim(low - margin, high + margin)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One row of a forest plot: a paired difference (`comparison`, e.g. "cocomix - ntp", on `metric`), its
+    95% interval (None with one seed) and the verdict in words."""
+
+    comparison: str
+    metric: str
+    mean: float
+    interval: tuple[float, float] | None
+    verdict: str
+
+
+def draw_forest_plot(rows: Sequence[Difference], *, title: str, image_format: str = "svg") -> bytes:
+    """Each difference as a point with its interval on a horizontal line, one row each, top to bottom in
+    order, a vertical line at 0 and the verdict at the right, coloured by it. Each metric gets a panel and an
+    x axis of its own: a perplexity difference and an accuracy difference on one axis would flatten the
+    accuracy. The same rows give the same bytes."""
+    import matplotlib
+    import matplotlib.style
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    by_metric: dict[str, list[tuple[int, Difference]]] = {}
+    for index, row in enumerate(rows):
+        by_metric.setdefault(row.metric, []).append((index, row))
+    height_rows = sum(len(r) + 1.5 for r in by_metric.values()) or 1.5
+    with matplotlib.style.context("default"), matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
+        fig = Figure(
+            figsize=(WIDTH_PX / DPI, max(1.6, 0.32 * height_rows + 0.6)), dpi=DPI, layout="constrained"
+        )
+        fig.suptitle(title)
+        if not rows:
+            ax = fig.add_subplot()
+            ax.axis("off")
+            ax.text(
+                0.5, 0.5, "no paired differences (one student, or no baseline)", ha="center", color="grey"
+            )
+        else:
+            axes = fig.subplots(
+                len(by_metric), 1, squeeze=False, height_ratios=[len(r) + 1.5 for r in by_metric.values()]
+            )
+            for ax, (metric, group) in zip(axes[:, 0], by_metric.items(), strict=True):
+                ys = list(range(len(group)))[::-1]
+                for y, (index, row) in zip(ys, group, strict=True):
+                    colour = {"better": "C2", "worse": "C3"}.get(row.verdict.split()[0], "0.35")
+                    # ids `interval-N` and `difference-N` (N: the row's place in `rows`) for the page's tests
+                    if row.interval is not None:
+                        ax.plot(row.interval, [y, y], color=colour, linewidth=2, gid=f"interval-{index}")
+                    ax.plot([row.mean], [y], "o", color=colour, markersize=6, gid=f"difference-{index}")
+                    ax.annotate(
+                        row.verdict, (1.0, y), xycoords=("axes fraction", "data"), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize="small", color=colour,
+                    )  # fmt: skip
+                ax.axvline(0.0, color="black", linewidth=0.8)
+                ax.set_yticks(ys, [row.comparison for _, row in group])
+                ax.set_ylim(-0.75, len(group) - 0.25)
+                ax.set_title(metric, loc="left", fontsize="medium")
+                ax.grid(True, axis="x", alpha=0.3)
+        buf = io.BytesIO()
+        metadata = {"Software": None} if image_format == "png" else {"Date": None, "Creator": None}
+        fig.savefig(buf, format=image_format, dpi=DPI, metadata=metadata)
+    return buf.getvalue()

@@ -1,4 +1,5 @@
-"""The run's report, rebuilt from the stages' files: `summary.json`, `report.md` and `loss_curves.png`.
+"""The run's report, rebuilt from the stages' files: `summary.json`, `report.md`, `loss_curves.png` and
+`report.html` (the same as a page, with the forest plot of the paired differences; `pipelines/report/html`).
 
 Everything in it comes from manifests, `metrics.jsonl`, `eval/results.json` (or the lm-eval backend's
 `eval/results-lm-eval.json`) and `steer/demo.json`, so a run that was interrupted and resumed reports exactly
@@ -18,14 +19,17 @@ from pipelines.config.schema import Config
 from pipelines.config.students import students
 from pipelines.core.files import atomic_write_bytes, read_json
 from pipelines.core.layout import EVAL_STAGE, MANIFEST, STEER_STAGE, eval_results_path, student_stage
-from pipelines.core.plot import Curve, write_loss_chart
+from pipelines.core.plot import Curve, Difference, draw_forest_plot, draw_loss_chart, write_loss_chart
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
 from pipelines.eval.tasks import PPL_TASK, main_metrics
+from pipelines.report import html
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
 LOSS_CURVES = "loss_curves.png"
+REPORT_HTML = "report.html"
+CURVES_LABELS = {"x_label": "optimizer step", "y_label": "loss (nats/token)"}
 
 
 def write(cfg: Config) -> dict[str, Any]:
@@ -34,18 +38,79 @@ def write(cfg: Config) -> dict[str, Any]:
     summary = collect(cfg)
     curves = loss_series(run_dir, student_folders(cfg))
     several = any(curve.band for kinds in curves.values() for curve in kinds.values())
-    write_loss_chart(
-        run_dir / LOSS_CURVES,
-        curves,
-        x_label="optimizer step",
-        y_label="loss (nats/token)",
-        title="Next-token loss by step, per student: mean of the seeds, min to max shaded"
+    title = (
+        "Next-token loss by step, per student: mean of the seeds, min to max shaded"
         if several
-        else "Next-token loss by step: train and validation, per student",
+        else "Next-token loss by step: train and validation, per student"
     )
+    write_loss_chart(run_dir / LOSS_CURVES, curves, **CURVES_LABELS, title=title)
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
+    loss_svg = draw_loss_chart(curves, **CURVES_LABELS, title=title, image_format="svg")
+    _write_if_changed(run_dir / REPORT_HTML, html.render(page(cfg, summary, loss_svg)))
     return summary
+
+
+def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
+    """What `report.html` shows, from the summary (the numbers formatted as `report.md` formats them)."""
+    paired, differences = [], []
+    for baseline, against in summary.get("paired_with", {}).items():
+        for name, rows in against.items():
+            for metric, d in rows.items():
+                interval = tuple(d["ci95"]) if d["ci95"] else None
+                differences.append(
+                    Difference(f"{name} - {baseline}", metric, d["mean"], interval, d["verdict"])
+                )
+                paired.append(
+                    html.PairedRow(
+                        baseline=baseline,
+                        student=name,
+                        metric=metric,
+                        difference=f"{d['mean']:+.4f}",
+                        interval=f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "-",
+                        seeds=", ".join(map(str, d["seeds"])),
+                        verdict=d["verdict"],
+                    )
+                )
+    forest = draw_forest_plot(differences, title="Paired differences: mean and 95% interval over seeds")
+    return html.Page(
+        title=f"cocomix run {Path(cfg.run.dir)}",
+        students=list(summary["objectives"]),
+        student_rows=student_table(summary),
+        paired=paired,
+        forest_svg=html.inline_svg(forest) if differences else "",
+        loss_svg=html.inline_svg(loss_svg),
+        speed_rows=[
+            _speed_row(Path(cfg.run.dir), name, folders, summary["objectives"][name].get("wall_s"))
+            for name, folders in student_folders(cfg).items()
+        ],
+        skipped=skipped_notes(summary),
+        stages=[(name, s["status"], _fmt(s["wall_s"], 1)) for name, s in summary["stages"].items()],
+        steering=[_steering_demo(demo) for demo in summary["steering"]],
+        config_toml=to_toml(cfg, with_docs=False).rstrip(),
+        summary=summary,
+    )
+
+
+def _speed_row(
+    run_dir: Path, name: str, folders: dict[int, str], wall_s: float | None
+) -> tuple[str, str, str, str]:
+    """A student's tokens/s and MFU (the median over its seeds, from their manifests: timings, like wall
+    times, are left out of the summary, which an interrupted run must reproduce) and its seeds' wall time."""
+    trained = [
+        (read_json(run_dir / folder / MANIFEST) or {}).get("summary", {}) for folder in folders.values()
+    ]
+    speeds = [t["tokens_per_s"] for t in trained if t.get("tokens_per_s") is not None]
+    mfus = [t["mfu"] for t in trained if t.get("mfu") is not None]
+    speed = f"{statistics.median(speeds):,.0f}" if speeds else "-"
+    mfu = f"{statistics.median(mfus):.1%}" if mfus else "- (a GPU of known peak only)"
+    return name, speed, mfu, _fmt(wall_s, 1)
+
+
+def _steering_demo(demo: dict[str, Any]) -> dict[str, Any]:
+    """A demo as the page shows it, with `unchanged`: every steered continuation equals the unsteered one."""
+    texts = [run["text"] for run in demo["runs"]]
+    return {**demo, "unchanged": len(texts) > 1 and len(set(texts)) == 1}
 
 
 def student_folders(cfg: Config) -> dict[str, dict[int, str]]:

@@ -307,7 +307,7 @@ def run_steer(cfg: Config, row: PlannedStage, progress: bool) -> None:
 
 
 def plan_report(cfg: Config) -> list[StagePlan]:
-    return [StagePlan("summary.json, report.md, loss_curves.png")]
+    return [StagePlan("summary.json, report.md, report.html, loss_curves.png")]
 
 
 def run_report(cfg: Config, row: PlannedStage, progress: bool) -> dict[str, Any]:

@@ -1,0 +1,161 @@
+"""`report.html`: the run's page (`pipelines/report/html.py`), written by the report step beside `report.md`.
+
+Built here on a finished run written directly (each student's manifest and `metrics.jsonl`, a steering
+demo), so that every number is known: the page is well-formed markup, loads nothing from the network, links
+only inside the run folder, keeps every number of `report.md` and `summary.json`, draws one interval per
+paired difference, says so when steering changed nothing, and is rewritten byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import html as html_escape
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pipelines.config.loading import load_config
+from pipelines.stages import report
+
+SEEDS = (0, 1, 2)
+# Each student's val loss by seed: cocomix lower than ntp by 0.1 to 0.3, so it is "better" on val_ppl.
+VAL_LOSS = {"ntp": (5.0, 5.2, 5.1), "cocomix": (4.8, 5.0, 4.8)}
+UNSTEERED = "KING. My lords, the king"
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def finished_run(folder: Path, steering_changes: bool = True) -> Path:
+    """A run folder with two students of three seeds each, their curves and a steering demo; its config."""
+    import math
+
+    run_dir = folder / "run"
+    for name, losses in VAL_LOSS.items():
+        for seed, loss in zip(SEEDS, losses, strict=True):
+            stage = run_dir / f"pretrain-{name}-seed{seed}"
+            stage.mkdir(parents=True)
+            summary = {"steps": 8, "tokens": 1024, "parameters": 1000, "val_loss": loss}
+            summary |= {"val_ppl": math.exp(loss), "tokens_per_s": 1000.0 + 10 * seed, "mfu": None}
+            manifest = {"status": "complete", "summary": summary, "elapsed_s": 10.0 + seed}
+            (stage / "manifest.json").write_text(json.dumps(manifest))
+            rows = [{"kind": "val", "step": 0, "val_loss": 7.0}]
+            rows += [{"kind": "train", "step": s, "ntp_loss": 7.0 - s / 4 - seed / 10} for s in (2, 4, 6, 8)]
+            rows += [{"kind": "val", "step": 8, "val_loss": loss}]
+            (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steered = "KING. My lords, the queen <of> & crown" if steering_changes else UNSTEERED
+    runs = [{"setting": "unsteered", "text": UNSTEERED}]
+    runs += [{"setting": f"scale {s}", "text": steered if s > 0 else UNSTEERED} for s in (-10, 10)]
+    demo = {"prompts": [{"prompt": "KING. My lords,", "concepts": [219], "label": "royalty", "runs": runs}]}
+    (run_dir / "steer").mkdir()
+    (run_dir / "steer" / "demo.json").write_text(json.dumps(demo))
+    config = folder / "cocomix.toml"
+    config.write_text(
+        f'[run]\ndir = "{run_dir}"\nobjectives = ["ntp", "cocomix"]\nseeds = [0, 1, 2]\nbaselines = ["ntp"]\n'
+    )
+    return config
+
+
+def page_of(run_dir: Path) -> ET.Element:
+    """The page parsed as XML: stricter than any HTML parser, so well-formed for every one."""
+    text = (run_dir / report.REPORT_HTML).read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>\n")
+    return ET.fromstring(text.removeprefix("<!DOCTYPE html>\n"))
+
+
+@pytest.fixture
+def written(tmp_path) -> tuple[Path, dict]:
+    cfg = load_config(finished_run(tmp_path))
+    summary = report.write(cfg)
+    return Path(cfg.run.dir), summary
+
+
+def test_the_page_is_well_formed_and_loads_nothing_from_the_network(written):
+    run_dir, _ = written
+    root = page_of(run_dir)
+    links = [(el.tag, a, el.get(a)) for el in root.iter() for a in ("src", "href") if el.get(a) is not None]
+    assert links  # the run's files are linked
+    for tag, attribute, value in links:
+        assert not re.match(r"(https?:)?//", value), (tag, attribute, value)  # nothing from the network
+        assert not value.startswith(("/", "file:")) and ".." not in value, value  # only inside the run folder
+        if not value.startswith("#"):
+            assert (run_dir / value).exists(), value
+    assert not [el for el in root.iter("script") if el.get("type") != "application/json"]  # no code at all
+
+
+def test_the_forest_plot_has_one_interval_per_paired_difference_and_the_table_its_numbers(written):
+    run_dir, summary = written
+    root = page_of(run_dir)
+    differences = [(n, m, d) for n, rows in summary["paired_with"]["ntp"].items() for m, d in rows.items()]
+    assert [(n, m) for n, m, _ in differences] == [("cocomix", "val_ppl"), ("cocomix", "val_loss")]
+    ids = {el.get("id") for el in root.iter() if el.get("id")}
+    for index in range(len(differences)):
+        assert {f"interval-{index}", f"difference-{index}"} <= ids
+    assert f"interval-{len(differences)}" not in ids
+    table = root.find(".//table[@id='paired-table']/tbody")
+    cells = [[(td.text or "").strip() for td in tr] for tr in table]
+    for (name, metric, d), row in zip(differences, cells, strict=True):
+        low, high = d["ci95"]
+        assert row == [
+            name,
+            "ntp",
+            metric,
+            f"{d['mean']:+.4f}",
+            f"[{low:+.4f}, {high:+.4f}]",
+            "0, 1, 2",
+            "better",
+        ]
+
+
+def test_the_page_keeps_every_number_of_report_md_and_the_whole_summary(written):
+    run_dir, summary = written
+    text = (run_dir / report.REPORT_HTML).read_text(encoding="utf-8")
+    markdown = (run_dir / report.REPORT).read_text(encoding="utf-8")
+    cells = {
+        cell.strip()
+        for line in markdown.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+        for cell in line.strip("|").split("|")
+    } - {""}
+    assert len(cells) > 20
+    missing = [cell for cell in cells if html_escape.escape(cell, quote=False) not in text]
+    assert not missing
+    embedded = page_of(run_dir).find(".//script[@id='summary']").text
+    assert json.loads(embedded) == summary == json.loads((run_dir / report.SUMMARY).read_text())
+
+
+def test_steering_that_changed_nothing_says_so_instead_of_repeating_rows(tmp_path):
+    sentence = "Every steered continuation equals the unsteered one"
+    for changes in (True, False):
+        folder = tmp_path / str(changes)
+        cfg = load_config(finished_run(folder, steering_changes=changes))
+        report.write(cfg)
+        text = " ".join((Path(cfg.run.dir) / report.REPORT_HTML).read_text(encoding="utf-8").split())
+        assert (sentence in text) is (not changes)
+    assert "the queen &lt;of&gt; &amp; crown" in " ".join(
+        (tmp_path / "True" / "run" / report.REPORT_HTML).read_text(encoding="utf-8").split()
+    )  # escaped, not markup
+
+
+def test_an_unchanged_run_rewrites_the_same_bytes_and_a_copied_folder_the_same_page(written, tmp_path):
+    run_dir, _ = written
+    first = (run_dir / report.REPORT_HTML).read_bytes()
+    cfg = load_config(run_dir.parent / "cocomix.toml")
+    report.write(cfg)
+    assert (run_dir / report.REPORT_HTML).read_bytes() == first
+    # The same run elsewhere: only the run folder's own name in the title and the config differs.
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(run_dir.parent, copy)
+    config = copy / "cocomix.toml"
+    config.write_text(config.read_text().replace(str(run_dir), str(copy / "run")))
+    report.write(load_config(config))
+    moved = (copy / "run" / report.REPORT_HTML).read_text(encoding="utf-8")
+    assert moved.replace(str(copy / "run"), str(run_dir)) == first.decode("utf-8")
+
+
+def test_the_speed_table_reads_each_students_manifests(written):
+    run_dir, _ = written
+    rows = page_of(run_dir).find(".//table[@id='speed-table']/tbody")
+    cells = {tr[0].text: [(td.text or "").strip() for td in tr] for tr in rows}
+    assert cells["ntp"] == ["ntp", "1,010", "- (a GPU of known peak only)", "33.0"]  # median; 10 + 11 + 12 s
