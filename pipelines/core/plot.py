@@ -25,7 +25,9 @@ WIDTH_PX, HEIGHT_PX, DPI = 1000, 480, 100
 KIND_STYLES = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o", "markersize": 3}}
 KIND_LABELS = {"train": "train (NTP loss)", "val": "val"}
 ZOOM_FROM = 0.5  # the zoom panel shows the steps from this fraction of the last step on
-SVG_SALT = "cocomix"
+# SVG: ids from a fixed salt (the same bytes for the same chart), text as <text> (selectable, searchable,
+# smaller than glyph paths, and readable by the page's tests).
+SVG_RC = {"svg.hashsalt": "cocomix", "svg.fonttype": "none"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def draw_loss_chart(
     zoom_start = ZOOM_FROM * max(xs) if xs else 0.0
     zoomed = len(set(xs)) > 1 and any(x >= zoom_start for x in xs)
 
-    with matplotlib.style.context("default"), matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
+    with matplotlib.style.context("default"), matplotlib.rc_context(SVG_RC):
         fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, layout="constrained")
         if zoomed:
             ax, zoom = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -174,7 +176,7 @@ def draw_forest_plot(rows: Sequence[Difference], *, title: str, image_format: st
     for index, row in enumerate(rows):
         by_metric.setdefault(row.metric, []).append((index, row))
     height_rows = sum(len(r) + 1.5 for r in by_metric.values()) or 1.5
-    with matplotlib.style.context("default"), matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
+    with matplotlib.style.context("default"), matplotlib.rc_context(SVG_RC):
         fig = Figure(
             figsize=(WIDTH_PX / DPI, max(1.6, 0.32 * height_rows + 0.6)), dpi=DPI, layout="constrained"
         )
