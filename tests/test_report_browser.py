@@ -101,3 +101,49 @@ def test_the_page_opens_from_a_copied_folder_and_its_forest_plot_draws_each_inte
     pixels = imread(shot)
     assert pixels.shape[0] > 500 and pixels.std() > 0.05  # not blank
     assert json.loads((copy / report.SUMMARY).read_text()) == summary
+
+
+def test_searching_the_concepts_hides_what_does_not_match_and_a_concept_page_shows_its_contexts(
+    browser, tmp_path
+):
+    from selenium.webdriver.common.by import By
+
+    cfg = load_config(finished_run(tmp_path))
+    report.write(cfg)
+    page = Path(cfg.run.dir) / report.REPORT_HTML
+    browser.get(page.as_uri())
+
+    def visible(concept: int) -> bool:
+        return browser.find_element(By.ID, f"row-{concept}").is_displayed()
+
+    assert visible(219) and visible(7)
+    browser.find_element(By.ID, "concept-search").send_keys("crown")  # a word of concept 219's label
+    assert visible(219) and not visible(7) and not visible(1500)
+    browser.find_element(By.ID, "concept-search").clear()
+    browser.find_element(By.ID, "concept-search").send_keys(" ")  # input event: empty search again
+    assert visible(7)
+
+    # A column header sorts: by id, ascending then descending.
+    header = browser.find_element(By.CSS_SELECTOR, "#concept-table th[data-sort='number']")
+    header.click()
+    order = [
+        row.get_attribute("id") for row in browser.find_elements(By.CSS_SELECTOR, "#concept-table tbody tr")
+    ]
+    assert order == ["row-1500", "row-219", "row-7"]
+    header.click()
+    order = [
+        row.get_attribute("id") for row in browser.find_elements(By.CSS_SELECTOR, "#concept-table tbody tr")
+    ]
+    assert order == ["row-7", "row-219", "row-1500"]
+
+    # The id opens the concept's page, hidden until then; its context shows the token marked.
+    assert not browser.find_element(By.ID, "concept-219").is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "#row-219 a").click()
+    concept = browser.find_element(By.ID, "concept-219")
+    assert concept.is_displayed() and not browser.find_element(By.ID, "concept-7").is_displayed()
+    mark = concept.find_element(By.CSS_SELECTOR, "ol.contexts mark")
+    assert (
+        mark.text.strip() == "king" and mark.value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
+    )
+    assert "is dead <long live>" in concept.text
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -24,7 +24,27 @@ SEEDS = (0, 1, 2)
 # Each student's val loss by seed: cocomix lower than ntp by 0.1 to 0.3, so it is "better" on val_ppl.
 VAL_LOSS = {"ntp": (5.0, 5.2, 5.1), "cocomix": (4.8, 5.0, 4.8)}
 UNSTEERED = "KING. My lords, the king"
-SVG = "{http://www.w3.org/2000/svg}"
+# What `cocomix concepts build` writes (pipelines/sae/dictionary.py), for three latents.
+DICTIONARY = {
+    "sae": {},
+    "tokens": 3000,
+    "latents_seen": 3,
+    "latents": {
+        str(latent): {
+            "id": latent,
+            "label": label,
+            "frequency": frequency,
+            "target_frequency": target,
+            "top_tokens": [{"token": token, "id": 5, "activation": 12.5} for token in label.split(" | ")],
+            "contexts": [{"text": context, "activation": 3.25}],
+        }
+        for latent, label, frequency, target, context in [
+            (219, "king | crown | throne", 0.02, 0.01, "My lords, the [[ king]] is dead <long live>"),
+            (7, "blood | knife", 0.05, 0.002, "Is this a[[ dagger]] which I see"),
+            (1500, "night | dark", 0.01, 0.004, "Come, thick[[ night]], and pall thee"),
+        ]
+    },
+}
 
 
 def finished_run(folder: Path, steering_changes: bool = True) -> Path:
@@ -50,6 +70,8 @@ def finished_run(folder: Path, steering_changes: bool = True) -> Path:
     demo = {"prompts": [{"prompt": "KING. My lords,", "concepts": [219], "label": "royalty", "runs": runs}]}
     (run_dir / "steer").mkdir()
     (run_dir / "steer" / "demo.json").write_text(json.dumps(demo))
+    (run_dir / "concepts").mkdir()
+    (run_dir / "concepts" / "dictionary.json").write_text(json.dumps(DICTIONARY))
     config = folder / "cocomix.toml"
     config.write_text(
         f'[run]\ndir = "{run_dir}"\nobjectives = ["ntp", "cocomix"]\nseeds = [0, 1, 2]\nbaselines = ["ntp"]\n'
@@ -81,7 +103,22 @@ def test_the_page_is_well_formed_and_loads_nothing_from_the_network(written):
         assert not value.startswith(("/", "file:")) and ".." not in value, value  # only inside the run folder
         if not value.startswith("#"):
             assert (run_dir / value).exists(), value
-    assert not [el for el in root.iter("script") if el.get("type") != "application/json"]  # no code at all
+    scripts = [el for el in root.iter("script") if el.get("type") != "application/json"]
+    assert len(scripts) == 1 and scripts[0].get("src") is None  # the concepts' search and sort, inline
+
+
+def test_each_concept_has_a_page_with_its_contexts_and_the_token_marked(written):
+    run_dir, _ = written
+    root = page_of(run_dir)
+    rows = root.find(".//table[@id='concept-table']/tbody")
+    assert [tr.get("id") for tr in rows] == ["row-219", "row-1500", "row-7"]  # the most targeted first
+    page = root.find(".//section[@id='concept-219']")
+    assert page.find("h3").text == "Concept 219: king | crown | throne"
+    [context] = page.findall(".//ol[@class='contexts']/li")
+    assert context.text == "My lords, the " and context.find("mark").text == " king"
+    assert context.find("mark").tail == " is dead <long live> "  # escaped text, not markup
+    # The steering demo's concept links to its page.
+    assert root.find(".//h3/a[@href='#concept-219']") is not None
 
 
 def test_the_forest_plot_has_one_interval_per_paired_difference_and_the_table_its_numbers(written):
@@ -159,3 +196,20 @@ def test_the_speed_table_reads_each_students_manifests(written):
     rows = page_of(run_dir).find(".//table[@id='speed-table']/tbody")
     cells = {tr[0].text: [(td.text or "").strip() for td in tr] for tr in rows}
     assert cells["ntp"] == ["ntp", "1,010", "- (a GPU of known peak only)", "33.0"]  # median; 10 + 11 + 12 s
+
+
+def test_concepts_show_html_names_the_concepts_page_and_writes_the_report_when_it_lacks_it(tmp_path):
+    from tests.conftest import Cocomix
+
+    config = finished_run(tmp_path)
+    run_dir = load_config(config).run.dir
+    page = Path(run_dir) / report.REPORT_HTML
+    assert not page.exists()
+    shown = Cocomix(tmp_path)("concepts", "show", "219", "--html")
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.splitlines()[-1] == f"page: {page}#concept-219"
+    assert 'id="concept-219"' in page.read_text(encoding="utf-8")
+    written = page.read_bytes()
+    as_json = Cocomix(tmp_path)("concepts", "show", "7", "--html", "--json")  # on the page already
+    assert json.loads(as_json.stdout)["page"] == f"{page}#concept-7"
+    assert page.read_bytes() == written

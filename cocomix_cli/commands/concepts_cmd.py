@@ -31,14 +31,26 @@ def build(ctx: typer.Context, as_json: AsJson = False) -> None:
 
 @app.command()
 def show(
-    ctx: typer.Context, concept_id: Annotated[int, typer.Argument(metavar="ID")], as_json: AsJson = False
+    ctx: typer.Context,
+    concept_id: Annotated[int, typer.Argument(metavar="ID")],
+    as_json: AsJson = False,
+    html: Annotated[
+        bool,
+        typer.Option(
+            "--html",
+            help="Also name the concept's page in the run's report.html (PATH#concept-ID), writing the "
+            "report first when the page lacks it; open it in a browser.",
+        ),
+    ] = False,
 ) -> None:
     """One concept: label, frequencies, top tokens and contexts (the token in [[ ]])."""
-    from pipelines.stages import concepts
+    from pipelines.stages import concepts, report
 
-    entry = concepts.entry(resolve_config(ctx), concept_id)
+    cfg = resolve_config(ctx)
+    entry = concepts.entry(cfg, concept_id)
+    page = report.concept_page(cfg, concept_id) if html else None
     if as_json:
-        typer.echo(json.dumps(entry))
+        typer.echo(json.dumps({**entry, "page": page} if html else entry))
         return
     console.print(
         f"concept {entry['id']}: {entry['label']}  (active on {entry['frequency']:.3%} of tokens, "
@@ -50,6 +62,8 @@ def show(
     )
     for context in entry["contexts"]:
         console.print(f"  {context['activation']:7.2f}  {context['text']!r}", highlight=False, markup=False)
+    if page is not None:
+        console.print(f"page: {page}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -48,6 +48,58 @@ class Page:
     steering: Sequence[dict[str, Any]]
     config_toml: str
     summary: dict[str, Any]
+    concepts: Sequence[Concept] = ()
+    concept_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Context:
+    before: str
+    token: str
+    after: str
+    activation: float
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A latent of the run's concept dictionary as the page shows it: in the searchable list, and on its own
+    page (`#concept-ID`, shown alone by CSS `:target`, so it needs no script)."""
+
+    id: int
+    label: str
+    frequency: float
+    target_frequency: float
+    top_tokens: Sequence[tuple[str, float]]
+    contexts: Sequence[Context]
+
+    @property
+    def search_text(self) -> str:
+        """What the search box matches: the label, the top tokens and the contexts, lower case."""
+        words = [self.label, *(t for t, _ in self.top_tokens)]
+        words += [c.before + c.token + c.after for c in self.contexts]
+        return " ".join(words).lower()
+
+
+def concepts_of(dictionary: dict[str, Any]) -> list[Concept]:
+    """The dictionary's latents, the most often targeted first (ties by id)."""
+    concepts = []
+    for entry in dictionary.get("latents", {}).values():
+        contexts = []
+        for context in entry["contexts"]:
+            before, _, rest = context["text"].partition("[[")
+            token, _, after = rest.partition("]]")
+            contexts.append(Context(before, token, after, context["activation"]))
+        concepts.append(
+            Concept(
+                id=entry["id"],
+                label=entry["label"],
+                frequency=entry["frequency"],
+                target_frequency=entry["target_frequency"],
+                top_tokens=[(t["token"], t["activation"]) for t in entry["top_tokens"]],
+                contexts=contexts,
+            )
+        )
+    return sorted(concepts, key=lambda c: (-c.target_frequency, c.id))
 
 
 def inline_svg(svg: bytes) -> str:

@@ -24,6 +24,7 @@ from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
 from pipelines.eval.tasks import PPL_TASK, main_metrics
 from pipelines.report import html
+from pipelines.sae.dictionary import dictionary_path
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -51,6 +52,16 @@ def write(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def concept_page(cfg: Config, concept_id: int) -> str:
+    """`report.html#concept-ID`, the concept's page, for `cocomix concepts show ID --html`: the report is
+    written first when its page lacks the concept (no page yet, or the dictionary built after it)."""
+    path = Path(cfg.run.dir) / REPORT_HTML
+    anchor = f"concept-{concept_id}"
+    if f'id="{anchor}"' not in (path.read_text(encoding="utf-8") if path.exists() else ""):
+        write(cfg)
+    return f"{path}#{anchor}"
+
+
 def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
     """What `report.html` shows, from the summary (the numbers formatted as `report.md` formats them)."""
     paired, differences = [], []
@@ -73,6 +84,7 @@ def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
                     )
                 )
     forest = draw_forest_plot(differences, title="Paired differences: mean and 95% interval over seeds")
+    dictionary = read_json(dictionary_path(Path(cfg.run.dir))) or {}  # `cocomix concepts build`'s
     return html.Page(
         title=f"cocomix run {Path(cfg.run.dir)}",
         students=list(summary["objectives"]),
@@ -89,6 +101,8 @@ def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
         steering=[_steering_demo(demo) for demo in summary["steering"]],
         config_toml=to_toml(cfg, with_docs=False).rstrip(),
         summary=summary,
+        concepts=html.concepts_of(dictionary),
+        concept_tokens=dictionary.get("tokens", 0),
     )
 
 
