@@ -59,6 +59,7 @@ def finished_run(folder: Path, steering_changes: bool = True) -> Path:
             summary = {"steps": 8, "tokens": 1024, "parameters": 1000, "val_loss": loss}
             summary |= {"val_ppl": math.exp(loss), "tokens_per_s": 1000.0 + 10 * seed, "mfu": None}
             manifest = {"status": "complete", "summary": summary, "elapsed_s": 10.0 + seed}
+            manifest["inputs"] = {"pretrain.objective": name, "pretrain.lr": 0.003}  # its fingerprint's
             (stage / "manifest.json").write_text(json.dumps(manifest))
             rows = [{"kind": "val", "step": 0, "val_loss": 7.0}]
             rows += [{"kind": "train", "step": s, "ntp_loss": 7.0 - s / 4 - seed / 10} for s in (2, 4, 6, 8)]
@@ -170,6 +171,9 @@ def test_steering_that_changed_nothing_says_so_instead_of_repeating_rows(tmp_pat
         report.write(cfg)
         text = " ".join((Path(cfg.run.dir) / report.REPORT_HTML).read_text(encoding="utf-8").split())
         assert (sentence in text) is (not changes)
+        rows = page_of(Path(cfg.run.dir)).findall(".//h2[@id='steering']/../table/tbody/tr")
+        marked = [tr[0].text for tr in rows if "(the unsteered text)" in "".join(tr[1].itertext())]
+        assert marked == (["scale -10"] if changes else ["scale -10", "scale 10"])
     assert "the queen &lt;of&gt; &amp; crown" in " ".join(
         (tmp_path / "True" / "run" / report.REPORT_HTML).read_text(encoding="utf-8").split()
     )  # escaped, not markup
@@ -213,3 +217,15 @@ def test_concepts_show_html_names_the_concepts_page_and_writes_the_report_when_i
     as_json = Cocomix(tmp_path)("concepts", "show", "7", "--html", "--json")  # on the page already
     assert json.loads(as_json.stdout)["page"] == f"{page}#concept-7"
     assert page.read_bytes() == written
+
+
+def test_each_stage_lists_the_settings_of_its_fingerprint(written):
+    run_dir, _ = written
+    rows = page_of(run_dir).find(".//table[@id='stages']/tbody")
+    by_stage = {tr[0][0].text: tr for tr in rows}
+    settings = by_stage["pretrain-cocomix-seed1"].find(".//details/table")
+    assert [[td.find("code").text for td in tr] for tr in settings] == [
+        ["pretrain.lr", "0.003"],
+        ["pretrain.objective", '"cocomix"'],
+    ]
+    assert by_stage["pretrain-cocomix-seed1"][0][0].get("href") == "pretrain-cocomix-seed1/"

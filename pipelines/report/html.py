@@ -33,6 +33,16 @@ class PairedRow:
 
 
 @dataclass(frozen=True)
+class StageRow:
+    """A stage of the run: its state, wall time and the settings that enter its fingerprint."""
+
+    name: str
+    status: str
+    wall: str
+    settings: Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class Page:
     """Everything the template shows, already formatted: the report stage fills it from the summary."""
 
@@ -44,7 +54,7 @@ class Page:
     loss_svg: str
     speed_rows: Sequence[tuple[str, str, str, str]]
     skipped: Sequence[str]
-    stages: Sequence[tuple[str, str, str]]
+    stages: Sequence[StageRow]
     steering: Sequence[dict[str, Any]]
     config_toml: str
     summary: dict[str, Any]

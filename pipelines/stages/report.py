@@ -97,7 +97,7 @@ def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
             for name, folders in student_folders(cfg).items()
         ],
         skipped=skipped_notes(summary),
-        stages=[(name, s["status"], _fmt(s["wall_s"], 1)) for name, s in summary["stages"].items()],
+        stages=[_stage_row(Path(cfg.run.dir), name, state) for name, state in summary["stages"].items()],
         steering=[_steering_demo(demo) for demo in summary["steering"]],
         config_toml=to_toml(cfg, with_docs=False).rstrip(),
         summary=summary,
@@ -121,10 +121,22 @@ def _speed_row(
     return name, speed, mfu, _fmt(wall_s, 1)
 
 
+def _stage_row(run_dir: Path, name: str, state: dict[str, Any]) -> html.StageRow:
+    """A stage as the page lists it, with the settings its fingerprint holds (from its manifest)."""
+    manifest = read_json(run_dir / name / MANIFEST) or {}
+    settings = [(key, json.dumps(value)) for key, value in sorted(manifest.get("inputs", {}).items())]
+    return html.StageRow(name, state["status"], _fmt(state["wall_s"], 1), settings)
+
+
 def _steering_demo(demo: dict[str, Any]) -> dict[str, Any]:
-    """A demo as the page shows it, with `unchanged`: every steered continuation equals the unsteered one."""
-    texts = [run["text"] for run in demo["runs"]]
-    return {**demo, "unchanged": len(texts) > 1 and len(set(texts)) == 1}
+    """A demo as the page shows it: each run with `same` (its text is the unsteered one), and `unchanged`
+    (every steered continuation equals the unsteered one)."""
+    unsteered = next((run["text"] for run in demo["runs"] if run["setting"] == "unsteered"), None)
+    runs = [
+        {**run, "same": run["setting"] != "unsteered" and run["text"] == unsteered} for run in demo["runs"]
+    ]
+    steered = [run for run in runs if run["setting"] != "unsteered"]
+    return {**demo, "runs": runs, "unchanged": bool(steered) and all(run["same"] for run in steered)}
 
 
 def student_folders(cfg: Config) -> dict[str, dict[int, str]]:
