@@ -34,7 +34,7 @@ CURVES_LABELS = {"x_label": "optimizer step", "y_label": "loss (nats/token)"}
 
 
 def write(cfg: Config) -> dict[str, Any]:
-    """Write the three files into the run folder and return the summary; unchanged text is not rewritten."""
+    """Write the four files into the run folder and return the summary; unchanged text is not rewritten."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
     curves = loss_series(run_dir, student_folders(cfg))
