@@ -1,5 +1,5 @@
-"""Loss-curve charts drawn with matplotlib (Agg), as PNG or SVG: `pretrain`'s per-student curve and the `run`
-report's curves of every student.
+"""Charts drawn with matplotlib (Agg), as PNG or SVG: the loss curves (`pretrain`'s per student, the `run`
+report's of every student) and the report page's forest plot of paired differences.
 
 This module owns how a chart looks (size, resolution, style, legend) and that the same points give the same
 bytes, so an unchanged run rewrites an identical file: matplotlib's default style rather than the user's
