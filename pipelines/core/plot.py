@@ -14,8 +14,9 @@ half of the steps, where the students' curves crowd.
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,16 +70,10 @@ def draw_loss_chart(
     of the legend; a chart with no points at all says "no data". The zoom panel is drawn when some curve
     has points in the last half of the steps and the steps span more than one value.
     """
-    import matplotlib
-    import matplotlib.style
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    if image_format not in ("png", "svg"):
-        raise ValueError(f"a chart is written as png or svg, not {image_format!r}")
+    _check_format(image_format)
     drawn = {
         name: {kind: curve for kind, curve in curves.items() if curve.points}
         for name, curves in students.items()
@@ -88,8 +83,8 @@ def draw_loss_chart(
     zoom_start = ZOOM_FROM * max(xs) if xs else 0.0
     zoomed = len(set(xs)) > 1 and any(x >= zoom_start for x in xs)
 
-    with matplotlib.style.context("default"), matplotlib.rc_context(SVG_RC):
-        fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, layout="constrained")
+    with _chart_style():
+        fig = _figure(HEIGHT_PX / DPI)
         if zoomed:
             ax, zoom = fig.subplots(1, 2, width_ratios=[3, 2])
         else:
@@ -122,10 +117,7 @@ def draw_loss_chart(
             ax.legend(handles=handles, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-        buf = io.BytesIO()
-        metadata = {"Software": None} if image_format == "png" else {"Date": None, "Creator": None}
-        fig.savefig(buf, format=image_format, dpi=DPI, metadata=metadata)
-    return buf.getvalue()
+        return _encoded(fig, image_format)
 
 
 def _draw(axes, curve: Curve, colour: str, style: dict) -> None:
@@ -166,20 +158,13 @@ def draw_forest_plot(rows: Sequence[Difference], *, title: str, image_format: st
     order, a vertical line at 0 and the verdict at the right, coloured by it. Each metric gets a panel and an
     x axis of its own: a perplexity difference and an accuracy difference on one axis would flatten the
     accuracy. The same rows give the same bytes."""
-    import matplotlib
-    import matplotlib.style
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
+    _check_format(image_format)
     by_metric: dict[str, list[tuple[int, Difference]]] = {}
     for index, row in enumerate(rows):
         by_metric.setdefault(row.metric, []).append((index, row))
     height_rows = sum(len(r) + 1.5 for r in by_metric.values()) or 1.5
-    with matplotlib.style.context("default"), matplotlib.rc_context(SVG_RC):
-        fig = Figure(
-            figsize=(WIDTH_PX / DPI, max(1.6, 0.32 * height_rows + 0.6)), dpi=DPI, layout="constrained"
-        )
+    with _chart_style():
+        fig = _figure(max(1.6, 0.32 * height_rows + 0.6))
         fig.suptitle(title)
         if not rows:
             ax = fig.add_subplot()
@@ -208,7 +193,37 @@ def draw_forest_plot(rows: Sequence[Difference], *, title: str, image_format: st
                 ax.set_ylim(-0.75, len(group) - 0.25)
                 ax.set_title(metric, loc="left", fontsize="medium")
                 ax.grid(True, axis="x", alpha=0.3)
-        buf = io.BytesIO()
-        metadata = {"Software": None} if image_format == "png" else {"Date": None, "Creator": None}
-        fig.savefig(buf, format=image_format, dpi=DPI, metadata=metadata)
+        return _encoded(fig, image_format)
+
+
+def _check_format(image_format: str) -> None:
+    if image_format not in ("png", "svg"):
+        raise ValueError(f"a chart is written as png or svg, not {image_format!r}")
+
+
+@contextlib.contextmanager
+def _chart_style() -> Iterator[None]:
+    """matplotlib's default style rather than the user's matplotlibrc, and `SVG_RC`, for drawing and saving
+    alike (the SVG settings are read when the figure is saved)."""
+    import matplotlib
+    import matplotlib.style
+
+    matplotlib.use("Agg")
+    with matplotlib.style.context("default"), matplotlib.rc_context(SVG_RC):
+        yield
+
+
+def _figure(height_inches: float):
+    """A figure of the charts' width and resolution."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(WIDTH_PX / DPI, height_inches), dpi=DPI, layout="constrained")
+
+
+def _encoded(fig, image_format: str) -> bytes:
+    """`fig` as PNG or SVG bytes without what would change them between runs: the matplotlib version (PNG),
+    the date and creator (SVG)."""
+    buf = io.BytesIO()
+    metadata = {"Software": None} if image_format == "png" else {"Date": None, "Creator": None}
+    fig.savefig(buf, format=image_format, dpi=DPI, metadata=metadata)
     return buf.getvalue()
