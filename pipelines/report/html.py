@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.sae.dictionary import split_context
+
 TEMPLATE = "report.html.j2"
 
 
@@ -97,9 +99,7 @@ def concepts_of(dictionary: dict[str, Any]) -> list[Concept]:
     for entry in dictionary.get("latents", {}).values():
         contexts = []
         for context in entry["contexts"]:
-            before, _, rest = context["text"].partition("[[")
-            token, _, after = rest.partition("]]")
-            contexts.append(Context(before, token, after, context["activation"]))
+            contexts.append(Context(*split_context(context["text"]), context["activation"]))
         concepts.append(
             Concept(
                 id=entry["id"],

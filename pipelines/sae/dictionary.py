@@ -21,6 +21,14 @@ from pipelines.core.session import Upstream, ensure_run_dir, finished_upstream
 from pipelines.errors import StageError
 
 DICTIONARY = "dictionary.json"
+MARK = ("[[", "]]")  # around the token in a context's text
+
+
+def split_context(text: str) -> tuple[str, str, str]:
+    """A context's text as (before, the marked token, after)."""
+    before, _, rest = text.partition(MARK[0])
+    token, _, after = rest.partition(MARK[1])
+    return before, token, after
 
 
 def dictionary_path(run_dir: Path) -> Path:
@@ -118,7 +126,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
                 after = tokenizer.decode(block[pos + 1 : pos + 1 + window])
                 contexts.append(
                     {
-                        "text": f"{before}[[{tokenizer.decode([block[pos]])}]]{after}",
+                        "text": f"{before}{MARK[0]}{tokenizer.decode([block[pos]])}{MARK[1]}{after}",
                         "activation": round(float(act), 3),
                     }
                 )
