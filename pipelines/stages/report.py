@@ -5,6 +5,10 @@ Everything in it comes from manifests, `metrics.jsonl`, `eval/results.json` (or 
 `eval/results-lm-eval.json`) and `steer/demo.json`, so a run that was interrupted and resumed reports exactly
 what an uninterrupted one does, apart from the wall times (kept under `wall_s` keys so that comparisons can
 leave them out).
+
+Past 400 lines on purpose: the summary, `report.md` and the page are three views of one reading of the run
+and share its tables and formatting (`student_table`, `skipped_notes`, `_fmt`); what is the page's alone,
+its data types and template, lives in `pipelines/report/`.
 """
 
 from __future__ import annotations
