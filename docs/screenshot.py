@@ -1,9 +1,11 @@
 """The README's picture of a run's page: `report.html` opened in headless Chromium and saved as a PNG.
 
     python docs/screenshot.py RUN_DIR/report.html docs/report_page.png [--width 1100] [--height 1500]
+    python docs/screenshot.py RUN_DIR/report.html docs/concept_page.png --anchor concept-ID
 
 Needs Debian's `chromium` and `chromium-driver` and the dev extra's selenium (as the browser test does).
-The page is opened from disk; the picture is the top of the page at that window size. The test suite never
+The page is opened from disk; the picture is the top of the page (or of the part `--anchor` opens, such as
+a concept's page) at that window size. The test suite never
 writes it, so CI leaves the tree clean.
 """
 
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--width", type=int, default=1100)
     parser.add_argument("--height", type=int, default=1500)
+    parser.add_argument("--anchor", default="", help="open the page at this #anchor, e.g. concept-219")
     args = parser.parse_args(argv)
     if not args.page.is_file():
         print(
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     options.add_argument(f"--window-size={args.width},{args.height}")
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        driver.get(args.page.resolve().as_uri())
+        driver.get(args.page.resolve().as_uri() + (f"#{args.anchor}" if args.anchor else ""))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(args.out))
     finally:

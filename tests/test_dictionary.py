@@ -32,12 +32,14 @@ def run(tmp_path):
     return tmp_path
 
 
-def direct_activations(run: Path) -> tuple[dict, dict, int]:
-    """latent -> {token id: summed activation} and latent -> count, from the teacher and SAE directly."""
+def direct_activations(run: Path) -> tuple[dict, dict, int, dict]:
+    """latent -> {token id: summed activation}, latent -> count, the tokens read and latent -> its
+    activations, from the teacher and SAE directly."""
     teacher = load_teacher(str(run / "teacher"), layer=1, hook="resid_post")
     sae = load_sae(str(run / "sae")).sae
     tokens = zarr.open_group(str(run / "run/prepare/tokens.zarr"), mode="r")
     sums, counts, total = defaultdict(lambda: defaultdict(float)), defaultdict(int), 0
+    values_of = defaultdict(list)
     for split in ("train", "val"):
         blocks = torch.from_numpy(tokens[split][:].astype(np.int64))
         with torch.no_grad():
@@ -52,12 +54,13 @@ def direct_activations(run: Path) -> tuple[dict, dict, int]:
                 if value > 0:
                     sums[latent][flat[position]] += value
                     counts[latent] += 1
-    return sums, counts, total
+                    values_of[latent].append(value)
+    return sums, counts, total, values_of
 
 
 def test_entries_hold_the_tokens_that_activate_each_latent(run):
     built = dictionary.build(run / "run")
-    sums, counts, total = direct_activations(run)
+    sums, counts, total, _ = direct_activations(run)
     assert built["tokens"] == total
     assert set(built["latents"]) == {str(latent) for latent in counts}
     for latent, per_token in sums.items():
@@ -71,6 +74,29 @@ def test_entries_hold_the_tokens_that_activate_each_latent(run):
         for context in entry["contexts"]:
             assert "[[" in context["text"] and "]]" in context["text"]
     assert dictionary.load(run / "run") == json.loads((run / "run/concepts/dictionary.json").read_text())
+
+
+def test_each_latent_has_the_histogram_of_its_activations(run):
+    built = dictionary.build(run / "run")
+    _, counts, _, values_of = direct_activations(run)
+    mismatched = 0
+    for latent, values in values_of.items():
+        histogram = built["latents"][str(latent)]["histogram"]
+        assert histogram["bins_per_octave"] == dictionary.BINS_PER_OCTAVE == 8
+        assert sum(histogram["counts"]) == counts[latent]  # every activation counted once
+        assert histogram["counts"][0] > 0 and histogram["counts"][-1] > 0  # trimmed to the filled bins
+        # The store keeps float16 activations: binned as the direct pass's values rounded the same way.
+        bins = np.floor(np.log2(np.array(values, np.float16).astype(np.float64)) * 8).astype(int)
+        expected = np.bincount(bins - histogram["first_bin"], minlength=len(histogram["counts"]))
+        mismatched += int(np.abs(expected[: len(histogram["counts"])] - histogram["counts"]).sum())
+        mismatched += int(expected[len(histogram["counts"]) :].sum())
+    # Batched and direct passes may round a few float16 activations across a bin's edge, no more.
+    assert mismatched <= 0.005 * sum(counts.values()), mismatched
+    # Bin b holds [2 ** (b / 8), 2 ** ((b + 1) / 8)): the strongest context lies in the last bin.
+    entry = next(e for e in built["latents"].values() if e["contexts"])
+    last = entry["histogram"]["first_bin"] + len(entry["histogram"]["counts"]) - 1
+    assert 2 ** (last / 8) <= entry["contexts"][0]["activation"] * 1.001
+    assert entry["contexts"][0]["activation"] < 2 ** ((last + 1) / 8) * 1.001
 
 
 def test_commands_show_search_top(run, cocomix):

@@ -146,4 +146,8 @@ def test_searching_the_concepts_hides_what_does_not_match_and_a_concept_page_sho
         mark.text.strip() == "king" and mark.value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
     )
     assert "is dead <long live>" in concept.text
+    # Its histogram is drawn, and its marks on the demo prompt where the student predicts it.
+    bars = concept.find_element(By.CSS_SELECTOR, "figure.histogram path")
+    assert bars.size["width"] > 50 and bars.size["height"] > 20
+    assert [m.text for m in concept.find_elements(By.CSS_SELECTOR, "ul.predicted mark")] == [" lords", ","]
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

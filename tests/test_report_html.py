@@ -8,6 +8,7 @@ paired difference, says so when steering changed nothing, and is rewritten byte 
 
 from __future__ import annotations
 
+import dataclasses
 import html as html_escape
 import json
 import re
@@ -21,9 +22,23 @@ from pipelines.config.loading import load_config
 from pipelines.stages import report
 
 SEEDS = (0, 1, 2)
+LR = 6e-4  # `pretrain.lr`'s default: what the students' manifests record
 # Each student's val loss by seed: cocomix lower than ntp by 0.1 to 0.3, so it is "better" on val_ppl.
 VAL_LOSS = {"ntp": (5.0, 5.2, 5.1), "cocomix": (4.8, 5.0, 4.8)}
 UNSTEERED = "KING. My lords, the king"
+# Bins 8 to 11 of an eighth of an octave (activations from 2 ** (8 / 8) = 2 to 2 ** (12 / 8) = 2.83).
+HISTOGRAM = {"bins_per_octave": 8, "first_bin": 8, "counts": [3, 0, 5, 10]}
+# `steer --inspect` on the demo prompt: the student's top two concepts after each token (42 has no page).
+INSPECT = [
+    {
+        "position": i,
+        "token": token,
+        "concepts": [{"id": a, "logit": 2.5, "label": ""}, {"id": b, "logit": 1.5, "label": ""}],
+    }
+    for i, (token, a, b) in enumerate(
+        [("K", 7, 42), ("ING", 42, 1500), (".", 42, 7), (" My", 42, 7), (" lords", 42, 219), (",", 219, 42)]
+    )
+]
 # What `cocomix concepts build` writes (pipelines/sae/dictionary.py), for three latents.
 DICTIONARY = {
     "sae": {},
@@ -37,6 +52,7 @@ DICTIONARY = {
             "target_frequency": target,
             "top_tokens": [{"token": token, "id": 5, "activation": 12.5} for token in label.split(" | ")],
             "contexts": [{"text": context, "activation": 3.25}],
+            **({"histogram": HISTOGRAM} if latent == 219 else {}),  # 7 and 1500: an older dictionary's
         }
         for latent, label, frequency, target, context in [
             (219, "king | crown | throne", 0.02, 0.01, "My lords, the [[ king]] is dead <long live>"),
@@ -59,7 +75,7 @@ def finished_run(folder: Path, steering_changes: bool = True) -> Path:
             summary = {"steps": 8, "tokens": 1024, "parameters": 1000, "val_loss": loss}
             summary |= {"val_ppl": math.exp(loss), "tokens_per_s": 1000.0 + 10 * seed, "mfu": None}
             manifest = {"status": "complete", "summary": summary, "elapsed_s": 10.0 + seed}
-            manifest["inputs"] = {"pretrain.objective": name, "pretrain.lr": 0.003}  # its fingerprint's
+            manifest["inputs"] = {"pretrain.objective": name, "pretrain.lr": LR}  # its fingerprint's
             (stage / "manifest.json").write_text(json.dumps(manifest))
             rows = [{"kind": "val", "step": 0, "val_loss": 7.0}]
             rows += [{"kind": "train", "step": s, "ntp_loss": 7.0 - s / 4 - seed / 10} for s in (2, 4, 6, 8)]
@@ -68,7 +84,14 @@ def finished_run(folder: Path, steering_changes: bool = True) -> Path:
     steered = "KING. My lords, the queen <of> & crown" if steering_changes else UNSTEERED
     runs = [{"setting": "unsteered", "text": UNSTEERED}]
     runs += [{"setting": f"scale {s}", "text": steered if s > 0 else UNSTEERED} for s in (-10, 10)]
-    demo = {"prompts": [{"prompt": "KING. My lords,", "concepts": [219], "label": "royalty", "runs": runs}]}
+    prompt = {
+        "prompt": "KING. My lords,",
+        "concepts": [219],
+        "label": "royalty",
+        "runs": runs,
+        "inspect": INSPECT,
+    }
+    demo = {"prompts": [prompt]}
     (run_dir / "steer").mkdir()
     (run_dir / "steer" / "demo.json").write_text(json.dumps(demo))
     (run_dir / "concepts").mkdir()
@@ -76,6 +99,7 @@ def finished_run(folder: Path, steering_changes: bool = True) -> Path:
     config = folder / "cocomix.toml"
     config.write_text(
         f'[run]\ndir = "{run_dir}"\nobjectives = ["ntp", "cocomix"]\nseeds = [0, 1, 2]\nbaselines = ["ntp"]\n'
+        '[teacher]\nmodel = "teacher"\n'  # a run with cocomix students has one: its plan needs it
     )
     return config
 
@@ -171,6 +195,12 @@ def test_steering_that_changed_nothing_says_so_instead_of_repeating_rows(tmp_pat
         report.write(cfg)
         text = " ".join((Path(cfg.run.dir) / report.REPORT_HTML).read_text(encoding="utf-8").split())
         assert (sentence in text) is (not changes)
+        # What the page knows of why: where the student ranks the swept concept (`steer --inspect`).
+        why = (
+            "Concept 219 is among the student's top 2 predicted concepts after 2 of the prompt's 6 tokens "
+            "(rank 1 after the last one, where generation starts)"
+        )
+        assert (why in text) is (not changes)
         rows = page_of(Path(cfg.run.dir)).findall(".//h2[@id='steering']/../table/tbody/tr")
         marked = [tr[0].text for tr in rows if "(the unsteered text)" in "".join(tr[1].itertext())]
         assert marked == (["scale -10"] if changes else ["scale -10", "scale 10"])
@@ -225,7 +255,88 @@ def test_each_stage_lists_the_settings_of_its_fingerprint(written):
     by_stage = {tr[0][0].text: tr for tr in rows}
     settings = by_stage["pretrain-cocomix-seed1"].find(".//details/table")
     assert [[td.find("code").text for td in tr] for tr in settings] == [
-        ["pretrain.lr", "0.003"],
+        ["pretrain.lr", "0.0006"],
         ["pretrain.objective", '"cocomix"'],
     ]
     assert by_stage["pretrain-cocomix-seed1"][0][0].get("href") == "pretrain-cocomix-seed1/"
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_a_concept_page_has_its_histogram_and_where_the_student_predicts_it_on_the_demo_prompts(written):
+    run_dir, _ = written
+    root = page_of(run_dir)
+    page = root.find(".//section[@id='concept-219']")
+    # 16 bins shown (the four filled ones centred: 6 empty before), 22.5 units each; the tallest is 80 high.
+    figure = page.find("figure[@class='histogram']")
+    bars = re.findall(r"M([\d.]+) 80v-([\d.]+)h", figure.find(f"{SVG}svg/{SVG}path").get("d"))
+    assert bars == [("135", "24"), ("180", "40"), ("202.5", "80")]  # counts 3, (0), 5, 10
+    ticks = [t.text for t in figure.iter(f"{SVG}text")]
+    assert ticks == ["1.19", "2.38", "4.76"]  # 2 ** ((8 - 6) / 8), 2 ** ((8 - 6 + 8) / 8), 2 ** (18 / 8)
+    assert " ".join(figure.find("figcaption").text.split()) == (
+        "The histogram of its 18 activations (tallest bar 10)."
+    )
+    assert root.find(".//section[@id='concept-7']/figure") is None  # no histogram in its entry
+
+    def predicted(concept: int) -> tuple[list[str], list[str]]:
+        """The marked tokens of the concept's demo prompts, and their rank and logit."""
+        items = root.findall(f".//section[@id='concept-{concept}']/ul[@class='predicted']/li")
+        marks = [m.text for li in items for m in li.iter("mark")]
+        return marks, [sub.text for li in items for sub in li.iter("sub")]
+
+    assert predicted(219) == ([" lords", ","], ["2: 1.5", "1: 2.5"])
+    assert predicted(7) == (["K", ".", " My"], ["1: 2.5", "2: 1.5", "2: 1.5"])
+    assert predicted(1500) == (["ING"], ["2: 1.5"])
+    # The demo swept 219: its page has the sweep; the others have none.
+    [heading] = page.findall("h4")
+    assert heading.text == "Steering it on “KING. My lords,”"
+    assert [tr[0].text for tr in page.find("table[@class='sweep']/tbody")] == [
+        "unsteered",
+        "scale -10",
+        "scale 10",
+    ]
+    assert root.find(".//section[@id='concept-7']/h4") is None
+
+
+def test_the_steering_section_lists_the_students_predicted_concepts_after_each_prompt_token(written):
+    run_dir, _ = written
+    table = page_of(run_dir).find(".//details[@class='inspect']/table/tbody")
+    assert [tr[0].find("code").text for tr in table] == ["K", "ING", ".", " My", " lords", ","]
+    first = table[0][1]
+    assert [a.get("href") for a in first.iter("a")] == ["#concept-7"]  # 42 has no page: no link
+    assert " ".join("".join(first.itertext()).split()) == "7 (2.5); 42 (1.5)"
+
+
+def test_the_run_section_shows_the_plan_beside_each_stages_state(tmp_path):
+    from pipelines.stages import workflow
+    from tests.conftest import Cocomix
+
+    cfg = load_config(finished_run(tmp_path))
+    run_dir = Path(cfg.run.dir)
+    left = run_dir / "pretrain-kd-seed0"  # a student the config no longer trains
+    left.mkdir()
+    (left / "manifest.json").write_text(json.dumps({"status": "complete", "elapsed_s": 4.0, "inputs": {}}))
+    plan = workflow.plan(cfg)
+    assert Cocomix(tmp_path)("run", "--from", "report").exit_code == 0  # the report step passes its plan
+    rows = page_of(run_dir).find(".//table[@id='stages']/tbody")
+    names = ["".join(tr[0].itertext()) for tr in rows]
+    assert names == [p.stage for p in plan] + ["pretrain-kd-seed0"]
+    cells = {
+        name: [" ".join("".join(td.itertext()).split()) for td in tr[1:5]]
+        for name, tr in zip(names, rows, strict=True)
+    }
+    by_stage = {p.stage: dataclasses.replace(p, detail=" ".join(p.detail.split())) for p in plan}
+    assert cells["prepare"] == [by_stage["prepare"].detail, "not started", "-", "run"]
+    assert rows[0][0].find("a") is None  # no folder yet: no link
+    assert cells["pretrain-cocomix-seed1"] == [
+        by_stage["pretrain-cocomix-seed1"].detail,
+        "complete",
+        "11.0",
+        "skip",
+    ]
+    assert cells["eval"][1:] == ["not started", "-", "run (cached per model and task)"]
+    assert cells["report"][1:] == ["-", "-", "run"]
+    assert cells["pretrain-kd-seed0"] == ["-", "complete", "4.0", "- (not in this config's plan)"]
+    commands = {name: tr[5].find(".//details/p/code") for name, tr in zip(names, rows, strict=True)}
+    assert commands["pretrain-cocomix-seed1"].text == by_stage["pretrain-cocomix-seed1"].command

@@ -44,11 +44,11 @@ def show(
     ] = False,
 ) -> None:
     """One concept: label, frequencies, top tokens and contexts (the token in [[ ]])."""
-    from pipelines.stages import concepts, report
+    from pipelines.stages import concepts, report, workflow
 
     cfg = resolve_config(ctx)
     entry = concepts.entry(cfg, concept_id)
-    page = report.concept_page(cfg, concept_id) if html else None
+    page = report.concept_page(cfg, concept_id, lambda: workflow.plan(cfg)) if html else None
     if as_json:
         typer.echo(json.dumps({**entry, "page": page} if html else entry))
         return

@@ -40,6 +40,7 @@ HF_MODEL = "hf"  # beside it: the same student as a transformers folder (`pipeli
 
 EVAL_STAGE = stage_folder("eval")
 STEER_STAGE = stage_folder("steer")
+STEER_DEMO = "demo.json"  # in steer/: the demo's inspection and sweeps, which the report reads
 DICTIONARY_STAGE = "concepts"  # `cocomix concepts build` writes its dictionary here
 
 

@@ -2,9 +2,10 @@
 
 Built from a concept store written with `store_sae_topk` (`extract-concepts --store-sae-topk`): for every
 latent, how often it is active (among the SAE activations stored for a token), how often it is a CoCoMix
-target, the tokens it activates on most (by summed activation) and its strongest contexts with the token
-marked. The label is its top tokens. Stored as `<run.dir>/concepts/dictionary.json`; `cocomix concepts`
-reads it and `cocomix steer` shows the labels.
+target, the tokens it activates on most (by summed activation), its strongest contexts with the token marked,
+and the histogram of its activations (bins an eighth of an octave wide: SAE activations span orders of
+magnitude, and fixed log bins let one pass over the store count them). The label is its top tokens. Stored
+as `<run.dir>/concepts/dictionary.json`; `cocomix concepts` reads it and `cocomix steer` shows the labels.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pipelines.errors import StageError
 
 DICTIONARY = "dictionary.json"
 MARK = ("[[", "]]")  # around the token in a context's text
+BINS_PER_OCTAVE = 8  # histogram bin b holds activations in [2 ** (b / 8), 2 ** ((b + 1) / 8))
+LOWEST_BIN, HIGHEST_BIN = -96, 95  # 2 ** -12 to 2 ** 12: smaller or larger activations land in the end bins
 
 
 def split_context(text: str) -> tuple[str, str, str]:
@@ -82,6 +85,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
     vocab = int(tokens.attrs["tokenizer"]["vocab_size"])
     best_act = np.full((n_latents, top_contexts), -np.inf, np.float32)
     best_loc = np.zeros((n_latents, top_contexts, 3), np.int64)  # split index, row, position
+    histograms = np.zeros((n_latents, HIGHEST_BIN - LOWEST_BIN + 1), np.int64)
     for split_index, split in enumerate(splits):
         group = store.split(split)
         rows = group["sae_ids"].shape[0]
@@ -95,6 +99,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
             valid = group["valid"][start : start + step]
             np.add.at(targeted, _once_per_token(group["concept_ids"][start : start + step][valid]), 1)
             latent = ids[mask]
+            np.add.at(histograms, (latent, activation_bins(acts[mask]) - LOWEST_BIN), 1)
             token = np.broadcast_to(toks[..., None], ids.shape)[mask]
             keys, sums = _sum_by_key(latent * vocab + token, acts[mask])
             for key, value in zip(keys.tolist(), sums.tolist(), strict=True):
@@ -137,6 +142,7 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
             "target_frequency": round(targeted[latent] / total_tokens, 6),
             "top_tokens": top_list,
             "contexts": contexts,
+            "histogram": _histogram(histograms[latent]),
         }
     dictionary = {
         "sae": store.attrs["sae"],
@@ -148,6 +154,23 @@ def _build(run_dir, store, tokens, top_tokens, top_contexts, window, splits) -> 
     dictionary_path(run_dir).parent.mkdir(exist_ok=True)
     atomic_write_json(dictionary_path(run_dir), dictionary)
     return dictionary
+
+
+def activation_bins(acts: np.ndarray) -> np.ndarray:
+    """Each (positive) activation's histogram bin: floor(log2(a) * BINS_PER_OCTAVE), clipped to the range."""
+    bins = np.floor(np.log2(acts.astype(np.float64)) * BINS_PER_OCTAVE).astype(np.int64)
+    return np.clip(bins, LOWEST_BIN, HIGHEST_BIN)
+
+
+def _histogram(counts: np.ndarray) -> dict[str, Any]:
+    """A latent's counts from its first to its last non-empty bin, and that first bin's number."""
+    filled = np.nonzero(counts)[0]
+    first, last = int(filled[0]), int(filled[-1])
+    return {
+        "bins_per_octave": BINS_PER_OCTAVE,
+        "first_bin": first + LOWEST_BIN,
+        "counts": counts[first : last + 1].tolist(),
+    }
 
 
 def load(run_dir: Path) -> dict[str, Any]:

@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.config.render import to_toml
 from pipelines.config.schema import Config
 from pipelines.config.students import students
 from pipelines.core.files import atomic_write_bytes, read_json
-from pipelines.core.layout import EVAL_STAGE, MANIFEST, STEER_STAGE, eval_results_path, student_stage
+from pipelines.core.layout import (
+    EVAL_STAGE,
+    MANIFEST,
+    STEER_DEMO,
+    STEER_STAGE,
+    eval_results_path,
+    student_stage,
+)
 from pipelines.core.plot import Curve, Difference, draw_forest_plot, draw_loss_chart, write_loss_chart
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
@@ -37,8 +45,20 @@ REPORT_HTML = "report.html"
 CURVES_LABELS = {"x_label": "optimizer step", "y_label": "loss (nats/token)"}
 
 
-def write(cfg: Config) -> dict[str, Any]:
-    """Write the four files into the run folder and return the summary; unchanged text is not rewritten."""
+class PlannedStage(Protocol):
+    """A row of `cocomix run`'s plan (`pipelines.stages.workflow.PlannedStage`), which the caller passes:
+    a stage does not import the workflow that chains the stages."""
+
+    stage: str
+    state: str
+    action: str
+    detail: str
+    command: str
+
+
+def write(cfg: Config, plan: Sequence[PlannedStage] = ()) -> dict[str, Any]:
+    """Write the four files into the run folder and return the summary; unchanged text is not rewritten.
+    `plan` is what `cocomix run` would do now, which the page shows beside each stage's state."""
     run_dir = Path(cfg.run.dir)
     summary = collect(cfg)
     curves = loss_series(run_dir, student_folders(cfg))
@@ -52,21 +72,24 @@ def write(cfg: Config) -> dict[str, Any]:
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
     loss_svg = draw_loss_chart(curves, **CURVES_LABELS, title=title, image_format="svg")
-    _write_if_changed(run_dir / REPORT_HTML, html.render(page(cfg, summary, loss_svg)))
+    _write_if_changed(run_dir / REPORT_HTML, html.render(page(cfg, summary, loss_svg, plan)))
     return summary
 
 
-def concept_page(cfg: Config, concept_id: int) -> str:
+def concept_page(cfg: Config, concept_id: int, plan: Callable[[], Sequence[PlannedStage]]) -> str:
     """`report.html#concept-ID`, the concept's page, for `cocomix concepts show ID --html`: the report is
-    written first when its page lacks the concept (no page yet, or the dictionary built after it)."""
+    written first (with `plan()`) when its page lacks the concept (no page yet, or the dictionary built
+    after it)."""
     path = Path(cfg.run.dir) / REPORT_HTML
     anchor = f"concept-{concept_id}"
     if f'id="{anchor}"' not in (path.read_text(encoding="utf-8") if path.exists() else ""):
-        write(cfg)
+        write(cfg, plan())
     return f"{path}#{anchor}"
 
 
-def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
+def page(
+    cfg: Config, summary: dict[str, Any], loss_svg: bytes, plan: Sequence[PlannedStage] = ()
+) -> html.Page:
     """What `report.html` shows, from the summary (the numbers formatted as `report.md` formats them)."""
     paired, differences = [], []
     for baseline, against in summary.get("paired_with", {}).items():
@@ -89,6 +112,12 @@ def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
                 )
     forest = draw_forest_plot(differences, title="Paired differences: mean and 95% interval over seeds")
     dictionary = read_json(dictionary_path(Path(cfg.run.dir))) or {}  # `cocomix concepts build`'s
+    # The demo file has what the summary leaves out: the student's top concepts after each prompt token.
+    demo_file = read_json(Path(cfg.run.dir) / STEER_STAGE / STEER_DEMO) or {"prompts": []}
+    steering = [
+        _steering_demo(demo, prompt.get("inspect", []))
+        for demo, prompt in zip(summary["steering"], demo_file["prompts"], strict=True)
+    ]
     return html.Page(
         title=f"cocomix run {Path(cfg.run.dir)}",
         students=list(summary["objectives"]),
@@ -101,11 +130,11 @@ def page(cfg: Config, summary: dict[str, Any], loss_svg: bytes) -> html.Page:
             for name, folders in student_folders(cfg).items()
         ],
         skipped=skipped_notes(summary),
-        stages=[_stage_row(Path(cfg.run.dir), name, state) for name, state in summary["stages"].items()],
-        steering=[_steering_demo(demo) for demo in summary["steering"]],
+        stages=_stage_rows(Path(cfg.run.dir), summary["stages"], plan),
+        steering=steering,
         config_toml=to_toml(cfg, with_docs=False).rstrip(),
         summary=summary,
-        concepts=html.concepts_of(dictionary),
+        concepts=html.concepts_of(dictionary, steering),
         concept_tokens=dictionary.get("tokens", 0),
     )
 
@@ -125,22 +154,61 @@ def _speed_row(
     return name, speed, mfu, _fmt(wall_s, 1)
 
 
-def _stage_row(run_dir: Path, name: str, state: dict[str, Any]) -> html.StageRow:
+def _stage_rows(
+    run_dir: Path, states: dict[str, dict[str, Any]], plan: Sequence[PlannedStage]
+) -> list[html.StageRow]:
+    """The plan's stages in run order, then any other stage folder the run holds (a student no longer in
+    `run.objectives`), each with its state, wall time and what `cocomix run` would do with it now."""
+    rows = []
+    for planned in plan:
+        # A stage without a state of its own (the report, rebuilt each time) has none to show.
+        unstated = "-" if planned.state == "-" else "not started"
+        state = states.get(planned.stage, {"status": unstated, "wall_s": None})
+        action = planned.action
+        if planned.state not in (state["status"], "-"):  # e.g. "cached per model and task", a refusal's why
+            action += f" ({planned.state})"
+        rows.append(_stage_row(run_dir, planned.stage, state, planned.detail, action, planned.command))
+    planned_stages = {planned.stage for planned in plan}
+    for name, state in states.items():
+        if name not in planned_stages:
+            rows.append(
+                _stage_row(run_dir, name, state, "", "- (not in this config's plan)" if plan else "", "")
+            )
+    return rows
+
+
+def _stage_row(
+    run_dir: Path, name: str, state: dict[str, Any], detail: str, action: str, command: str
+) -> html.StageRow:
     """A stage as the page lists it, with the settings its fingerprint holds (from its manifest)."""
     manifest = read_json(run_dir / name / MANIFEST) or {}
     settings = [(key, json.dumps(value)) for key, value in sorted(manifest.get("inputs", {}).items())]
-    return html.StageRow(name, state["status"], _fmt(state["wall_s"], 1), settings)
+    wall = _fmt(state["wall_s"], 1)
+    linked = (run_dir / name).is_dir()
+    return html.StageRow(name, state["status"], wall, settings, detail, action, command, linked)
 
 
-def _steering_demo(demo: dict[str, Any]) -> dict[str, Any]:
-    """A demo as the page shows it: each run with `same` (its text is the unsteered one), and `unchanged`
-    (every steered continuation equals the unsteered one)."""
+def _steering_demo(demo: dict[str, Any], inspect: list[dict[str, Any]]) -> dict[str, Any]:
+    """A demo as the page shows it: each run with `same` (its text is the unsteered one); `unchanged`
+    (every steered continuation equals the unsteered one); the student's top concepts after each prompt
+    token (`inspect`) and where among them the swept concept is (`tokens`, `ranked`, `last_rank`), which
+    is what the page says when steering changed nothing."""
     unsteered = next((run["text"] for run in demo["runs"] if run["setting"] == "unsteered"), None)
     runs = [
         {**run, "same": run["setting"] != "unsteered" and run["text"] == unsteered} for run in demo["runs"]
     ]
     steered = [run for run in runs if run["setting"] != "unsteered"]
-    return {**demo, "runs": runs, "unchanged": bool(steered) and all(run["same"] for run in steered)}
+    tokens = html.prompt_tokens(inspect, demo["concept"])
+    return {
+        **demo,
+        "runs": runs,
+        "unchanged": bool(steered) and all(run["same"] for run in steered),
+        "inspect": inspect,
+        "top_n": max((len(row["concepts"]) for row in inspect), default=0),
+        "tokens": tokens,
+        "ranked": sum(1 for t in tokens if t.rank),
+        "last_rank": tokens[-1].rank if tokens else None,
+    }
 
 
 def student_folders(cfg: Config) -> dict[str, dict[int, str]]:
@@ -166,7 +234,7 @@ def collect(cfg: Config) -> dict[str, Any]:
             stages[state["stage"]] = {"status": state["status"], "wall_s": state.get("elapsed_s")}
     if results.get("results"):
         stages[EVAL_STAGE] = {"status": "complete", "wall_s": results.get("seconds")}
-    demo = read_json(run_dir / STEER_STAGE / "demo.json")
+    demo = read_json(run_dir / STEER_STAGE / STEER_DEMO)
     return {
         "run_dir": str(run_dir),
         "seeds": sorted({seed for folders in by_name.values() for seed in folders}),

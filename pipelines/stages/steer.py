@@ -27,6 +27,7 @@ from pipelines.core.layout import (
     CONCEPTS_STORE,
     EXTRACT_STAGE,
     FINAL_MODEL,
+    STEER_DEMO,
     STEER_STAGE,
     stage_command,
     student_stage,
@@ -37,7 +38,6 @@ from pipelines.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STAGE = STEER_STAGE
-DEMO = "demo.json"
 
 
 def demo_student_stage(cfg: Config) -> str:
@@ -72,8 +72,8 @@ def run(cfg: Config) -> StageResult:
         ) as session:
             if not session.up_to_date:
                 demo = _demo(cfg, student.path, run_dir, concepts)
-                atomic_write_json(session.dir / DEMO, demo)
-                session.complete({"demo": str(session.dir / DEMO), "prompts": demo["prompts"]})
+                atomic_write_json(session.dir / STEER_DEMO, demo)
+                session.complete({"demo": str(session.dir / STEER_DEMO), "prompts": demo["prompts"]})
             return StageResult(STAGE, session.dir, session.up_to_date, session.summary, session.fingerprint)
 
 

@@ -313,4 +313,4 @@ def plan_report(cfg: Config) -> list[StagePlan]:
 def run_report(cfg: Config, row: PlannedStage, progress: bool) -> dict[str, Any]:
     from pipelines.stages import report
 
-    return report.write(cfg)
+    return report.write(cfg, plan(cfg))  # the page shows what a rerun would do
