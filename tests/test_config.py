@@ -383,7 +383,7 @@ def test_every_number_field_range_reads_as_its_error_says():
         for f in dataclasses.fields(cls)
         if f.metadata.get("range") is not None
     }
-    assert len(ranged) == 44 and ranged["pretrain.lr"].rule() == "> 0"
+    assert len(ranged) == 45 and ranged["pretrain.lr"].rule() == "> 0"
     assert all(
         typing.get_type_hints(SECTIONS[k.split(".")[0]])[k.split(".")[1]] in (int, float) for k in ranged
     )

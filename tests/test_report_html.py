@@ -340,3 +340,24 @@ def test_the_run_section_shows_the_plan_beside_each_stages_state(tmp_path):
     assert cells["pretrain-kd-seed0"] == ["-", "complete", "4.0", "- (not in this config's plan)"]
     commands = {name: tr[5].find(".//details/p/code") for name, tr in zip(names, rows, strict=True)}
     assert commands["pretrain-cocomix-seed1"].text == by_stage["pretrain-cocomix-seed1"].command
+
+
+def test_report_max_concepts_bounds_the_concepts_on_the_page(tmp_path):
+    from tests.conftest import Cocomix
+
+    config = finished_run(tmp_path)
+    config.write_text(config.read_text() + "[report]\nmax_concepts = 2\n")
+    cfg = load_config(config)
+    report.write(cfg)
+    root = page_of(Path(cfg.run.dir))
+    rows = root.find(".//table[@id='concept-table']/tbody")
+    assert [tr.get("id") for tr in rows] == ["row-219", "row-1500"]  # the two most often targeted
+    assert root.find(".//section[@id='concept-7']") is None
+    note = " ".join("".join(root.find(".//p[@id='concepts-note']").itertext()).split())
+    assert note.startswith("The latents of the run's SAE that were active on the 3,000 tokens")
+    assert "2 of 3, the 1 least often targeted left out of this page by report.max_concepts" in note
+    # No link to a page it does not have: the inspect table's 7 is plain text.
+    assert "#concept-7" not in {a.get("href") for a in root.iter("a")}
+    shown = Cocomix(tmp_path)("concepts", "show", "7", "--html")
+    assert shown.exit_code == 2
+    assert "Concept 7 has no page" in shown.stderr and "`report.max_concepts` (2)" in shown.stderr

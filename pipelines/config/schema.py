@@ -594,6 +594,19 @@ class SteerConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """`report`: the run's report (`summary.json`, `report.md`, `report.html`, `loss_curves.png`)."""
+
+    max_concepts: int = _field(
+        4096,
+        "`report.html`: concepts of the dictionary listed and given a page, the most often targeted first "
+        "(about 2.5 KB of page each); the rest stay in `concepts/dictionary.json` for `cocomix concepts`. "
+        "0 = all.",
+        accepts=NON_NEGATIVE,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -603,6 +616,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

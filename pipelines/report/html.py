@@ -69,6 +69,7 @@ class Page:
     summary: dict[str, Any]
     concepts: Sequence[Concept] = ()
     concept_tokens: int = 0
+    concepts_left_out: int = 0  # past `report.max_concepts`
 
     @cached_property
     def concept_ids(self) -> frozenset[int]:

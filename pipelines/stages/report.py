@@ -34,6 +34,7 @@ from pipelines.core.layout import (
 from pipelines.core.plot import Curve, Difference, draw_forest_plot, draw_loss_chart, write_loss_chart
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
+from pipelines.errors import ConfigError
 from pipelines.eval.tasks import PPL_TASK, main_metrics
 from pipelines.report import html
 from pipelines.sae.dictionary import dictionary_path
@@ -82,8 +83,18 @@ def concept_page(cfg: Config, concept_id: int, plan: Callable[[], Sequence[Plann
     after it)."""
     path = Path(cfg.run.dir) / REPORT_HTML
     anchor = f"concept-{concept_id}"
-    if f'id="{anchor}"' not in (path.read_text(encoding="utf-8") if path.exists() else ""):
+
+    def on_page() -> bool:
+        return f'id="{anchor}"' in (path.read_text(encoding="utf-8") if path.exists() else "")
+
+    if not on_page():
         write(cfg, plan())
+    if not on_page():
+        raise ConfigError(
+            f"Concept {concept_id} has no page in {path}: `report.max_concepts` "
+            f"({cfg.report.max_concepts}) keeps the most often targeted only. Raise it (0 = all) and run "
+            "this command again."
+        )
     return f"{path}#{anchor}"
 
 
@@ -118,6 +129,7 @@ def page(
         _steering_demo(demo, prompt.get("inspect", []))
         for demo, prompt in zip(summary["steering"], demo_file["prompts"], strict=True)
     ]
+    concepts = html.concepts_of(dictionary, steering)  # the most often targeted first
     return html.Page(
         title=f"cocomix run {Path(cfg.run.dir)}",
         students=list(summary["objectives"]),
@@ -134,7 +146,8 @@ def page(
         steering=steering,
         config_toml=to_toml(cfg, with_docs=False).rstrip(),
         summary=summary,
-        concepts=html.concepts_of(dictionary, steering),
+        concepts=concepts[: cfg.report.max_concepts or None],
+        concepts_left_out=len(concepts) - len(concepts[: cfg.report.max_concepts or None]),
         concept_tokens=dictionary.get("tokens", 0),
     )
 
