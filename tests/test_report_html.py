@@ -340,6 +340,9 @@ def test_the_run_section_shows_the_plan_beside_each_stages_state(tmp_path):
     assert cells["pretrain-kd-seed0"] == ["-", "complete", "4.0", "- (not in this config's plan)"]
     commands = {name: tr[5].find(".//details/p/code") for name, tr in zip(names, rows, strict=True)}
     assert commands["pretrain-cocomix-seed1"].text == by_stage["pretrain-cocomix-seed1"].command
+    first = (run_dir / report.REPORT_HTML).read_bytes()
+    assert Cocomix(tmp_path)("run", "--from", "report").exit_code == 0
+    assert (run_dir / report.REPORT_HTML).read_bytes() == first  # the plan of an unchanged run is the same
 
 
 def test_report_max_concepts_bounds_the_concepts_on_the_page(tmp_path):

@@ -4,8 +4,9 @@ network) that opens from disk and from a copied run folder, rendered with Jinja2
 
 It shows what `summary.json` and `report.md` hold (nothing of theirs is left out: the summary is also
 embedded whole, as JSON, for a reader's own scripts), as pictures where people would rather look: the
-forest plot of every paired difference, the loss curves; and the run's concept dictionary, a page per
-concept. It reads without script; one inline script only searches and sorts the concepts' list. Links to
+forest plot of every paired difference, the loss curves; the run's concept dictionary, a page per concept
+(its contexts, the histogram of its activations, where the student predicts it on the steering demo's
+prompts and the demo's sweep of it); and the run's plan. It reads without script; one inline script only searches and sorts the concepts' list. Links to
 the run's files are relative, so the page works wherever the run folder is. The same inputs give the same
 bytes: no date, sorted JSON, charts with fixed ids.
 """
