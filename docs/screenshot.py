@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get(args.page.resolve().as_uri() + (f"#{args.anchor}" if args.anchor else ""))
+        if args.anchor:  # the load may end before the browser scrolls to the fragment
+            driver.execute_script(f"document.getElementById({args.anchor!r}).scrollIntoView();")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(args.out))
     finally:

@@ -6,9 +6,9 @@ It shows what `summary.json` and `report.md` hold (nothing of theirs is left out
 embedded whole, as JSON, for a reader's own scripts), as pictures where people would rather look: the
 forest plot of every paired difference, the loss curves; the run's concept dictionary, a page per concept
 (its contexts, the histogram of its activations, where the student predicts it on the steering demo's
-prompts and the demo's sweep of it); and the run's plan. It reads without script; one inline script only searches and sorts the concepts' list. Links to
-the run's files are relative, so the page works wherever the run folder is. The same inputs give the same
-bytes: no date, sorted JSON, charts with fixed ids.
+prompts and the demo's sweep of it); and the run's plan. It reads without script; one inline script only
+searches and sorts the concepts' list. Links to the run's files are relative, so the page works wherever the
+run folder is. The same inputs give the same bytes: no date, sorted JSON, charts with fixed ids.
 """
 
 from __future__ import annotations
@@ -178,7 +178,11 @@ def concepts_of(dictionary: dict[str, Any], steering: Sequence[dict[str, Any]] =
                 label=entry["label"],
                 frequency=entry["frequency"],
                 target_frequency=entry["target_frequency"],
-                top_tokens=[(t["token"], t["activation"]) for t in entry["top_tokens"]],
+                # A whitespace token as its repr ('\n'), as the label shows it: blank it reads as nothing.
+                top_tokens=[
+                    (t["token"] if t["token"].strip() else repr(t["token"]), t["activation"])
+                    for t in entry["top_tokens"]
+                ],
                 contexts=contexts,
                 histogram=histogram_of(entry.get("histogram")),
                 predicted=_predicted(steering, entry["id"]),
