@@ -2,9 +2,9 @@
 `report.html` (the same as a page, with the forest plot of the paired differences; `pipelines/report/html`).
 
 Everything in it comes from manifests, `metrics.jsonl`, `eval/results.json` (or the lm-eval backend's
-`eval/results-lm-eval.json`) and `steer/demo.json`, so a run that was interrupted and resumed reports exactly
-what an uninterrupted one does, apart from the wall times (kept under `wall_s` keys so that comparisons can
-leave them out).
+`eval/results-lm-eval.json`) and `steer/demo.json` (and for the page, `concepts/dictionary.json` and the plan
+its caller passes), so a run that was interrupted and resumed reports exactly what an uninterrupted one does,
+apart from the wall times (kept under `wall_s` keys so that comparisons can leave them out).
 
 Past 400 lines on purpose: the summary, `report.md` and the page are three views of one reading of the run
 and share its tables and formatting (`student_table`, `skipped_notes`, `_fmt`); what is the page's alone,
