@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.core.files import atomic_write_bytes
 
 WIDTH_PX, HEIGHT_PX, DPI = 1000, 480, 100
 KIND_STYLES = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o", "markersize": 3}}
 KIND_LABELS = {"train": "train (NTP loss)", "val": "val"}
+LOSS_AXES = {"x_label": "optimizer step", "y_label": "loss (nats/token)"}  # every loss chart's
 ZOOM_FROM = 0.5  # the zoom panel shows the steps from this fraction of the last step on
 # SVG: ids from a fixed salt (the same bytes for the same chart), text as <text> (selectable, searchable,
 # smaller than glyph paths, and readable by the page's tests).
@@ -42,6 +44,16 @@ class Curve:
     def __post_init__(self):  # as tuples, so that equal curves compare equal however they were built
         object.__setattr__(self, "points", tuple(tuple(p) for p in self.points))
         object.__setattr__(self, "band", tuple(tuple(b) for b in self.band))
+
+
+def loss_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, Curve]:
+    """A student's curves from the rows of its training log (`metrics.jsonl`): `train`, the NTP part of the
+    train loss (comparable across objectives), and `val`."""
+    rows = list(rows)
+    return {
+        "train": Curve([(r["step"], r["ntp_loss"]) for r in rows if r.get("kind") == "train"]),
+        "val": Curve([(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]),
+    }
 
 
 def write_loss_chart(

@@ -141,7 +141,7 @@ def _pretrain(
 
 def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trainer) -> dict[str, Any]:
     """The trained student's files (`model/` with its tokenizer, `hf/`, `loss_curve.png`) and its summary."""
-    from pipelines.core.plot import Curve, write_loss_chart
+    from pipelines.core.plot import LOSS_AXES, loss_curves, write_loss_chart
     from pipelines.data.tokenizer import load_tokenizer
     from pipelines.model.checkpoint import save_model
     from pipelines.model.flops import parameter_counts
@@ -164,14 +164,8 @@ def _write_student(stage_dir: Path, cfg: Config, model_config, state, data, trai
     val_rows = [r for r in rows if r["kind"] == "val"]
     write_loss_chart(
         stage_dir / LOSS_CURVE,
-        {
-            stage_dir.name: {
-                "train": Curve([(r["step"], r["ntp_loss"]) for r in train_rows]),
-                "val": Curve([(r["step"], r["val_loss"]) for r in val_rows]),
-            }
-        },
-        x_label="optimizer step",
-        y_label="loss (nats/token)",
+        {stage_dir.name: loss_curves(rows)},
+        **LOSS_AXES,
         title=f"{stage_dir.name}: next-token loss",
     )
     tokens_per_s = steady_speed(train_rows)

@@ -31,7 +31,15 @@ from pipelines.core.layout import (
     eval_results_path,
     student_stage,
 )
-from pipelines.core.plot import Curve, Difference, draw_forest_plot, draw_loss_chart, write_loss_chart
+from pipelines.core.plot import (
+    LOSS_AXES,
+    Curve,
+    Difference,
+    draw_forest_plot,
+    draw_loss_chart,
+    loss_curves,
+    write_loss_chart,
+)
 from pipelines.core.session import stage_states
 from pipelines.core.stats import mean_and_spread, paired_difference, verdict
 from pipelines.errors import ConfigError
@@ -43,7 +51,6 @@ SUMMARY = "summary.json"
 REPORT = "report.md"
 LOSS_CURVES = "loss_curves.png"
 REPORT_HTML = "report.html"
-CURVES_LABELS = {"x_label": "optimizer step", "y_label": "loss (nats/token)"}
 
 
 class PlannedStage(Protocol):
@@ -69,10 +76,10 @@ def write(cfg: Config, plan: Sequence[PlannedStage] = ()) -> dict[str, Any]:
         if several
         else "Next-token loss by step: train and validation, per student"
     )
-    write_loss_chart(run_dir / LOSS_CURVES, curves, **CURVES_LABELS, title=title)
+    write_loss_chart(run_dir / LOSS_CURVES, curves, **LOSS_AXES, title=title)
     _write_if_changed(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _write_if_changed(run_dir / REPORT, markdown(cfg, summary))
-    loss_svg = draw_loss_chart(curves, **CURVES_LABELS, title=title, image_format="svg")
+    loss_svg = draw_loss_chart(curves, **LOSS_AXES, title=title, image_format="svg")
     _write_if_changed(run_dir / REPORT_HTML, html.render(page(cfg, summary, loss_svg, plan)))
     return summary
 
@@ -496,13 +503,13 @@ def loss_series(run_dir: Path, folders: dict[str, dict[int, str]]) -> dict[str, 
     and a (step, min, max) band; a name not trained yet has curves without points."""
     students = {}
     for name, by_seed in folders.items():
-        curves = [_curves(run_dir / folder / "metrics.jsonl") for folder in by_seed.values()]
+        curves = [loss_curves(_rows(run_dir / folder / "metrics.jsonl")) for folder in by_seed.values()]
+        if len(by_seed) == 1:
+            students[name] = curves[0]
+            continue
         students[name] = {}
         for kind in ("train", "val"):
-            if len(by_seed) == 1:
-                students[name][kind] = Curve(curves[0][kind])
-                continue
-            runs = [dict(c[kind]) for c in curves if c[kind]]
+            runs = [dict(c[kind].points) for c in curves if c[kind].points]
             steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
             students[name][kind] = Curve(
                 [(step, statistics.fmean(r[step] for r in runs)) for step in steps],
@@ -511,13 +518,10 @@ def loss_series(run_dir: Path, folders: dict[str, dict[int, str]]) -> dict[str, 
     return students
 
 
-def _curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """A training log's rows; none for a student not trained yet."""
     text = path.read_text() if path.exists() else ""
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {
-        "train": [(r["step"], r["ntp_loss"]) for r in rows if r.get("kind") == "train"],
-        "val": [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"],
-    }
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
